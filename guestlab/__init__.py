@@ -1,0 +1,1 @@
+"""The guest lab: real Linux guests (Debian kernels, busybox) booted in QEMU with the vmitrace KVMI plugin."""

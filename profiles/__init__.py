@@ -1,0 +1,1 @@
+"""OS profiles: ISF generation and loading, KASLR, syscall tables."""

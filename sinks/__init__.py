@@ -1,0 +1,1 @@
+"""Record schema and sinks: Parquet, Kafka, JSONL, session recording."""

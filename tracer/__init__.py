@@ -1,0 +1,1 @@
+"""vmitrace's tracer: the KVMI client, guest access, monitors, collector and CLI."""

@@ -1,0 +1,14 @@
+"""The `vmitrace` command line. Logs go to stderr, data to stdout or files."""
+from __future__ import annotations
+
+import logging
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging on stderr (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """vmitrace: agentless tracing of virtual machines over KVMI."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
