@@ -31,9 +31,9 @@ if [ -n "$missing" ] || [ $qemu_ok -eq 0 ]; then
   if [ ! -f "$VMITRACE_CACHE/apt-updated" ] || [ -n "$(find "$VMITRACE_CACHE/apt-updated" -mmin +1440)" ]; then
     log "apt-get update"; $SUDO apt-get update -q >&2 && touch "$VMITRACE_CACHE/apt-updated"
   fi
-  [ -z "$missing" ] || { log "installing:$missing"; $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing >&2; }
+  [ -z "$missing" ] || { log "installing:$missing"; $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >&2; }
   [ $qemu_ok -eq 1 ] || { log "installing qemu-system-x86 from bookworm-backports"
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q -t bookworm-backports qemu-system-x86 >&2; }
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86 >&2; }
 fi
 
 # --- Python environment (PyPI) --------------------------------------------------------------
