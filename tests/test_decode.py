@@ -1,0 +1,280 @@
+"""tracer.decode on guest memory images built here: exact values, bounds, hostile layouts."""
+from __future__ import annotations
+
+import json
+import socket
+import struct
+
+from test_memory_support import GuestImage
+from tracer.decode import Limits, SyscallDecoder, SyscallInfo
+from tracer.decode import consts as c
+
+# Prototypes as the kernel's syscall_metadata spells them (x86-64 numbers).
+TABLE = {
+    0: SyscallInfo(0, "read", (("unsigned int", "fd"), ("char *", "buf"), ("size_t", "count"))),
+    1: SyscallInfo(1, "write", (("unsigned int", "fd"), ("const char *", "buf"),
+                                ("size_t", "count"))),
+    4: SyscallInfo(4, "stat", (("const char *", "filename"), ("struct __old_kernel_stat *",
+                                                               "statbuf"))),
+    9: SyscallInfo(9, "mmap", (("unsigned long", "addr"), ("unsigned long", "len"),
+                               ("unsigned long", "prot"), ("unsigned long", "flags"),
+                               ("unsigned long", "fd"), ("unsigned long", "off"))),
+    22: SyscallInfo(22, "pipe", (("int *", "fildes"),)),
+    41: SyscallInfo(41, "socket", (("int", "family"), ("int", "type"), ("int", "protocol"))),
+    42: SyscallInfo(42, "connect", (("int", "fd"), ("struct sockaddr *", "uservaddr"),
+                                    ("int", "addrlen"))),
+    43: SyscallInfo(43, "accept", (("int", "fd"), ("struct sockaddr *", "upeer_sockaddr"),
+                                   ("int *", "upeer_addrlen"))),
+    56: SyscallInfo(56, "clone", (("unsigned long", "clone_flags"), ("unsigned long", "newsp"),
+                                  ("int *", "parent_tidptr"), ("int *", "child_tidptr"),
+                                  ("unsigned long", "tls"))),
+    59: SyscallInfo(59, "execve", (("const char *", "filename"),
+                                   ("const char *const *", "argv"),
+                                   ("const char *const *", "envp"))),
+    61: SyscallInfo(61, "wait4", (("pid_t", "upid"), ("int *", "stat_addr"), ("int", "options"),
+                                  ("struct rusage *", "ru"))),
+    62: SyscallInfo(62, "kill", (("pid_t", "pid"), ("int", "sig"))),
+    257: SyscallInfo(257, "openat", (("int", "dfd"), ("const char *", "filename"),
+                                     ("int", "flags"), ("umode_t", "mode"))),
+    999: SyscallInfo(999, "madeup", (("int", "a"), ("unsigned long", "b"))),
+}
+U = 0x0000_7FFF_0000_0000
+
+
+def setup():
+    img = GuestImage()
+    img.map_new(U, 8)
+    return img, SyscallDecoder(TABLE)
+
+
+def args_by_name(call):
+    return {a["name"]: a for a in call.args}
+
+
+def test_openat_exact_values_and_returned_fd():
+    img, dec = setup()
+    img.write(U, b"/tmp/vmitrace-wl-file.dat\0")
+    call = dec.decode_entry(img.mem, img.cr3, 257, [(-100) & (2**64 - 1), U, 0o1101, 0o644, 0, 0])
+    a = args_by_name(call)
+    assert a["dfd"]["value"] == "AT_FDCWD"
+    assert a["filename"]["value"] == "/tmp/vmitrace-wl-file.dat"
+    assert a["flags"]["value"] == "O_WRONLY|O_CREAT|O_TRUNC"
+    assert a["mode"]["value"] == "0644"
+    dec.decode_exit(img.mem, img.cr3, call, 3)
+    assert call.ret == 3 and call.errno is None
+    assert call.typed == {"path": "/tmp/vmitrace-wl-file.dat", "flags": "O_WRONLY|O_CREAT|O_TRUNC",
+                          "mode": 0o644, "fd": 3}
+
+
+def test_failed_open_carries_errno_name():
+    img, dec = setup()
+    img.write(U, b"/nonexistent/x\0")
+    call = dec.decode_entry(img.mem, img.cr3, 257, [2**64 - 100, U, 0, 0, 0, 0])
+    dec.decode_exit(img.mem, img.cr3, call, 2**64 - 2)
+    assert call.ret == -2 and call.errno == "ENOENT"
+    assert dec.render_ret(call) == "-1 ENOENT"
+    assert "fd" not in call.typed
+
+
+def test_unreadable_path_is_flagged_then_read_again_at_exit():
+    img, dec = setup()
+    path_gva = U + 0x10_0000  # not mapped yet: like a page the kernel faults in on copy
+    call = dec.decode_entry(img.mem, img.cr3, 257, [2**64 - 100, path_gva, 0, 0, 0, 0])
+    assert args_by_name(call)["filename"]["error"].startswith("unreadable at 0x7fff00100000")
+    assert call.retry == [1]
+    img.map_new(path_gva)
+    img.write(path_gva, b"/late\0")
+    dec.decode_exit(img.mem, img.cr3, call, 4)
+    assert args_by_name(call)["filename"]["value"] == "/late"
+    assert args_by_name(call)["filename"]["error"] is None
+    assert call.typed["path"] == "/late"
+
+
+def test_long_path_is_truncated_and_counted():
+    img = GuestImage()
+    img.map_new(U, 8)
+    dec = SyscallDecoder(TABLE, Limits(max_string=100))
+    img.write(U, b"a" * 5000 + b"\0")
+    call = dec.decode_entry(img.mem, img.cr3, 257, [0, U, 0, 0, 0, 0])
+    f = args_by_name(call)["filename"]
+    assert f["truncated"] and len(f["value"]) == 100 and f["error"] is None
+    assert dec.counters.truncated == 1
+
+
+def test_write_buffer_preview_bounded_and_read_buffer_at_exit():
+    img, dec = setup()
+    img.write(U, b"hello\nworld" + b"x" * 100)
+    w = dec.decode_entry(img.mem, img.cr3, 1, [1, U, 3000])
+    buf = args_by_name(w)["buf"]
+    assert buf["value"].startswith("hello\\nworld") and len(buf["value"]) < 80 and buf["truncated"]
+    dec.decode_exit(img.mem, img.cr3, w, 3000)
+    assert w.ret == 3000 and w.typed["fd"] == 1
+
+    r = dec.decode_entry(img.mem, img.cr3, 0, [3, U, 4096])
+    assert args_by_name(r)["buf"]["value"] == hex(U)  # nothing read yet at entry
+    dec.decode_exit(img.mem, img.cr3, r, 5)
+    assert args_by_name(r)["buf"]["value"] == "hello" and not args_by_name(r)["buf"]["truncated"]
+
+
+def test_mmap_prot_and_flags():
+    img, dec = setup()
+    call = dec.decode_entry(img.mem, img.cr3, 9, [0, 8192, 3, 0x22, 2**64 - 1, 0])
+    a = args_by_name(call)
+    assert a["prot"]["value"] == "PROT_READ|PROT_WRITE"
+    assert a["flags"]["value"] == "MAP_PRIVATE|MAP_ANONYMOUS"
+    assert a["fd"]["value"] == "-1"
+    dec.decode_exit(img.mem, img.cr3, call, 0x7F00_0000_0000)
+    assert dec.render_ret(call) == "0x7f0000000000"
+
+
+def test_clone_flags_with_exit_signal():
+    img, dec = setup()
+    flags = 0x01200000 | 17  # CLONE_CHILD_SETTID|CLONE_CHILD_CLEARTID|SIGCHLD (fork)
+    call = dec.decode_entry(img.mem, img.cr3, 56, [flags, 0, 0, 0, 0])
+    assert args_by_name(call)["clone_flags"]["value"] == \
+        "CLONE_CHILD_CLEARTID|CLONE_CHILD_SETTID|SIGCHLD"
+
+
+def test_socket_and_connect_inet():
+    img, dec = setup()
+    s = dec.decode_entry(img.mem, img.cr3, 41, [2, 1 | 0o2000000, 0])
+    assert [a["value"] for a in s.args] == ["AF_INET", "SOCK_STREAM|SOCK_CLOEXEC", "IPPROTO_IP"]
+    sa = struct.pack("<H", 2) + struct.pack(">H", 40123) + socket.inet_aton("127.0.0.1") + bytes(8)
+    img.write(U, sa)
+    call = dec.decode_entry(img.mem, img.cr3, 42, [3, U, 16])
+    assert args_by_name(call)["uservaddr"]["value"] == "AF_INET 127.0.0.1:40123"
+    dec.decode_exit(img.mem, img.cr3, call, 2**64 - 111)
+    assert call.errno == "ECONNREFUSED"
+    assert call.typed["remote_addr"] == "127.0.0.1" and call.typed["remote_port"] == 40123
+
+
+def test_sockaddr_inet6_and_unix_and_abstract():
+    img, dec = setup()
+    sa6 = struct.pack("<H", 10) + struct.pack(">H", 443) + bytes(4) + \
+        socket.inet_pton(socket.AF_INET6, "::1") + bytes(4)
+    img.write(U, sa6)
+    call = dec.decode_entry(img.mem, img.cr3, 42, [3, U, 28])
+    assert args_by_name(call)["uservaddr"]["value"] == "AF_INET6 [::1]:443"
+    img.write(U + 0x100, struct.pack("<H", 1) + b"/run/sock\0")
+    call = dec.decode_entry(img.mem, img.cr3, 42, [3, U + 0x100, 12])
+    assert args_by_name(call)["uservaddr"]["value"] == "AF_UNIX /run/sock"
+    img.write(U + 0x200, struct.pack("<H", 1) + b"\0abs")
+    call = dec.decode_entry(img.mem, img.cr3, 42, [3, U + 0x200, 6])
+    assert args_by_name(call)["uservaddr"]["value"] == "AF_UNIX @abs"
+
+
+def test_hostile_sockaddr_length_is_bounded():
+    img, dec = setup()
+    img.write(U, struct.pack("<H", 1) + b"x" * 200)
+    call = dec.decode_entry(img.mem, img.cr3, 42, [3, U, 0x7FFF_FFFF])
+    arg = args_by_name(call)["uservaddr"]
+    assert arg["truncated"] and len(arg["value"]) <= 140
+
+
+def test_accept_peer_read_at_exit():
+    img, dec = setup()
+    call = dec.decode_entry(img.mem, img.cr3, 43, [3, U, U + 0x100])
+    sa = struct.pack("<H", 2) + struct.pack(">H", 5555) + socket.inet_aton("10.1.2.3") + bytes(8)
+    img.write(U, sa)
+    img.write(U + 0x100, struct.pack("<I", 16))
+    dec.decode_exit(img.mem, img.cr3, call, 4)
+    assert args_by_name(call)["upeer_sockaddr"]["value"] == "AF_INET 10.1.2.3:5555"
+    assert call.typed["fd"] == 4 and call.typed["remote_port"] == 5555
+
+
+def test_execve_argv_envp_exact_and_bounded():
+    img, dec = setup()
+    strings = [b"/bin/busybox", b"sh", b"-c", b"exit 42"]
+    base = U + 0x1000
+    ptrs = []
+    off = 0
+    for s in strings:
+        img.write(base + off, s + b"\0")
+        ptrs.append(base + off)
+        off += len(s) + 1
+    for i, p in enumerate(ptrs + [0]):
+        img.write_u64(U + i * 8, p)
+    img.write_u64(U + 0x800, 0)  # empty envp
+    call = dec.decode_entry(img.mem, img.cr3, 59, [ptrs[0], U, U + 0x800])
+    assert call.argv == ["/bin/busybox", "sh", "-c", "exit 42"]
+    assert json.loads(args_by_name(call)["argv"]["value"]) == call.argv
+    assert args_by_name(call)["envp"]["value"] == "[]"
+    assert call.typed["path"] == "/bin/busybox"
+
+
+def test_execve_argv_without_terminator_is_cut():
+    img = GuestImage()
+    img.map_new(U, 8)
+    dec = SyscallDecoder(TABLE, Limits(max_argv=5))
+    img.write(U + 0x1000, b"x\0")
+    for i in range(512):  # a page full of pointers and no NULL
+        img.write_u64(U + i * 8, U + 0x1000)
+    call = dec.decode_entry(img.mem, img.cr3, 59, [U + 0x1000, U, 0])
+    assert call.argv == ["x"] * 5 and args_by_name(call)["argv"]["truncated"]
+
+
+def test_execve_argv_pointing_to_unmapped_string_is_flagged():
+    img, dec = setup()
+    img.write_u64(U, U + 0x50_0000)
+    img.write_u64(U + 8, 0)
+    call = dec.decode_entry(img.mem, img.cr3, 59, [0, U, 0])
+    arg = args_by_name(call)["argv"]
+    assert arg["error"].startswith("unreadable") and call.retry == []  # never retried
+
+
+def test_pipe_fds_and_stat_out_and_wait_status():
+    img, dec = setup()
+    call = dec.decode_entry(img.mem, img.cr3, 22, [U])
+    img.write(U, struct.pack("<ii", 3, 4))
+    dec.decode_exit(img.mem, img.cr3, call, 0)
+    assert call.args[0]["value"] == "[3, 4]"
+
+    img.write(U + 0x200, b"/etc\0")
+    st = struct.pack("<QQQIII4xQqqq", 1, 77, 2, 0o100644, 0, 0, 0, 3000, 4096, 8) + bytes(48)
+    img.write(U + 0x400, st)
+    call = dec.decode_entry(img.mem, img.cr3, 4, [U + 0x200, U + 0x400])
+    dec.decode_exit(img.mem, img.cr3, call, 0)
+    assert args_by_name(call)["statbuf"]["value"] == \
+        "{st_mode=S_IFREG|0644, st_size=3000, st_ino=77, st_uid=0, st_gid=0}"
+
+    call = dec.decode_entry(img.mem, img.cr3, 61, [2**64 - 1, U + 0x800, 0, 0])
+    img.write(U + 0x800, struct.pack("<i", 42 << 8))
+    dec.decode_exit(img.mem, img.cr3, call, 77)
+    assert args_by_name(call)["stat_addr"]["value"] == "[{WIFEXITED(s) && WEXITSTATUS(s) == 42}]"
+    assert args_by_name(call)["upid"]["value"] == "-1"
+
+
+def test_out_params_not_read_on_failure():
+    img, dec = setup()
+    call = dec.decode_entry(img.mem, img.cr3, 22, [U + 0x70_0000])
+    dec.decode_exit(img.mem, img.cr3, call, 2**64 - 24)
+    assert call.errno == "EMFILE" and call.args[0]["error"] is None
+
+
+def test_unreadable_out_param_is_flagged():
+    img, dec = setup()
+    call = dec.decode_entry(img.mem, img.cr3, 22, [U + 0x70_0000])
+    dec.decode_exit(img.mem, img.cr3, call, 0)
+    assert call.args[0]["error"] == "unreadable at 0x7fff00700000"
+
+
+def test_kill_signal_and_fallbacks_by_type():
+    img, dec = setup()
+    call = dec.decode_entry(img.mem, img.cr3, 62, [1234, 9])
+    assert [a["value"] for a in call.args] == ["1234", "SIGKILL"]
+    assert call.typed["target_pid"] == 1234 and call.typed["signal"] == "SIGKILL"
+    call = dec.decode_entry(img.mem, img.cr3, 999, [2**64 - 5, 2**64 - 1])
+    assert [a["value"] for a in call.args] == ["-5", str(2**64 - 1)]
+    unknown = dec.decode_entry(img.mem, img.cr3, 4242, [1, 2, 3, 4, 5, 6])
+    assert unknown.name == "syscall_4242" and len(unknown.args) == 6
+
+
+def test_flag_renderers():
+    assert c.open_flags(0o2000000 | 0o200000) == "O_RDONLY|O_DIRECTORY|O_CLOEXEC"
+    assert c.open_flags(0o20200002) == "O_RDWR|O_TMPFILE"
+    assert c.render_flags(0x1 | 0x40000000, c.PROT_FLAGS) == "PROT_READ|0x40000000"
+    assert c.access_mode(0) == "F_OK" and c.access_mode(6) == "R_OK|W_OK"
+    assert c.signal_name(34) == "SIGRTMIN+2"
+    assert c.file_mode(0o40755) == "S_IFDIR|0755"
+    assert c.errno_name(-2) == "ENOENT" and c.errno_name(-4096) is None
+    assert c.futex_op(128 | 1) == "FUTEX_WAKE_PRIVATE"
