@@ -1,0 +1,127 @@
+"""Fixed values of the lab workloads: the single source of truth.
+
+The C workloads (``guestlab/workloads/*.c``) are compiled against a header generated from this
+module (``c_header()``), so a test asserting against these constants asserts against exactly
+what the guest executed. The syscall sequence of every workload is in ``README.md`` next to
+this file. Flag values are Linux x86-64 ABI values, written out so they do not depend on the
+host running the tests.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+SOURCE_DIR = Path(__file__).resolve().parent
+
+# Linux x86-64 ABI values used below.
+AT_FDCWD = -100
+O_RDONLY = 0o0
+O_WRONLY = 0o1
+O_CREAT = 0o100
+O_TRUNC = 0o1000
+ENOENT = 2
+AF_INET = 2
+SOCK_STREAM = 1
+SOL_SOCKET = 1
+SO_REUSEADDR = 2
+SIGILL = 4
+
+# Where the workloads live inside the guest. `WORKLOAD_DRIVER once` runs them all.
+WORKLOAD_DRIVER = "/workload"
+WORKLOAD_DIR = "/lab"
+WORKLOADS = ("file", "exec", "enoent", "tcp", "vmcall")
+# Binary (and so the task's comm) of each workload.
+WORKLOAD_BINARIES = {name: f"{WORKLOAD_DIR}/wl-{name}" for name in WORKLOADS}
+WORKLOAD_COMMS = {name: f"wl-{name}" for name in WORKLOADS}
+# Every workload exits with this status when everything it did matched the values below;
+# any other status means something in the guest differed (see README.md for each code).
+WORKLOAD_EXIT_OK = 0
+WORKLOAD_EXIT_MISMATCH = 1
+# Driver modes: "once" runs every workload one after the other; "steady" repeats that every
+# STEADY_PERIOD_MS (default) until killed; a workload name runs just that one.
+STEADY_PERIOD_MS = 1000
+# Lines the driver prints, one per workload run: "wl <name> status=<exit status>" and, after
+# a full round, "wl round=<n> failures=<k>".
+DRIVER_LINE_PREFIX = "wl "
+
+# file: write then read back.
+FILE_PATH = "/tmp/vmitrace-wl-file.dat"
+FILE_WRITE_FLAGS = O_WRONLY | O_CREAT | O_TRUNC  # 0x241
+FILE_MODE = 0o644
+FILE_READ_FLAGS = O_RDONLY
+FILE_BYTES = 3000
+FILE_PATTERN = b"vmitrace file workload\n"
+FILE_CONTENT = (FILE_PATTERN * (FILE_BYTES // len(FILE_PATTERN) + 1))[:FILE_BYTES]
+
+# exec: fork, execve of a fixed argv and environment, wait4 for a known exit status.
+EXEC_PATH = "/bin/busybox"
+EXEC_ARGV = ("/bin/busybox", "sh", "-c", "exit 42")
+EXEC_ENVP = ("PATH=/bin:/sbin", "VMITRACE_WORKLOAD=exec")
+EXEC_EXIT_CODE = 42
+
+# enoent: an openat of a path that does not exist.
+ENOENT_PATH = "/nonexistent/vmitrace-missing-file"
+ENOENT_FLAGS = O_RDONLY
+
+# tcp: a listener and a client in one process on the loopback interface.
+TCP_ADDRESS = "127.0.0.1"
+TCP_PORT = 40123
+TCP_BACKLOG = 1
+TCP_PAYLOAD = b"vmitrace-ping"
+
+# vmcall: executes `vmcall` with these registers. Under TCG (and on hosts without a
+# hypervisor that handles it) the guest kernel delivers SIGILL; the workload catches it,
+# skips the 3-byte instruction and exits WORKLOAD_EXIT_OK.
+VMCALL_RAX = 0x564D4954  # "VMIT"
+VMCALL_RBX = 0x1111
+VMCALL_RCX = 0x2222
+VMCALL_RDX = 0x3333
+VMCALL_RSI = 0x4444
+VMCALL_INSN = bytes((0x0F, 0x01, 0xC1))
+
+
+def _c_string(value: str | bytes) -> str:
+    raw = value.encode() if isinstance(value, str) else value
+    return '"' + "".join(f"\\x{b:02x}" for b in raw) + '"'
+
+
+def c_header() -> str:
+    """The C header the workloads are compiled with (all values from this module)."""
+    lines = [
+        "/* Generated from guestlab/workloads/__init__.py at build time. Do not edit. */",
+        "#pragma once",
+        f"#define WL_EXIT_OK {WORKLOAD_EXIT_OK}",
+        f"#define WL_EXIT_MISMATCH {WORKLOAD_EXIT_MISMATCH}",
+        f"#define WL_DIR {_c_string(WORKLOAD_DIR)}",
+        f"#define WL_STEADY_PERIOD_MS {STEADY_PERIOD_MS}",
+        f"#define WL_FILE_PATH {_c_string(FILE_PATH)}",
+        f"#define WL_FILE_WRITE_FLAGS 0{FILE_WRITE_FLAGS:o}",
+        f"#define WL_FILE_MODE 0{FILE_MODE:o}",
+        f"#define WL_FILE_READ_FLAGS 0{FILE_READ_FLAGS:o}",
+        f"#define WL_FILE_BYTES {FILE_BYTES}",
+        f"#define WL_FILE_PATTERN {_c_string(FILE_PATTERN)}",
+        f"#define WL_FILE_PATTERN_LEN {len(FILE_PATTERN)}",
+        f"#define WL_EXEC_PATH {_c_string(EXEC_PATH)}",
+        "#define WL_EXEC_ARGV { " + ", ".join(_c_string(a) for a in EXEC_ARGV) + ", 0 }",
+        "#define WL_EXEC_ENVP { " + ", ".join(_c_string(e) for e in EXEC_ENVP) + ", 0 }",
+        f"#define WL_EXEC_EXIT_CODE {EXEC_EXIT_CODE}",
+        f"#define WL_ENOENT_PATH {_c_string(ENOENT_PATH)}",
+        f"#define WL_ENOENT_FLAGS 0{ENOENT_FLAGS:o}",
+        f"#define WL_TCP_ADDRESS {_c_string(TCP_ADDRESS)}",
+        f"#define WL_TCP_PORT {TCP_PORT}",
+        f"#define WL_TCP_BACKLOG {TCP_BACKLOG}",
+        f"#define WL_TCP_PAYLOAD {_c_string(TCP_PAYLOAD)}",
+        f"#define WL_TCP_PAYLOAD_LEN {len(TCP_PAYLOAD)}",
+        f"#define WL_VMCALL_RAX {VMCALL_RAX:#x}UL",
+        f"#define WL_VMCALL_RBX {VMCALL_RBX:#x}UL",
+        f"#define WL_VMCALL_RCX {VMCALL_RCX:#x}UL",
+        f"#define WL_VMCALL_RDX {VMCALL_RDX:#x}UL",
+        f"#define WL_VMCALL_RSI {VMCALL_RSI:#x}UL",
+        f"#define WL_VMCALL_INSN_LEN {len(VMCALL_INSN)}",
+        "#define WL_NAMES { " + ", ".join(_c_string(n) for n in WORKLOADS) + ", 0 }",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def c_sources() -> list[Path]:
+    """The C sources, one static binary each (wl-<name>.c and the driver workload.c)."""
+    return sorted(SOURCE_DIR.glob("*.c"))
