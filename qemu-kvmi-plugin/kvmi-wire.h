@@ -1,0 +1,298 @@
+/*
+ * The kvmi-v7 wire format as spoken by vmitrace-kvmi (host side).
+ * Layouts follow the kvmi-v7 dialect (libkvmi include/linux/kvmi.h and
+ * include/linux/x86_64/asm/kvmi.h); written here from the protocol
+ * description, with every size pinned by a static assertion.
+ * All integers are in host byte order; every padding field is zero.
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ */
+#ifndef VMITRACE_KVMI_WIRE_H
+#define VMITRACE_KVMI_WIRE_H
+
+#include <assert.h>
+#include <stdint.h>
+
+/* Message ids. */
+enum {
+    KVMI_EVENT_REPLY = 0,
+    KVMI_EVENT = 1,
+    KVMI_GET_VERSION = 2,
+    KVMI_CHECK_COMMAND = 3,
+    KVMI_CHECK_EVENT = 4,
+    KVMI_GET_GUEST_INFO = 5,
+    KVMI_GET_VCPU_INFO = 6,
+    KVMI_PAUSE_VCPU = 7,
+    KVMI_CONTROL_VM_EVENTS = 8,
+    KVMI_CONTROL_EVENTS = 9,
+    KVMI_CONTROL_CR = 10,
+    KVMI_CONTROL_MSR = 11,
+    KVMI_GET_REGISTERS = 13,
+    KVMI_READ_PHYSICAL = 17,
+    KVMI_WRITE_PHYSICAL = 18,
+    KVMI_VCPU_TRANSLATE_GVA = 35,
+    KVMI_NUM_STANDARD_MESSAGES = 64,
+    /* vmitrace vendor extension (docs/kvmi-vendor-extension.md) */
+    VMITRACE_SET_BREAKPOINT = 0x7f01,
+    VMITRACE_CLEAR_BREAKPOINT = 0x7f02,
+    VMITRACE_SET_DELIVERY = 0x7f03,
+};
+
+/* Event ids. */
+enum {
+    KVMI_EVENT_UNHOOK = 0,
+    KVMI_EVENT_CR = 1,
+    KVMI_EVENT_MSR = 2,
+    KVMI_EVENT_XSETBV = 3,
+    KVMI_EVENT_BREAKPOINT = 4,
+    KVMI_EVENT_HYPERCALL = 5,
+    KVMI_EVENT_PF = 6,
+    KVMI_EVENT_TRAP = 7,
+    KVMI_EVENT_DESCRIPTOR = 8,
+    KVMI_EVENT_CREATE_VCPU = 9,
+    KVMI_EVENT_PAUSE_VCPU = 10,
+    KVMI_EVENT_SINGLESTEP = 11,
+    KVMI_EVENT_CPUID = 13,
+    KVMI_NUM_EVENTS = 14,
+};
+
+enum {
+    KVMI_EVENT_ACTION_CONTINUE = 0,
+    KVMI_EVENT_ACTION_RETRY = 1,
+    KVMI_EVENT_ACTION_CRASH = 2,
+};
+
+/* Error numbers; replies carry them negated. */
+enum {
+    KVM_EPERM = 1,
+    KVM_ENOENT = 2,
+    KVM_E2BIG = 7,
+    KVM_EAGAIN = 11,
+    KVM_ENOMEM = 12,
+    KVM_EFAULT = 14,
+    KVM_EBUSY = 16,
+    KVM_EINVAL = 22,
+    KVM_EOPNOTSUPP = 95,
+    KVM_ENOSYS = 1000,
+};
+
+#define KVMI_VERSION 1u
+#define KVMI_MSG_SIZE (4096 * 2 - 8) /* largest payload */
+
+struct kvmi_msg_hdr {
+    uint16_t id;
+    uint16_t size; /* payload bytes after this header */
+    uint32_t seq;
+};
+
+struct kvmi_error_code {
+    int32_t err;
+    uint32_t padding;
+};
+
+struct kvmi_vcpu_hdr {
+    uint16_t vcpu;
+    uint16_t padding1;
+    uint32_t padding2;
+};
+
+struct kvmi_qemu2introspector {
+    uint32_t struct_size;
+    uint8_t uuid[16];
+    uint32_t padding;
+    int64_t start_time;
+    char name[64];
+};
+
+struct kvmi_introspector2qemu {
+    uint32_t struct_size;
+    uint8_t cookie_hash[20];
+};
+
+struct kvmi_get_version_reply {
+    uint32_t version;
+    uint32_t padding;
+    uint8_t features[8]; /* spp, vmfunc, eptp, ve, padding[4]: all 0 here */
+};
+
+struct kvmi_check_id { /* CHECK_COMMAND and CHECK_EVENT */
+    uint16_t id;
+    uint16_t padding1;
+    uint32_t padding2;
+};
+
+struct kvmi_get_guest_info_reply {
+    uint32_t vcpu_count;
+    uint32_t padding[3];
+};
+
+struct kvmi_get_vcpu_info_reply {
+    uint64_t tsc_speed;
+};
+
+struct kvmi_pause_vcpu {
+    uint8_t wait;
+    uint8_t padding1;
+    uint16_t padding2;
+    uint32_t padding3;
+};
+
+struct kvmi_control_events { /* CONTROL_EVENTS and CONTROL_VM_EVENTS */
+    uint16_t event_id;
+    uint8_t enable;
+    uint8_t padding1;
+    uint32_t padding2;
+};
+
+struct kvmi_control_cr {
+    uint8_t enable;
+    uint8_t padding1;
+    uint16_t padding2;
+    uint32_t cr;
+};
+
+struct kvmi_control_msr {
+    uint8_t enable;
+    uint8_t padding1;
+    uint16_t padding2;
+    uint32_t msr;
+};
+
+struct kvmi_get_registers {
+    uint16_t nmsrs;
+    uint16_t padding1;
+    uint32_t padding2;
+    /* uint32_t msrs_idx[nmsrs] follows */
+};
+
+struct kvmi_read_physical {
+    uint64_t gpa;
+    uint64_t size;
+};
+
+struct kvmi_write_physical {
+    uint64_t gpa;
+    uint64_t size;
+    /* uint8_t data[size] follows */
+};
+
+struct kvmi_translate_gva {
+    uint64_t gva;
+};
+
+/* struct kvm_regs / kvm_sregs / kvm_msr_entry (x86-64 KVM ABI). */
+struct kvm_regs {
+    uint64_t rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp;
+    uint64_t r8, r9, r10, r11, r12, r13, r14, r15;
+    uint64_t rip, rflags;
+};
+
+struct kvm_segment {
+    uint64_t base;
+    uint32_t limit;
+    uint16_t selector;
+    uint8_t type, present, dpl, db, s, l, g, avl, unusable, padding;
+};
+
+struct kvm_dtable {
+    uint64_t base;
+    uint16_t limit;
+    uint16_t padding[3];
+};
+
+struct kvm_sregs {
+    struct kvm_segment cs, ds, es, fs, gs, ss, tr, ldt;
+    struct kvm_dtable gdt, idt;
+    uint64_t cr0, cr2, cr3, cr4, cr8, efer, apic_base;
+    uint64_t interrupt_bitmap[4];
+};
+
+struct kvm_msr_entry {
+    uint32_t index;
+    uint32_t reserved;
+    uint64_t data;
+};
+
+struct kvmi_event_arch {
+    uint8_t mode; /* 2, 4 or 8 */
+    uint8_t padding1;
+    uint16_t view;
+    uint8_t padding2[4];
+    struct kvm_regs regs;
+    struct kvm_sregs sregs;
+    struct {
+        uint64_t sysenter_cs, sysenter_esp, sysenter_eip;
+        uint64_t efer, star, lstar, cstar, pat, shadow_gs;
+    } msrs;
+};
+
+struct kvmi_event {
+    uint16_t size; /* offset of the event-specific payload */
+    uint16_t vcpu;
+    uint8_t event;
+    uint8_t padding[3];
+    struct kvmi_event_arch arch;
+};
+
+struct kvmi_event_reply {
+    uint8_t action;
+    uint8_t event;
+    uint16_t padding1;
+    uint32_t padding2;
+};
+
+struct kvmi_event_cr {
+    uint16_t cr;
+    uint16_t padding[3];
+    uint64_t old_value;
+    uint64_t new_value;
+};
+
+struct kvmi_event_msr {
+    uint32_t msr;
+    uint32_t padding;
+    uint64_t old_value;
+    uint64_t new_value;
+};
+
+struct kvmi_event_breakpoint {
+    uint64_t gpa;
+    uint8_t insn_len;
+    uint8_t padding[7];
+};
+
+struct kvmi_get_registers_reply {
+    uint32_t mode;
+    uint32_t padding;
+    struct kvm_regs regs;
+    struct kvm_sregs sregs;
+    uint32_t nmsrs; /* struct kvm_msrs header */
+    uint32_t msrs_pad;
+    /* struct kvm_msr_entry entries[nmsrs] follows */
+};
+
+/* Vendor extension payloads. */
+struct vmitrace_breakpoint {
+    uint64_t gva;
+};
+
+struct vmitrace_delivery {
+    uint8_t blocking;
+    uint8_t padding[7];
+};
+
+static_assert(sizeof(struct kvmi_msg_hdr) == 8, "hdr");
+static_assert(sizeof(struct kvmi_qemu2introspector) == 96, "q2i");
+static_assert(sizeof(struct kvmi_introspector2qemu) == 24, "i2q");
+static_assert(sizeof(struct kvm_regs) == 144, "regs");
+static_assert(sizeof(struct kvm_segment) == 24, "seg");
+static_assert(sizeof(struct kvm_sregs) == 312, "sregs");
+static_assert(sizeof(struct kvmi_event_arch) == 536, "arch");
+static_assert(sizeof(struct kvmi_event) == 544, "event");
+static_assert(sizeof(struct kvmi_event_cr) == 24, "cr");
+static_assert(sizeof(struct kvmi_event_msr) == 24, "msr");
+static_assert(sizeof(struct kvmi_event_breakpoint) == 16, "bp");
+static_assert(sizeof(struct kvmi_get_registers_reply) == 8 + 144 + 312 + 8, "getregs");
+static_assert(sizeof(struct kvmi_get_version_reply) == 16, "version");
+
+#endif

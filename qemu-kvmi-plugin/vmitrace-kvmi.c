@@ -1,0 +1,1766 @@
+/*
+ * vmitrace-kvmi: a QEMU TCG plugin that is the host side of KVMI (kvmi-v7).
+ *
+ * QEMU loads it with
+ *   -plugin vmitrace-kvmi.so,socket=PATH,ram=PATH,name=NAME,uuid=UUID[,...]
+ * It connects to the introspector's listening socket, performs the
+ * qemu2introspector / introspector2qemu handshake and then serves KVMI
+ * commands and delivers KVMI events taken from instrumented guest code.
+ * docs/qemu-kvmi-plugin.md describes options, threading and limits;
+ * docs/kvmi-vendor-extension.md the vmitrace-specific commands.
+ *
+ * Threads: one reader thread owns the socket's receive side and serves
+ * VM-wide commands itself. Commands that need a vCPU's registers are queued
+ * to that vCPU and served on its own thread, either while it waits for an
+ * event reply or at the start of its next translation block (an inline,
+ * per-vCPU "attention" flag makes that check nearly free). Events are sent
+ * by the vCPU threads; a vCPU waits for its reply while the others run.
+ *
+ * The plugin never harms the guest: malformed input and a vanished
+ * introspector are logged, the connection is dropped and the guest runs on.
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kvmi-wire.h"
+#include "qemu-plugin-api.h"
+
+VMITRACE_EXPORT int qemu_plugin_version = VMITRACE_QEMU_PLUGIN_API_VERSION;
+
+#define MAX_VCPUS 64
+#define MAX_PENDING_PAUSES 16
+#define MAX_KNOWN_MSRS 64
+#define MAX_QUEUED_COMMANDS 64
+#define MAX_HANDSHAKE_BYTES (64 * 1024)
+#define UNHOOK_WAIT_MS 2000
+
+/* MSRs that QEMU exposes as registers, and architectural bits used below. */
+#define MSR_EFER 0xc0000080u
+#define MSR_STAR 0xc0000081u
+#define MSR_LSTAR 0xc0000082u
+#define MSR_CSTAR 0xc0000083u
+#define MSR_FS_BASE 0xc0000100u
+#define MSR_GS_BASE 0xc0000101u
+#define MSR_KERNEL_GS_BASE 0xc0000102u
+#define MSR_SYSENTER_CS 0x174u
+#define MSR_SYSENTER_ESP 0x175u
+#define MSR_SYSENTER_EIP 0x176u
+#define MSR_PAT 0x277u
+#define PAT_RESET_VALUE 0x0007040600070406ull
+#define CR0_PE (1ull << 0)
+#define CR0_PG (1ull << 31)
+#define CR4_PSE (1ull << 4)
+#define CR4_PAE (1ull << 5)
+#define CR4_LA57 (1ull << 12)
+#define CR4_PCIDE (1ull << 17)
+#define EFER_LMA (1ull << 10)
+#define CR3_NOFLUSH (1ull << 63)
+#define PTE_PRESENT 1ull
+#define PTE_PS (1ull << 7)
+#define PTE_ADDR 0x000ffffffffff000ull
+#define UNMAPPED_GVA (~0ull)
+
+/* ------------------------------------------------------------------ logging */
+
+static bool verbose;
+
+static void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void logmsg(const char *fmt, ...)
+{
+    char line[512];
+    va_list ap;
+    int n = snprintf(line, sizeof(line), "vmitrace-kvmi: ");
+    va_start(ap, fmt);
+    vsnprintf(line + n, sizeof(line) - n, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "%s\n", line);
+}
+
+#define debug(...) do { if (verbose) logmsg(__VA_ARGS__); } while (0)
+
+/* ------------------------------------------------------------ configuration */
+
+static struct {
+    const char *socket_path;
+    const char *ram_path;
+    char name[64];
+    uint8_t uuid[16];
+    bool reconnect;
+    bool hold;
+    unsigned reply_timeout_ms;
+    unsigned connect_timeout_ms;
+    unsigned hold_timeout_ms;
+    const char *cookie;
+} cfg = {
+    .reply_timeout_ms = 10000,
+    .connect_timeout_ms = 30000,
+    .hold_timeout_ms = 60000,
+};
+
+static qemu_plugin_id_t plugin_id;
+static unsigned vcpu_count;
+static int64_t start_time;
+
+/* Guest RAM shared with QEMU: guest-physical address = file offset. */
+static uint8_t *ram;
+static uint64_t ram_size;
+
+/* --------------------------------------------------------------- registers */
+
+enum reg {
+    R_RAX, R_RBX, R_RCX, R_RDX, R_RSI, R_RDI, R_RSP, R_RBP,
+    R_R8, R_R9, R_R10, R_R11, R_R12, R_R13, R_R14, R_R15,
+    R_RIP, R_EFLAGS, R_CS, R_SS, R_DS, R_ES, R_FS, R_GS,
+    R_FS_BASE, R_GS_BASE, R_K_GS_BASE,
+    R_CR0, R_CR2, R_CR3, R_CR4, R_CR8, R_EFER,
+    R_COUNT
+};
+
+static const char *const reg_names[R_COUNT] = {
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+    "rip", "eflags", "cs", "ss", "ds", "es", "fs", "gs",
+    "fs_base", "gs_base", "k_gs_base",
+    "cr0", "cr2", "cr3", "cr4", "cr8", "efer",
+};
+
+/* x86 register number (ModRM/REX encoding) to our register ids. */
+static const enum reg gpr_by_number[16] = {
+    R_RAX, R_RCX, R_RDX, R_RBX, R_RSP, R_RBP, R_RSI, R_RDI,
+    R_R8, R_R9, R_R10, R_R11, R_R12, R_R13, R_R14, R_R15,
+};
+
+static struct qemu_plugin_register *reg_handles[R_COUNT];
+static GOnce reg_handles_once = G_ONCE_INIT;
+
+/* --------------------------------------------------------------- vCPU state */
+
+struct msr_value {
+    uint32_t index;
+    uint64_t value;
+};
+
+/* A command that needs a vCPU's context, queued to that vCPU. */
+struct queued_command {
+    unsigned generation;
+    struct kvmi_msg_hdr hdr;
+    uint8_t payload[];
+};
+
+struct vcpu {
+    unsigned index;
+    bool present;
+    bool started;
+    GByteArray *regbuf;
+
+    /* Introspector-controlled, per connection (read lock-free). */
+    uint32_t events;   /* bit per enabled vCPU event */
+    uint32_t crs;      /* bit per enabled control register */
+    uint8_t msrs_low[0x2000 / 8];  /* MSRs 0 .. 0x1fff */
+    uint8_t msrs_high[0x2000 / 8]; /* MSRs 0xc0000000 .. 0xc0001fff */
+    int pending_pauses;
+
+    /* Last known MSR values written by the guest (vCPU thread only). */
+    struct msr_value known_msrs[MAX_KNOWN_MSRS];
+    unsigned n_known_msrs;
+
+    /* Event wait and command queue, under lock. */
+    GMutex lock;
+    GCond cond;
+    bool waiting;
+    bool replied;
+    uint32_t wait_seq;
+    uint8_t reply_action;
+    GQueue commands;
+};
+
+static struct vcpu vcpus[MAX_VCPUS];
+
+/* Per-vCPU attention flag read inline at every translation block start. */
+static struct qemu_plugin_scoreboard *attention_board;
+
+static void set_attention(unsigned vcpu)
+{
+    uint64_t *flag = qemu_plugin_scoreboard_find(attention_board, vcpu);
+    __atomic_store_n(flag, 1, __ATOMIC_RELEASE);
+}
+
+static void clear_attention(unsigned vcpu)
+{
+    uint64_t *flag = qemu_plugin_scoreboard_find(attention_board, vcpu);
+    __atomic_store_n(flag, 0, __ATOMIC_RELEASE);
+}
+
+static void set_attention_all(void)
+{
+    for (unsigned i = 0; i < MAX_VCPUS; i++) {
+        if (__atomic_load_n(&vcpus[i].present, __ATOMIC_ACQUIRE)) {
+            set_attention(i);
+        }
+    }
+}
+
+/* -------------------------------------------------------------- connection */
+
+static struct {
+    GMutex write_lock;      /* serializes writes; guards fd and generation */
+    int fd;                 /* -1 when not connected */
+    unsigned generation;    /* bumped at every connect and disconnect */
+    GCond changed;          /* signalled (with write_lock) on connect/disconnect */
+    bool blocking;          /* event delivery mode (vendor extension) */
+    uint32_t vm_events;     /* enabled VM events: UNHOOK, CREATE_VCPU */
+    bool exiting;
+} conn = { .fd = -1, .blocking = true };
+
+static uint32_t event_seq;
+
+/* Instrumentation breakpoints, VM-wide by guest virtual address. */
+static GMutex bp_lock;
+static GHashTable *breakpoints; /* uint64_t* gva -> itself */
+static unsigned bp_count;       /* read lock-free at translation time */
+
+/* Translation flushes (qemu_plugin_reset) and replies waiting for them. */
+static GMutex flush_lock;
+static bool flush_wanted;
+static bool reset_inflight;
+static GArray *replies_waiting_flush; /* struct kvmi_msg_hdr, for this flush */
+static GArray *replies_after_flush;   /* ... and for the one in flight */
+
+static bool write_all(int fd, const void *buf, size_t len)
+{
+    const uint8_t *p = buf;
+    while (len) {
+        ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            return false;
+        }
+        p += n;
+        len -= (size_t)n;
+    }
+    return true;
+}
+
+static bool read_all(int fd, void *buf, size_t len)
+{
+    uint8_t *p = buf;
+    while (len) {
+        ssize_t n = recv(fd, p, len, 0);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            return false;
+        }
+        p += n;
+        len -= (size_t)n;
+    }
+    return true;
+}
+
+/*
+ * Send one message (header + up to three payload parts) with one write.
+ * generation != 0 restricts the send to that connection. On a write error
+ * the socket is shut down; the reader thread then cleans up.
+ */
+static bool send_message(unsigned generation, uint16_t id, uint32_t seq,
+                         const void *a, size_t alen, const void *b, size_t blen,
+                         const void *c, size_t clen)
+{
+    size_t total = alen + blen + clen;
+    uint8_t stackbuf[1024];
+    uint8_t *buf = total + 8 <= sizeof(stackbuf) ? stackbuf : g_malloc(total + 8);
+    struct kvmi_msg_hdr hdr = { .id = id, .size = (uint16_t)total, .seq = seq };
+    bool ok = false;
+
+    if (total > KVMI_MSG_SIZE) {
+        logmsg("refusing to send an oversized message (id %u, %zu bytes)", id, total);
+        goto out;
+    }
+    memcpy(buf, &hdr, 8);
+    if (alen) memcpy(buf + 8, a, alen);
+    if (blen) memcpy(buf + 8 + alen, b, blen);
+    if (clen) memcpy(buf + 8 + alen + blen, c, clen);
+
+    g_mutex_lock(&conn.write_lock);
+    if (conn.fd >= 0 && (generation == 0 || generation == conn.generation)) {
+        ok = write_all(conn.fd, buf, total + 8);
+        if (!ok) {
+            logmsg("write to introspector failed: %s; dropping the connection", strerror(errno));
+            shutdown(conn.fd, SHUT_RDWR);
+        }
+    }
+    g_mutex_unlock(&conn.write_lock);
+out:
+    if (buf != stackbuf) {
+        g_free(buf);
+    }
+    return ok;
+}
+
+static void send_reply(unsigned generation, const struct kvmi_msg_hdr *req, int err,
+                       const void *data, size_t len)
+{
+    struct kvmi_error_code ec = { .err = err };
+    send_message(generation, req->id, req->seq, &ec, sizeof(ec), err ? NULL : data,
+                 err ? 0 : len, NULL, 0);
+}
+
+static unsigned current_generation(void)
+{
+    g_mutex_lock(&conn.write_lock);
+    unsigned g = conn.generation;
+    g_mutex_unlock(&conn.write_lock);
+    return g;
+}
+
+static bool connected(void)
+{
+    return __atomic_load_n(&conn.fd, __ATOMIC_ACQUIRE) >= 0;
+}
+
+/* ------------------------------------------------------------ guest memory */
+
+static bool ram_read(uint64_t gpa, void *dst, size_t len)
+{
+    if (!ram || gpa >= ram_size || len > ram_size - gpa) {
+        return false;
+    }
+    memcpy(dst, ram + gpa, len);
+    return true;
+}
+
+/* Guest page walk over shared RAM: 32-bit, PAE, 4- and 5-level paging. */
+static uint64_t translate_gva(uint64_t cr0, uint64_t cr3, uint64_t cr4, uint64_t efer,
+                              uint64_t gva)
+{
+    uint64_t entry, table;
+
+    if (!(cr0 & CR0_PG)) {
+        return gva;
+    }
+    if (efer & EFER_LMA) {
+        int levels = (cr4 & CR4_LA57) ? 5 : 4;
+        table = cr3 & PTE_ADDR;
+        for (int level = levels; level >= 1; level--) {
+            unsigned shift = 12 + 9 * (level - 1);
+            uint64_t idx = (gva >> shift) & 511;
+            if (!ram_read(table + idx * 8, &entry, 8) || !(entry & PTE_PRESENT)) {
+                return UNMAPPED_GVA;
+            }
+            if (level == 1 || (level <= 3 && (entry & PTE_PS))) {
+                uint64_t page = 1ull << shift;
+                return ((entry & PTE_ADDR) & ~(page - 1)) | (gva & (page - 1));
+            }
+            table = entry & PTE_ADDR;
+        }
+        return UNMAPPED_GVA;
+    }
+    gva &= 0xffffffffull;
+    if (cr4 & CR4_PAE) {
+        table = cr3 & 0xffffffe0ull;
+        if (!ram_read(table + ((gva >> 30) & 3) * 8, &entry, 8) || !(entry & PTE_PRESENT)) {
+            return UNMAPPED_GVA;
+        }
+        table = entry & PTE_ADDR;
+        if (!ram_read(table + ((gva >> 21) & 511) * 8, &entry, 8) || !(entry & PTE_PRESENT)) {
+            return UNMAPPED_GVA;
+        }
+        if (entry & PTE_PS) {
+            return ((entry & PTE_ADDR) & ~0x1fffffull) | (gva & 0x1fffff);
+        }
+        table = entry & PTE_ADDR;
+        if (!ram_read(table + ((gva >> 12) & 511) * 8, &entry, 8) || !(entry & PTE_PRESENT)) {
+            return UNMAPPED_GVA;
+        }
+        return (entry & PTE_ADDR) | (gva & 0xfff);
+    }
+    uint32_t e32;
+    if (!ram_read((cr3 & 0xfffff000ull) + ((gva >> 22) & 1023) * 4, &e32, 4) || !(e32 & 1)) {
+        return UNMAPPED_GVA;
+    }
+    if ((e32 & PTE_PS) && (cr4 & CR4_PSE)) {
+        return (e32 & 0xffc00000ull) | (gva & 0x3fffff);
+    }
+    if (!ram_read((e32 & 0xfffff000ull) + ((gva >> 12) & 1023) * 4, &e32, 4) || !(e32 & 1)) {
+        return UNMAPPED_GVA;
+    }
+    return (e32 & 0xfffff000ull) | (gva & 0xfff);
+}
+
+/* ------------------------------------------------- register access (vCPU) */
+
+static gpointer lookup_register_handles(gpointer unused)
+{
+    GArray *regs = qemu_plugin_get_registers();
+    for (guint i = 0; regs && i < regs->len; i++) {
+        qemu_plugin_reg_descriptor *d = &g_array_index(regs, qemu_plugin_reg_descriptor, i);
+        for (int r = 0; r < R_COUNT; r++) {
+            if (d->name && strcmp(d->name, reg_names[r]) == 0) {
+                reg_handles[r] = d->handle;
+            }
+        }
+    }
+    for (int r = 0; r < R_COUNT; r++) {
+        if (!reg_handles[r]) {
+            logmsg("QEMU does not expose register %s; it reads as 0", reg_names[r]);
+        }
+    }
+    if (regs) {
+        g_array_free(regs, TRUE);
+    }
+    return NULL;
+}
+
+static uint64_t read_reg(struct vcpu *v, enum reg r)
+{
+    uint64_t value = 0;
+    if (!reg_handles[r]) {
+        return 0;
+    }
+    g_byte_array_set_size(v->regbuf, 0);
+    int n = qemu_plugin_read_register(reg_handles[r], v->regbuf);
+    if (n > 0) {
+        memcpy(&value, v->regbuf->data, MIN((size_t)n, sizeof(value))); /* x86: little endian */
+    }
+    return value;
+}
+
+static bool known_msr(struct vcpu *v, uint32_t index, uint64_t *value)
+{
+    switch (index) {
+    case MSR_EFER: *value = read_reg(v, R_EFER); return true;
+    case MSR_FS_BASE: *value = read_reg(v, R_FS_BASE); return true;
+    case MSR_GS_BASE: *value = read_reg(v, R_GS_BASE); return true;
+    case MSR_KERNEL_GS_BASE: *value = read_reg(v, R_K_GS_BASE); return true;
+    }
+    for (unsigned i = 0; i < v->n_known_msrs; i++) {
+        if (v->known_msrs[i].index == index) {
+            *value = v->known_msrs[i].value;
+            return true;
+        }
+    }
+    if (index == MSR_PAT) {
+        *value = PAT_RESET_VALUE;
+        return true;
+    }
+    return false;
+}
+
+static void remember_msr(struct vcpu *v, uint32_t index, uint64_t value)
+{
+    for (unsigned i = 0; i < v->n_known_msrs; i++) {
+        if (v->known_msrs[i].index == index) {
+            v->known_msrs[i].value = value;
+            return;
+        }
+    }
+    if (v->n_known_msrs < MAX_KNOWN_MSRS) {
+        v->known_msrs[v->n_known_msrs++] = (struct msr_value){ index, value };
+    }
+}
+
+static uint64_t msr_or_zero(struct vcpu *v, uint32_t index)
+{
+    uint64_t value = 0;
+    known_msr(v, index, &value);
+    return value;
+}
+
+static uint8_t cpu_mode(uint64_t cr0, uint64_t efer, uint64_t cs)
+{
+    if (efer & EFER_LMA) {
+        return cs == 0x23 ? 4 : 8; /* 0x23: Linux's 32-bit compat user CS */
+    }
+    return (cr0 & CR0_PE) ? 4 : 2;
+}
+
+static void fill_segment(struct kvm_segment *s, uint64_t selector, uint64_t base, bool code,
+                         uint8_t mode)
+{
+    s->selector = (uint16_t)selector;
+    s->base = base;
+    s->limit = 0xffffffff;
+    s->type = code ? 11 : 3;
+    s->present = 1;
+    s->s = 1;
+    s->dpl = selector & 3;
+    s->l = code && mode == 8;
+    s->db = mode == 4;
+    s->g = 1;
+}
+
+/* Full architectural state as QEMU exposes it; rip is the instruction's address. */
+static void fill_registers(struct vcpu *v, uint64_t rip, uint8_t *mode_out,
+                           struct kvm_regs *regs, struct kvm_sregs *sregs)
+{
+    for (int r = R_RAX; r <= R_R15; r++) {
+        ((uint64_t *)regs)[r] = read_reg(v, (enum reg)r);
+    }
+    regs->rip = rip;
+    regs->rflags = read_reg(v, R_EFLAGS);
+    sregs->cr0 = read_reg(v, R_CR0);
+    sregs->cr2 = read_reg(v, R_CR2);
+    sregs->cr3 = read_reg(v, R_CR3);
+    sregs->cr4 = read_reg(v, R_CR4);
+    sregs->cr8 = read_reg(v, R_CR8);
+    sregs->efer = read_reg(v, R_EFER);
+    uint64_t cs = read_reg(v, R_CS);
+    uint8_t mode = cpu_mode(sregs->cr0, sregs->efer, cs);
+    fill_segment(&sregs->cs, cs, 0, true, mode);
+    fill_segment(&sregs->ds, read_reg(v, R_DS), 0, false, mode);
+    fill_segment(&sregs->es, read_reg(v, R_ES), 0, false, mode);
+    fill_segment(&sregs->ss, read_reg(v, R_SS), 0, false, mode);
+    fill_segment(&sregs->fs, read_reg(v, R_FS), read_reg(v, R_FS_BASE), false, mode);
+    fill_segment(&sregs->gs, read_reg(v, R_GS), read_reg(v, R_GS_BASE), false, mode);
+    *mode_out = mode;
+}
+
+static void fill_arch(struct vcpu *v, uint64_t rip, struct kvmi_event_arch *arch)
+{
+    memset(arch, 0, sizeof(*arch));
+    fill_registers(v, rip, &arch->mode, &arch->regs, &arch->sregs);
+    arch->msrs.sysenter_cs = msr_or_zero(v, MSR_SYSENTER_CS);
+    arch->msrs.sysenter_esp = msr_or_zero(v, MSR_SYSENTER_ESP);
+    arch->msrs.sysenter_eip = msr_or_zero(v, MSR_SYSENTER_EIP);
+    arch->msrs.efer = arch->sregs.efer;
+    arch->msrs.star = msr_or_zero(v, MSR_STAR);
+    arch->msrs.lstar = msr_or_zero(v, MSR_LSTAR);
+    arch->msrs.cstar = msr_or_zero(v, MSR_CSTAR);
+    arch->msrs.pat = msr_or_zero(v, MSR_PAT);
+    arch->msrs.shadow_gs = read_reg(v, R_K_GS_BASE);
+}
+
+/* --------------------------------------------------- vCPU-context commands */
+
+static void serve_get_registers(struct vcpu *v, struct queued_command *qc)
+{
+    const struct kvmi_get_registers *req =
+        (const void *)(qc->payload + sizeof(struct kvmi_vcpu_hdr));
+    const uint32_t *idx = (const void *)(req + 1);
+    size_t reply_len = sizeof(struct kvmi_get_registers_reply) +
+                       (size_t)req->nmsrs * sizeof(struct kvm_msr_entry);
+    struct kvmi_get_registers_reply *rpl = g_malloc0(reply_len);
+    struct kvm_msr_entry *entries = (void *)(rpl + 1);
+    uint8_t mode;
+    int err = 0;
+
+    fill_registers(v, read_reg(v, R_RIP), &mode, &rpl->regs, &rpl->sregs);
+    rpl->mode = mode;
+    rpl->nmsrs = req->nmsrs;
+    for (unsigned i = 0; i < req->nmsrs; i++) {
+        entries[i].index = idx[i];
+        if (!known_msr(v, idx[i], &entries[i].data)) {
+            err = -KVM_EINVAL; /* an MSR this host cannot read */
+        }
+    }
+    send_reply(qc->generation, &qc->hdr, err, rpl, reply_len);
+    g_free(rpl);
+}
+
+static void serve_translate_gva(struct vcpu *v, struct queued_command *qc)
+{
+    const struct kvmi_translate_gva *req =
+        (const void *)(qc->payload + sizeof(struct kvmi_vcpu_hdr));
+    uint64_t gpa = translate_gva(read_reg(v, R_CR0), read_reg(v, R_CR3), read_reg(v, R_CR4),
+                                 read_reg(v, R_EFER), req->gva);
+    send_reply(qc->generation, &qc->hdr, 0, &gpa, sizeof(gpa));
+}
+
+/* Serve commands queued for this vCPU. Called on the vCPU's thread. */
+static void serve_queued_commands(struct vcpu *v)
+{
+    for (;;) {
+        g_mutex_lock(&v->lock);
+        struct queued_command *qc = g_queue_pop_head(&v->commands);
+        g_mutex_unlock(&v->lock);
+        if (!qc) {
+            return;
+        }
+        if (qc->generation == current_generation()) {
+            if (qc->hdr.id == KVMI_GET_REGISTERS) {
+                serve_get_registers(v, qc);
+            } else if (qc->hdr.id == KVMI_VCPU_TRANSLATE_GVA) {
+                serve_translate_gva(v, qc);
+            }
+        }
+        g_free(qc);
+    }
+}
+
+/* ------------------------------------------------------------------ events */
+
+static void crash_vm(unsigned vcpu)
+{
+    logmsg("introspector replied CRASH on vCPU %u: stopping the VM", vcpu);
+    kill(getpid(), SIGTERM); /* QEMU shuts the VM down */
+}
+
+static gint64 deadline_after(unsigned ms)
+{
+    return g_get_monotonic_time() + (gint64)ms * 1000;
+}
+
+/*
+ * Send an event from vCPU v and, with blocking delivery, wait for its reply
+ * while serving commands for this vCPU. Returns the action to take.
+ */
+static uint8_t send_event(struct vcpu *v, uint8_t event_id, uint64_t rip, bool have_arch,
+                          const void *payload, size_t payload_len, unsigned timeout_ms)
+{
+    struct kvmi_event ev = { .size = sizeof(ev), .vcpu = (uint16_t)v->index, .event = event_id };
+    uint32_t seq = __atomic_add_fetch(&event_seq, 1, __ATOMIC_RELAXED);
+    unsigned generation = current_generation();
+    bool blocking = __atomic_load_n(&conn.blocking, __ATOMIC_ACQUIRE);
+    uint8_t action = KVMI_EVENT_ACTION_CONTINUE;
+
+    if (!connected()) {
+        return action;
+    }
+    if (have_arch) {
+        fill_arch(v, rip, &ev.arch);
+    }
+    if (blocking) {
+        g_mutex_lock(&v->lock);
+        v->waiting = true;
+        v->replied = false;
+        v->wait_seq = seq;
+        g_mutex_unlock(&v->lock);
+    }
+    if (!send_message(generation, KVMI_EVENT, seq, &ev, sizeof(ev), payload, payload_len,
+                      NULL, 0)) {
+        blocking = false;
+    }
+    if (!blocking) {
+        g_mutex_lock(&v->lock);
+        v->waiting = false;
+        g_mutex_unlock(&v->lock);
+        return action;
+    }
+
+    gint64 deadline = deadline_after(timeout_ms);
+    g_mutex_lock(&v->lock);
+    while (!v->replied) {
+        if (!g_queue_is_empty(&v->commands)) {
+            g_mutex_unlock(&v->lock);
+            serve_queued_commands(v);
+            g_mutex_lock(&v->lock);
+            continue;
+        }
+        if (conn.generation != generation) { /* racy read is fine: rechecked below */
+            break;
+        }
+        if (!g_cond_wait_until(&v->cond, &v->lock, deadline)) {
+            break;
+        }
+    }
+    bool replied = v->replied;
+    action = v->reply_action;
+    v->waiting = false;
+    g_mutex_unlock(&v->lock);
+
+    if (!replied) {
+        if (current_generation() == generation) {
+            logmsg("no reply to event %u (seq %u) on vCPU %u within %u ms: continuing",
+                   event_id, seq, v->index, timeout_ms);
+        } else {
+            debug("introspector gone while vCPU %u waited for seq %u: continuing", v->index, seq);
+        }
+        return KVMI_EVENT_ACTION_CONTINUE;
+    }
+    if (action == KVMI_EVENT_ACTION_CRASH) {
+        crash_vm(v->index);
+    } else if (action > KVMI_EVENT_ACTION_CRASH) {
+        logmsg("unknown event action %u on vCPU %u: continuing", action, v->index);
+        action = KVMI_EVENT_ACTION_CONTINUE;
+    }
+    return action;
+}
+
+static bool event_enabled(struct vcpu *v, unsigned event_id)
+{
+    return __atomic_load_n(&v->events, __ATOMIC_RELAXED) & (1u << event_id);
+}
+
+/* -------------------------------------------------------- instrumentation */
+
+enum site_kind { SITE_CR_WRITE = 1, SITE_WRMSR, SITE_HYPERCALL, SITE_INT3, SITE_BREAKPOINT };
+
+/* One instrumented instruction; interned so retranslation allocates nothing. */
+struct site {
+    uint64_t gva;
+    uint8_t kind;
+    uint8_t len;
+    uint8_t cr;  /* SITE_CR_WRITE: control register */
+    uint8_t src; /* SITE_CR_WRITE: source GPR number */
+};
+
+static GMutex sites_lock;
+static GHashTable *sites;
+
+static guint site_hash(gconstpointer p)
+{
+    const struct site *s = p;
+    return g_int64_hash(&s->gva) ^ (s->kind * 0x9e3779b1u) ^ (s->cr << 8) ^ (s->src << 16) ^
+           (s->len << 24);
+}
+
+static gboolean site_equal(gconstpointer a, gconstpointer b)
+{
+    return memcmp(a, b, sizeof(struct site)) == 0;
+}
+
+static struct site *intern_site(struct site key)
+{
+    g_mutex_lock(&sites_lock);
+    struct site *s = g_hash_table_lookup(sites, &key);
+    if (!s) {
+        s = g_memdup2(&key, sizeof(key));
+        g_hash_table_add(sites, s);
+    }
+    g_mutex_unlock(&sites_lock);
+    return s;
+}
+
+/* Decode the instructions the plugin reports on. Returns a site kind or 0. */
+static int classify(const uint8_t *b, size_t n, uint8_t *cr, uint8_t *src)
+{
+    size_t i = 0;
+    bool lock = false;
+    uint8_t rex = 0;
+
+    while (i < n && i < 14) {
+        uint8_t p = b[i];
+        if (p == 0xf0) {
+            lock = true;
+        } else if (!(p == 0x66 || p == 0x67 || p == 0xf2 || p == 0xf3 || p == 0x2e ||
+                     p == 0x36 || p == 0x3e || p == 0x26 || p == 0x64 || p == 0x65)) {
+            break;
+        }
+        i++;
+    }
+    if (i < n && (b[i] & 0xf0) == 0x40) {
+        rex = b[i++];
+    }
+    if (i >= n) {
+        return 0;
+    }
+    if (b[i] == 0xcc || (b[i] == 0xcd && i + 1 < n && b[i + 1] == 3)) {
+        return SITE_INT3;
+    }
+    if (b[i] != 0x0f || i + 1 >= n) {
+        return 0;
+    }
+    if (b[i + 1] == 0x30) {
+        return SITE_WRMSR;
+    }
+    if (b[i + 1] == 0x01 && i + 2 < n && (b[i + 2] == 0xc1 || b[i + 2] == 0xd9)) {
+        return SITE_HYPERCALL; /* vmcall, vmmcall */
+    }
+    if (b[i + 1] == 0x22 && i + 2 < n) {
+        uint8_t modrm = b[i + 2];
+        *cr = (uint8_t)((((rex >> 2) & 1) << 3) | ((modrm >> 3) & 7) | (lock ? 8 : 0));
+        *src = (uint8_t)(((rex & 1) << 3) | (modrm & 7));
+        return (*cr == 0 || *cr == 3 || *cr == 4) ? SITE_CR_WRITE : 0;
+    }
+    return 0;
+}
+
+static uint64_t breakpoint_gpa(struct vcpu *v, uint64_t gva)
+{
+    return translate_gva(read_reg(v, R_CR0), read_reg(v, R_CR3), read_reg(v, R_CR4),
+                         read_reg(v, R_EFER), gva);
+}
+
+static void on_cr_write(struct vcpu *v, const struct site *s)
+{
+    if (!event_enabled(v, KVMI_EVENT_CR) ||
+        !(__atomic_load_n(&v->crs, __ATOMIC_RELAXED) & (1u << s->cr))) {
+        return;
+    }
+    struct kvmi_event_cr ev = { .cr = s->cr };
+    ev.old_value = read_reg(v, s->cr == 0 ? R_CR0 : s->cr == 3 ? R_CR3 : R_CR4);
+    ev.new_value = read_reg(v, gpr_by_number[s->src]);
+    if (s->cr == 3 && (read_reg(v, R_CR4) & CR4_PCIDE)) {
+        ev.new_value &= ~CR3_NOFLUSH; /* a hint, never stored in CR3 */
+    }
+    if (ev.old_value == ev.new_value) {
+        return;
+    }
+    send_event(v, KVMI_EVENT_CR, s->gva, true, &ev, sizeof(ev), cfg.reply_timeout_ms);
+}
+
+static bool msr_enabled(struct vcpu *v, uint32_t msr)
+{
+    const uint8_t *bits;
+    if (msr < 0x2000) {
+        bits = v->msrs_low;
+    } else if (msr >= 0xc0000000u && msr < 0xc0002000u) {
+        bits = v->msrs_high;
+        msr -= 0xc0000000u;
+    } else {
+        return false;
+    }
+    return __atomic_load_n(&bits[msr / 8], __ATOMIC_RELAXED) & (1u << (msr % 8));
+}
+
+static void on_wrmsr(struct vcpu *v, const struct site *s)
+{
+    uint32_t msr = (uint32_t)read_reg(v, R_RCX);
+    uint64_t value = (read_reg(v, R_RDX) << 32) | (read_reg(v, R_RAX) & 0xffffffffull);
+    uint64_t old = 0;
+    bool known = known_msr(v, msr, &old);
+
+    remember_msr(v, msr, value);
+    if (!event_enabled(v, KVMI_EVENT_MSR) || !msr_enabled(v, msr) || (known && old == value)) {
+        return;
+    }
+    struct kvmi_event_msr ev = { .msr = msr, .old_value = old, .new_value = value };
+    send_event(v, KVMI_EVENT_MSR, s->gva, true, &ev, sizeof(ev), cfg.reply_timeout_ms);
+}
+
+static void on_breakpoint_hit(struct vcpu *v, const struct site *s)
+{
+    struct kvmi_event_breakpoint ev = { .gpa = breakpoint_gpa(v, s->gva), .insn_len = s->len };
+    send_event(v, KVMI_EVENT_BREAKPOINT, s->gva, true, &ev, sizeof(ev), cfg.reply_timeout_ms);
+}
+
+static bool breakpoint_set(uint64_t gva)
+{
+    g_mutex_lock(&bp_lock);
+    bool set = g_hash_table_contains(breakpoints, &gva);
+    g_mutex_unlock(&bp_lock);
+    return set;
+}
+
+static void on_site(unsigned vcpu_index, void *userdata)
+{
+    struct vcpu *v = &vcpus[vcpu_index % MAX_VCPUS];
+    const struct site *s = userdata;
+
+    switch (s->kind) {
+    case SITE_CR_WRITE:
+        on_cr_write(v, s);
+        break;
+    case SITE_WRMSR:
+        on_wrmsr(v, s);
+        break;
+    case SITE_HYPERCALL:
+        if (event_enabled(v, KVMI_EVENT_HYPERCALL)) {
+            send_event(v, KVMI_EVENT_HYPERCALL, s->gva, true, NULL, 0, cfg.reply_timeout_ms);
+        }
+        break;
+    case SITE_INT3:
+        if (event_enabled(v, KVMI_EVENT_BREAKPOINT)) {
+            on_breakpoint_hit(v, s);
+        }
+        break;
+    case SITE_BREAKPOINT:
+        if (event_enabled(v, KVMI_EVENT_BREAKPOINT) && breakpoint_set(s->gva)) {
+            on_breakpoint_hit(v, s);
+        }
+        break;
+    }
+}
+
+static void on_reset_done(qemu_plugin_id_t id);
+
+/* Start-of-vCPU work: the CREATE_VCPU event, and the hold at boot. */
+static void start_vcpu(struct vcpu *v)
+{
+    v->started = true;
+    if (cfg.hold) {
+        gint64 deadline = deadline_after(cfg.hold_timeout_ms);
+        g_mutex_lock(&conn.write_lock);
+        while (conn.fd < 0 && !conn.exiting) {
+            if (!g_cond_wait_until(&conn.changed, &conn.write_lock, deadline)) {
+                break;
+            }
+        }
+        g_mutex_unlock(&conn.write_lock);
+        if (!connected()) {
+            logmsg("hold: no introspector within %u ms; vCPU %u starts", cfg.hold_timeout_ms,
+                   v->index);
+            return;
+        }
+        send_event(v, KVMI_EVENT_CREATE_VCPU, read_reg(v, R_RIP), true, NULL, 0,
+                   cfg.hold_timeout_ms);
+    } else if (__atomic_load_n(&conn.vm_events, __ATOMIC_RELAXED) &
+               (1u << KVMI_EVENT_CREATE_VCPU)) {
+        send_event(v, KVMI_EVENT_CREATE_VCPU, read_reg(v, R_RIP), true, NULL, 0,
+                   cfg.reply_timeout_ms);
+    }
+}
+
+/* Runs at a translation block start whenever this vCPU's attention flag is set. */
+static void on_attention(unsigned vcpu_index, void *userdata)
+{
+    struct vcpu *v = &vcpus[vcpu_index % MAX_VCPUS];
+    uint64_t tb_vaddr = (uint64_t)(uintptr_t)userdata;
+
+    clear_attention(vcpu_index);
+    if (!v->started) {
+        start_vcpu(v);
+    }
+    serve_queued_commands(v);
+    while (__atomic_load_n(&v->pending_pauses, __ATOMIC_ACQUIRE) > 0) {
+        __atomic_sub_fetch(&v->pending_pauses, 1, __ATOMIC_ACQ_REL);
+        send_event(v, KVMI_EVENT_PAUSE_VCPU, tb_vaddr, true, NULL, 0, cfg.reply_timeout_ms);
+        serve_queued_commands(v);
+    }
+
+    g_mutex_lock(&flush_lock);
+    if (flush_wanted && !reset_inflight) {
+        flush_wanted = false;
+        reset_inflight = true;
+        g_array_append_vals(replies_after_flush, replies_waiting_flush->data,
+                            replies_waiting_flush->len);
+        g_array_set_size(replies_waiting_flush, 0);
+        g_mutex_unlock(&flush_lock);
+        qemu_plugin_reset(plugin_id, on_reset_done);
+        return;
+    }
+    g_mutex_unlock(&flush_lock);
+}
+
+static qemu_plugin_u64 attention_entry(void)
+{
+    return (qemu_plugin_u64){ .score = attention_board, .offset = 0 };
+}
+
+static void on_tb_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
+{
+    size_t n = qemu_plugin_tb_n_insns(tb);
+    bool any_breakpoints = __atomic_load_n(&bp_count, __ATOMIC_RELAXED) > 0;
+
+    qemu_plugin_register_vcpu_tb_exec_cond_cb(tb, on_attention, QEMU_PLUGIN_CB_R_REGS,
+                                              QEMU_PLUGIN_COND_NE, attention_entry(), 0,
+                                              (void *)(uintptr_t)qemu_plugin_tb_vaddr(tb));
+    for (size_t i = 0; i < n; i++) {
+        struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);
+        uint8_t bytes[16];
+        size_t len = qemu_plugin_insn_data(insn, bytes, sizeof(bytes));
+        struct site key = { .gva = qemu_plugin_insn_vaddr(insn),
+                            .len = (uint8_t)qemu_plugin_insn_size(insn) };
+
+        if (any_breakpoints && breakpoint_set(key.gva)) {
+            struct site bp = key;
+            bp.kind = SITE_BREAKPOINT;
+            qemu_plugin_register_vcpu_insn_exec_cb(insn, on_site, QEMU_PLUGIN_CB_R_REGS,
+                                                   intern_site(bp));
+        }
+        key.kind = (uint8_t)classify(bytes, len, &key.cr, &key.src);
+        if (key.kind) {
+            qemu_plugin_register_vcpu_insn_exec_cb(insn, on_site, QEMU_PLUGIN_CB_R_REGS,
+                                                   intern_site(key));
+        }
+    }
+}
+
+static void on_vcpu_init(qemu_plugin_id_t id, unsigned int vcpu_index)
+{
+    if (vcpu_index >= MAX_VCPUS) {
+        logmsg("vCPU %u is beyond the %d this plugin serves; it is not introspected",
+               vcpu_index, MAX_VCPUS);
+        return;
+    }
+    g_once(&reg_handles_once, lookup_register_handles, NULL);
+    struct vcpu *v = &vcpus[vcpu_index];
+    v->regbuf = g_byte_array_sized_new(64);
+    __atomic_store_n(&v->present, true, __ATOMIC_RELEASE);
+    set_attention(vcpu_index); /* first block: CREATE_VCPU / hold */
+}
+
+static void on_qemu_exit(qemu_plugin_id_t id, void *userdata);
+
+static void register_callbacks(void)
+{
+    qemu_plugin_register_vcpu_init_cb(plugin_id, on_vcpu_init);
+    qemu_plugin_register_vcpu_tb_trans_cb(plugin_id, on_tb_translate);
+    qemu_plugin_register_atexit_cb(plugin_id, on_qemu_exit, NULL);
+}
+
+/* Called in QEMU's exclusive context after the translation cache was flushed. */
+static void on_reset_done(qemu_plugin_id_t id)
+{
+    register_callbacks();
+    g_mutex_lock(&flush_lock);
+    GArray *done = replies_after_flush;
+    replies_after_flush = g_array_new(FALSE, FALSE, sizeof(struct kvmi_msg_hdr));
+    reset_inflight = false;
+    bool again = flush_wanted;
+    g_mutex_unlock(&flush_lock);
+
+    unsigned generation = current_generation();
+    for (guint i = 0; i < done->len; i++) {
+        send_reply(generation, &g_array_index(done, struct kvmi_msg_hdr, i), 0, NULL, 0);
+    }
+    g_array_free(done, TRUE);
+    if (again) {
+        set_attention_all();
+    }
+    debug("translations flushed");
+}
+
+/* Ask for a translation flush; reply (if any) is sent once it is done. */
+static void request_flush(const struct kvmi_msg_hdr *reply_when_done)
+{
+    g_mutex_lock(&flush_lock);
+    flush_wanted = true;
+    if (reply_when_done) {
+        g_array_append_val(replies_waiting_flush, *reply_when_done);
+    }
+    g_mutex_unlock(&flush_lock);
+    set_attention_all();
+}
+
+/* ---------------------------------------------------- commands (reader) */
+
+static bool command_supported(unsigned id)
+{
+    switch (id) {
+    case KVMI_GET_VERSION:
+    case KVMI_CHECK_COMMAND:
+    case KVMI_CHECK_EVENT:
+    case KVMI_GET_GUEST_INFO:
+    case KVMI_GET_VCPU_INFO:
+    case KVMI_PAUSE_VCPU:
+    case KVMI_CONTROL_VM_EVENTS:
+    case KVMI_CONTROL_EVENTS:
+    case KVMI_CONTROL_CR:
+    case KVMI_CONTROL_MSR:
+    case KVMI_GET_REGISTERS:
+    case VMITRACE_SET_BREAKPOINT:
+    case VMITRACE_CLEAR_BREAKPOINT:
+    case VMITRACE_SET_DELIVERY:
+        return true;
+    case KVMI_READ_PHYSICAL:
+    case KVMI_WRITE_PHYSICAL:
+    case KVMI_VCPU_TRANSLATE_GVA:
+        return ram != NULL;
+    }
+    return false;
+}
+
+static bool event_supported(unsigned id)
+{
+    switch (id) {
+    case KVMI_EVENT_UNHOOK:
+    case KVMI_EVENT_CR:
+    case KVMI_EVENT_MSR:
+    case KVMI_EVENT_BREAKPOINT:
+    case KVMI_EVENT_HYPERCALL:
+    case KVMI_EVENT_CREATE_VCPU:
+    case KVMI_EVENT_PAUSE_VCPU:
+        return true;
+    }
+    return false;
+}
+
+static bool is_vm_event(unsigned id)
+{
+    return id == KVMI_EVENT_UNHOOK || id == KVMI_EVENT_CREATE_VCPU;
+}
+
+static bool all_zero(const void *p, size_t len)
+{
+    const uint8_t *b = p;
+    for (size_t i = 0; i < len; i++) {
+        if (b[i]) {
+            return false;
+        }
+    }
+    return true;
+}
+
+/* Validate the kvmi_vcpu_hdr at the start of a vCPU command; 0 or -error. */
+static int vcpu_from_payload(const uint8_t *payload, size_t size, size_t body, struct vcpu **out)
+{
+    struct kvmi_vcpu_hdr vh;
+    if (size < sizeof(vh) + body) {
+        return -KVM_EINVAL;
+    }
+    memcpy(&vh, payload, sizeof(vh));
+    if (vh.padding1 || vh.padding2 || vh.vcpu >= MAX_VCPUS ||
+        !__atomic_load_n(&vcpus[vh.vcpu].present, __ATOMIC_ACQUIRE)) {
+        return -KVM_EINVAL;
+    }
+    *out = &vcpus[vh.vcpu];
+    return 0;
+}
+
+static int queue_to_vcpu(unsigned generation, struct vcpu *v, const struct kvmi_msg_hdr *hdr,
+                         const uint8_t *payload)
+{
+    struct queued_command *qc = g_malloc(sizeof(*qc) + hdr->size);
+    qc->generation = generation;
+    qc->hdr = *hdr;
+    memcpy(qc->payload, payload, hdr->size);
+    g_mutex_lock(&v->lock);
+    if (g_queue_get_length(&v->commands) >= MAX_QUEUED_COMMANDS) {
+        g_mutex_unlock(&v->lock);
+        g_free(qc);
+        return -KVM_EBUSY;
+    }
+    g_queue_push_tail(&v->commands, qc);
+    g_cond_signal(&v->cond);
+    g_mutex_unlock(&v->lock);
+    set_attention(v->index);
+    return 0;
+}
+
+static void handle_event_reply(const struct kvmi_msg_hdr *hdr, const uint8_t *payload)
+{
+    struct kvmi_vcpu_hdr vh;
+    struct kvmi_event_reply er;
+
+    if (hdr->size < sizeof(vh) + sizeof(er)) {
+        logmsg("short event reply (seq %u, %u bytes) ignored", hdr->seq, hdr->size);
+        return;
+    }
+    memcpy(&vh, payload, sizeof(vh));
+    memcpy(&er, payload + sizeof(vh), sizeof(er));
+    if (vh.vcpu >= MAX_VCPUS) {
+        logmsg("event reply for unknown vCPU %u ignored", vh.vcpu);
+        return;
+    }
+    struct vcpu *v = &vcpus[vh.vcpu];
+    g_mutex_lock(&v->lock);
+    if (v->waiting && !v->replied && v->wait_seq == hdr->seq) {
+        v->replied = true;
+        v->reply_action = er.action;
+        g_cond_signal(&v->cond);
+    } else {
+        debug("reply to seq %u on vCPU %u not awaited (non-blocking or late): discarded",
+              hdr->seq, vh.vcpu);
+    }
+    g_mutex_unlock(&v->lock);
+}
+
+static int set_msr_bit(struct vcpu *v, uint32_t msr, bool enable)
+{
+    uint8_t *bits;
+    if (msr < 0x2000) {
+        bits = v->msrs_low;
+    } else if (msr >= 0xc0000000u && msr < 0xc0002000u) {
+        bits = v->msrs_high;
+        msr -= 0xc0000000u;
+    } else {
+        return -KVM_EINVAL;
+    }
+    if (enable) {
+        __atomic_or_fetch(&bits[msr / 8], (uint8_t)(1u << (msr % 8)), __ATOMIC_RELAXED);
+    } else {
+        __atomic_and_fetch(&bits[msr / 8], (uint8_t)~(1u << (msr % 8)), __ATOMIC_RELAXED);
+    }
+    return 0;
+}
+
+static int update_breakpoint(const struct kvmi_msg_hdr *hdr, const uint8_t *payload)
+{
+    struct vmitrace_breakpoint bp;
+    if (hdr->size != sizeof(bp)) {
+        return -KVM_EINVAL;
+    }
+    memcpy(&bp, payload, sizeof(bp));
+    bool changed;
+    g_mutex_lock(&bp_lock);
+    if (hdr->id == VMITRACE_SET_BREAKPOINT) {
+        changed = !g_hash_table_contains(breakpoints, &bp.gva);
+        if (changed) {
+            g_hash_table_add(breakpoints, g_memdup2(&bp.gva, sizeof(bp.gva)));
+        }
+    } else {
+        changed = g_hash_table_remove(breakpoints, &bp.gva);
+    }
+    __atomic_store_n(&bp_count, g_hash_table_size(breakpoints), __ATOMIC_RELAXED);
+    g_mutex_unlock(&bp_lock);
+    return changed ? 1 : 0;
+}
+
+/* Serve one command on the reader thread; vCPU-context ones are queued. */
+static void handle_command(unsigned generation, const struct kvmi_msg_hdr *hdr,
+                           const uint8_t *payload)
+{
+    size_t size = hdr->size;
+    struct vcpu *v = NULL;
+    int err = 0;
+
+    switch (hdr->id) {
+    case KVMI_GET_VERSION: {
+        struct kvmi_get_version_reply rpl = { .version = KVMI_VERSION };
+        send_reply(generation, hdr, 0, &rpl, sizeof(rpl));
+        return;
+    }
+    case KVMI_CHECK_COMMAND:
+    case KVMI_CHECK_EVENT: {
+        struct kvmi_check_id req;
+        if (size < sizeof(req)) {
+            err = -KVM_EINVAL;
+            break;
+        }
+        memcpy(&req, payload, sizeof(req));
+        if (req.padding1 || req.padding2) {
+            err = -KVM_EINVAL;
+        } else if (hdr->id == KVMI_CHECK_COMMAND) {
+            err = command_supported(req.id) ? 0 : -KVM_ENOENT;
+        } else {
+            err = event_supported(req.id) ? 0 : -KVM_ENOENT;
+        }
+        break;
+    }
+    case KVMI_GET_GUEST_INFO: {
+        struct kvmi_get_guest_info_reply rpl = { .vcpu_count = vcpu_count };
+        send_reply(generation, hdr, 0, &rpl, sizeof(rpl));
+        return;
+    }
+    case KVMI_GET_VCPU_INFO: {
+        struct kvmi_get_vcpu_info_reply rpl = { .tsc_speed = 0 }; /* unknown under TCG */
+        err = vcpu_from_payload(payload, size, 0, &v);
+        if (!err) {
+            send_reply(generation, hdr, 0, &rpl, sizeof(rpl));
+            return;
+        }
+        break;
+    }
+    case KVMI_PAUSE_VCPU: {
+        struct kvmi_pause_vcpu req;
+        err = vcpu_from_payload(payload, size, sizeof(req), &v);
+        if (err) {
+            break;
+        }
+        memcpy(&req, payload + sizeof(struct kvmi_vcpu_hdr), sizeof(req));
+        if (req.padding1 || req.padding2 || req.padding3 || req.wait > 1) {
+            err = -KVM_EINVAL;
+        } else if (__atomic_add_fetch(&v->pending_pauses, 1, __ATOMIC_ACQ_REL) >
+                   MAX_PENDING_PAUSES) {
+            __atomic_sub_fetch(&v->pending_pauses, 1, __ATOMIC_ACQ_REL);
+            err = -KVM_EBUSY;
+        } else {
+            set_attention(v->index);
+        }
+        break;
+    }
+    case KVMI_CONTROL_VM_EVENTS: {
+        struct kvmi_control_events req;
+        if (size < sizeof(req)) {
+            err = -KVM_EINVAL;
+            break;
+        }
+        memcpy(&req, payload, sizeof(req));
+        if (req.padding1 || req.padding2 || req.enable > 1 || req.event_id >= KVMI_NUM_EVENTS ||
+            !is_vm_event(req.event_id)) {
+            err = -KVM_EINVAL;
+        } else if (req.enable) {
+            __atomic_or_fetch(&conn.vm_events, 1u << req.event_id, __ATOMIC_RELAXED);
+        } else {
+            __atomic_and_fetch(&conn.vm_events, ~(1u << req.event_id), __ATOMIC_RELAXED);
+        }
+        break;
+    }
+    case KVMI_CONTROL_EVENTS: {
+        struct kvmi_control_events req;
+        err = vcpu_from_payload(payload, size, sizeof(req), &v);
+        if (err) {
+            break;
+        }
+        memcpy(&req, payload + sizeof(struct kvmi_vcpu_hdr), sizeof(req));
+        if (req.padding1 || req.padding2 || req.enable > 1 || req.event_id >= KVMI_NUM_EVENTS ||
+            is_vm_event(req.event_id)) {
+            err = -KVM_EINVAL;
+        } else if (!event_supported(req.event_id)) {
+            err = -KVM_EOPNOTSUPP;
+        } else if (req.event_id == KVMI_EVENT_PAUSE_VCPU) {
+            err = 0; /* always on: a result of PAUSE_VCPU */
+        } else if (req.enable) {
+            __atomic_or_fetch(&v->events, 1u << req.event_id, __ATOMIC_RELAXED);
+        } else {
+            __atomic_and_fetch(&v->events, ~(1u << req.event_id), __ATOMIC_RELAXED);
+        }
+        break;
+    }
+    case KVMI_CONTROL_CR: {
+        struct kvmi_control_cr req;
+        err = vcpu_from_payload(payload, size, sizeof(req), &v);
+        if (err) {
+            break;
+        }
+        memcpy(&req, payload + sizeof(struct kvmi_vcpu_hdr), sizeof(req));
+        if (req.padding1 || req.padding2 || req.enable > 1 ||
+            !(req.cr == 0 || req.cr == 3 || req.cr == 4)) {
+            err = -KVM_EINVAL;
+        } else if (req.enable) {
+            __atomic_or_fetch(&v->crs, 1u << req.cr, __ATOMIC_RELAXED);
+        } else {
+            __atomic_and_fetch(&v->crs, ~(1u << req.cr), __ATOMIC_RELAXED);
+        }
+        break;
+    }
+    case KVMI_CONTROL_MSR: {
+        struct kvmi_control_msr req;
+        err = vcpu_from_payload(payload, size, sizeof(req), &v);
+        if (err) {
+            break;
+        }
+        memcpy(&req, payload + sizeof(struct kvmi_vcpu_hdr), sizeof(req));
+        if (req.padding1 || req.padding2 || req.enable > 1) {
+            err = -KVM_EINVAL;
+        } else {
+            err = set_msr_bit(v, req.msr, req.enable);
+        }
+        break;
+    }
+    case KVMI_GET_REGISTERS: {
+        struct kvmi_get_registers req;
+        err = vcpu_from_payload(payload, size, sizeof(req), &v);
+        if (err) {
+            break;
+        }
+        memcpy(&req, payload + sizeof(struct kvmi_vcpu_hdr), sizeof(req));
+        size_t expected = sizeof(struct kvmi_vcpu_hdr) + sizeof(req) + (size_t)req.nmsrs * 4;
+        size_t reply = 8 + sizeof(struct kvmi_get_registers_reply) +
+                       (size_t)req.nmsrs * sizeof(struct kvm_msr_entry);
+        if (req.padding1 || req.padding2 || size < expected) {
+            err = -KVM_EINVAL;
+        } else if (reply > KVMI_MSG_SIZE) {
+            err = -KVM_E2BIG;
+        } else if ((err = queue_to_vcpu(generation, v, hdr, payload)) == 0) {
+            return; /* answered on the vCPU */
+        }
+        break;
+    }
+    case KVMI_VCPU_TRANSLATE_GVA: {
+        if (!ram) {
+            err = -KVM_EOPNOTSUPP;
+            break;
+        }
+        err = vcpu_from_payload(payload, size, sizeof(struct kvmi_translate_gva), &v);
+        if (!err && (err = queue_to_vcpu(generation, v, hdr, payload)) == 0) {
+            return;
+        }
+        break;
+    }
+    case KVMI_READ_PHYSICAL: {
+        struct kvmi_read_physical req;
+        if (!ram) {
+            err = -KVM_EOPNOTSUPP;
+            break;
+        }
+        if (size < sizeof(req)) {
+            err = -KVM_EINVAL;
+            break;
+        }
+        memcpy(&req, payload, sizeof(req));
+        if (req.size == 0 || req.size > KVMI_MSG_SIZE - sizeof(struct kvmi_error_code)) {
+            err = -KVM_EINVAL;
+        } else if (req.gpa >= ram_size || req.size > ram_size - req.gpa) {
+            err = -KVM_ENOENT;
+        } else {
+            send_reply(generation, hdr, 0, ram + req.gpa, req.size);
+            return;
+        }
+        break;
+    }
+    case KVMI_WRITE_PHYSICAL: {
+        struct kvmi_write_physical req;
+        if (!ram) {
+            err = -KVM_EOPNOTSUPP;
+            break;
+        }
+        if (size < sizeof(req)) {
+            err = -KVM_EINVAL;
+            break;
+        }
+        memcpy(&req, payload, sizeof(req));
+        if (req.size == 0 || req.size != size - sizeof(req)) {
+            err = -KVM_EINVAL;
+        } else if (req.gpa >= ram_size || req.size > ram_size - req.gpa) {
+            err = -KVM_ENOENT;
+        } else {
+            memcpy(ram + req.gpa, payload + sizeof(req), req.size);
+            /* TCG does not see this write: drop translations of possibly changed code. */
+            request_flush(NULL);
+        }
+        break;
+    }
+    case VMITRACE_SET_BREAKPOINT:
+    case VMITRACE_CLEAR_BREAKPOINT: {
+        int changed = update_breakpoint(hdr, payload);
+        if (changed < 0) {
+            err = changed;
+        } else if (changed) {
+            request_flush(hdr); /* replied once the new instrumentation is in place */
+            return;
+        }
+        break;
+    }
+    case VMITRACE_SET_DELIVERY: {
+        struct vmitrace_delivery req;
+        if (size != sizeof(req)) {
+            err = -KVM_EINVAL;
+            break;
+        }
+        memcpy(&req, payload, sizeof(req));
+        if (req.blocking > 1 || !all_zero(req.padding, sizeof(req.padding))) {
+            err = -KVM_EINVAL;
+        } else {
+            __atomic_store_n(&conn.blocking, req.blocking == 1, __ATOMIC_RELEASE);
+        }
+        break;
+    }
+    default:
+        err = -KVM_EOPNOTSUPP;
+        break;
+    }
+    send_reply(generation, hdr, err, NULL, 0);
+}
+
+/* ----------------------------------------------------- connection thread */
+
+static int connect_socket(void)
+{
+    struct sockaddr_un addr = { .sun_family = AF_UNIX };
+    if (strlen(cfg.socket_path) >= sizeof(addr.sun_path)) {
+        return -1;
+    }
+    strcpy(addr.sun_path, cfg.socket_path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        return -1;
+    }
+    if (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static bool handshake(int fd)
+{
+    struct kvmi_qemu2introspector q2i = { .struct_size = sizeof(q2i), .start_time = start_time };
+    uint32_t struct_size;
+    uint8_t hash[20] = { 0 };
+
+    memcpy(q2i.uuid, cfg.uuid, sizeof(q2i.uuid));
+    memcpy(q2i.name, cfg.name, sizeof(q2i.name));
+    if (!write_all(fd, &q2i, sizeof(q2i)) || !read_all(fd, &struct_size, sizeof(struct_size))) {
+        logmsg("handshake failed: %s", strerror(errno));
+        return false;
+    }
+    if (struct_size < sizeof(struct_size) || struct_size > MAX_HANDSHAKE_BYTES) {
+        logmsg("handshake: introspector2qemu struct_size %u is invalid", struct_size);
+        return false;
+    }
+    size_t rest = struct_size - sizeof(struct_size);
+    uint8_t *tail = g_malloc(rest + 1);
+    bool ok = read_all(fd, tail, rest);
+    memcpy(hash, tail, MIN(rest, sizeof(hash)));
+    g_free(tail);
+    if (!ok) {
+        logmsg("handshake: short introspector2qemu");
+        return false;
+    }
+    if (cfg.cookie) {
+        guint8 want[20];
+        gsize want_len = sizeof(want);
+        GChecksum *sha1 = g_checksum_new(G_CHECKSUM_SHA1);
+        g_checksum_update(sha1, (const guchar *)cfg.cookie, strlen(cfg.cookie));
+        g_checksum_get_digest(sha1, want, &want_len);
+        g_checksum_free(sha1);
+        if (rest < sizeof(hash) || memcmp(want, hash, sizeof(want)) != 0) {
+            logmsg("handshake: the introspector's cookie hash does not match; refusing it");
+            return false;
+        }
+    }
+    return true;
+}
+
+/* Forget everything the previous introspector asked for. */
+static void reset_session_state(void)
+{
+    for (unsigned i = 0; i < MAX_VCPUS; i++) {
+        struct vcpu *v = &vcpus[i];
+        __atomic_store_n(&v->events, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&v->crs, 0, __ATOMIC_RELAXED);
+        memset(v->msrs_low, 0, sizeof(v->msrs_low));
+        memset(v->msrs_high, 0, sizeof(v->msrs_high));
+        __atomic_store_n(&v->pending_pauses, 0, __ATOMIC_RELAXED);
+        g_mutex_lock(&v->lock);
+        g_queue_clear_full(&v->commands, g_free);
+        g_cond_broadcast(&v->cond);
+        g_mutex_unlock(&v->lock);
+    }
+    __atomic_store_n(&conn.vm_events, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&conn.blocking, true, __ATOMIC_RELEASE);
+    g_mutex_lock(&flush_lock);
+    g_array_set_size(replies_waiting_flush, 0);
+    g_mutex_unlock(&flush_lock);
+    g_mutex_lock(&bp_lock);
+    bool had_breakpoints = g_hash_table_size(breakpoints) > 0;
+    g_hash_table_remove_all(breakpoints);
+    __atomic_store_n(&bp_count, 0, __ATOMIC_RELAXED);
+    g_mutex_unlock(&bp_lock);
+    if (had_breakpoints) {
+        request_flush(NULL);
+    }
+}
+
+static void set_connection(int fd)
+{
+    g_mutex_lock(&conn.write_lock);
+    int old = conn.fd;
+    __atomic_store_n(&conn.fd, fd, __ATOMIC_RELEASE);
+    conn.generation++;
+    g_cond_broadcast(&conn.changed);
+    g_mutex_unlock(&conn.write_lock);
+    if (old >= 0) {
+        close(old);
+    }
+}
+
+static void serve_connection(int fd, unsigned generation)
+{
+    uint8_t *payload = g_malloc(KVMI_MSG_SIZE);
+    struct kvmi_msg_hdr hdr;
+
+    while (read_all(fd, &hdr, sizeof(hdr))) {
+        if (hdr.size > KVMI_MSG_SIZE) {
+            logmsg("message id %u claims %u bytes (max %d): dropping the connection", hdr.id,
+                   hdr.size, KVMI_MSG_SIZE);
+            break;
+        }
+        if (!read_all(fd, payload, hdr.size)) {
+            logmsg("short message (id %u): dropping the connection", hdr.id);
+            break;
+        }
+        if (hdr.id == KVMI_EVENT_REPLY) {
+            handle_event_reply(&hdr, payload);
+        } else {
+            handle_command(generation, &hdr, payload);
+        }
+    }
+    g_free(payload);
+}
+
+static gpointer connection_thread(gpointer unused)
+{
+    gint64 give_up = deadline_after(cfg.connect_timeout_ms);
+    bool ever_connected = false;
+
+    for (;;) {
+        if (__atomic_load_n(&conn.exiting, __ATOMIC_ACQUIRE)) {
+            break;
+        }
+        int fd = connect_socket();
+        if (fd < 0) {
+            if (!cfg.reconnect && (ever_connected || g_get_monotonic_time() > give_up)) {
+                logmsg("cannot connect to %s: %s; the guest runs without introspection",
+                       cfg.socket_path, strerror(errno));
+                break;
+            }
+            g_usleep(ever_connected ? 1000000 : 100000);
+            continue;
+        }
+        if (!handshake(fd)) {
+            close(fd);
+            if (!cfg.reconnect) {
+                break;
+            }
+            g_usleep(1000000);
+            continue;
+        }
+        ever_connected = true;
+        set_connection(fd);
+        logmsg("connected to introspector at %s", cfg.socket_path);
+        serve_connection(fd, current_generation());
+        if (!__atomic_load_n(&conn.exiting, __ATOMIC_ACQUIRE)) {
+            logmsg("introspector disconnected; the guest runs on%s",
+                   cfg.reconnect ? " (reconnecting)" : "");
+        }
+        set_connection(-1);
+        reset_session_state();
+        if (!cfg.reconnect) {
+            break;
+        }
+    }
+    /* Wake anything waiting for a connection that will never come. */
+    g_mutex_lock(&conn.write_lock);
+    g_cond_broadcast(&conn.changed);
+    g_mutex_unlock(&conn.write_lock);
+    return NULL;
+}
+
+/* VM shutdown: UNHOOK (if enabled), give the introspector a moment, close. */
+static void on_qemu_exit(qemu_plugin_id_t id, void *userdata)
+{
+    __atomic_store_n(&conn.exiting, true, __ATOMIC_RELEASE);
+    if (connected() && (__atomic_load_n(&conn.vm_events, __ATOMIC_RELAXED) &
+                        (1u << KVMI_EVENT_UNHOOK))) {
+        struct kvmi_event ev = { .size = sizeof(ev), .event = KVMI_EVENT_UNHOOK };
+        uint32_t seq = __atomic_add_fetch(&event_seq, 1, __ATOMIC_RELAXED);
+        if (send_message(0, KVMI_EVENT, seq, &ev, sizeof(ev), NULL, 0, NULL, 0)) {
+            gint64 deadline = deadline_after(MIN(cfg.reply_timeout_ms, UNHOOK_WAIT_MS));
+            g_mutex_lock(&conn.write_lock);
+            while (conn.fd >= 0 &&
+                   g_cond_wait_until(&conn.changed, &conn.write_lock, deadline)) {
+            }
+            g_mutex_unlock(&conn.write_lock);
+        }
+    }
+    g_mutex_lock(&conn.write_lock);
+    if (conn.fd >= 0) {
+        shutdown(conn.fd, SHUT_RDWR);
+    }
+    g_mutex_unlock(&conn.write_lock);
+}
+
+/* ------------------------------------------------------------------ install */
+
+static bool parse_uuid(const char *text, uint8_t out[16])
+{
+    unsigned n = 0;
+    for (const char *p = text; *p; p++) {
+        if (*p == '-') {
+            continue;
+        }
+        int hi = g_ascii_xdigit_value(p[0]);
+        int lo = p[1] ? g_ascii_xdigit_value(p[1]) : -1;
+        if (hi < 0 || lo < 0 || n >= 16) {
+            return false;
+        }
+        out[n++] = (uint8_t)(hi << 4 | lo);
+        p++;
+    }
+    return n == 16;
+}
+
+static bool parse_uint(const char *text, unsigned *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long v = strtoul(text, &end, 10);
+    if (errno || end == text || *end || v > 24ul * 3600 * 1000) {
+        return false;
+    }
+    *out = (unsigned)v;
+    return true;
+}
+
+static bool parse_args(int argc, char **argv)
+{
+    for (int i = 0; i < argc; i++) {
+        char *eq = strchr(argv[i], '=');
+        if (!eq) {
+            logmsg("argument '%s' is not key=value", argv[i]);
+            return false;
+        }
+        *eq = '\0';
+        const char *key = argv[i], *val = eq + 1;
+        bool ok = true;
+        if (!strcmp(key, "socket")) {
+            cfg.socket_path = val;
+        } else if (!strcmp(key, "ram")) {
+            cfg.ram_path = val;
+        } else if (!strcmp(key, "name")) {
+            g_strlcpy(cfg.name, val, sizeof(cfg.name));
+        } else if (!strcmp(key, "uuid")) {
+            ok = parse_uuid(val, cfg.uuid);
+        } else if (!strcmp(key, "reconnect")) {
+            ok = qemu_plugin_bool_parse(key, val, &cfg.reconnect);
+        } else if (!strcmp(key, "hold")) {
+            ok = qemu_plugin_bool_parse(key, val, &cfg.hold);
+        } else if (!strcmp(key, "verbose")) {
+            ok = qemu_plugin_bool_parse(key, val, &verbose);
+        } else if (!strcmp(key, "reply_timeout_ms")) {
+            ok = parse_uint(val, &cfg.reply_timeout_ms) && cfg.reply_timeout_ms > 0;
+        } else if (!strcmp(key, "connect_timeout_ms")) {
+            ok = parse_uint(val, &cfg.connect_timeout_ms);
+        } else if (!strcmp(key, "hold_timeout_ms")) {
+            ok = parse_uint(val, &cfg.hold_timeout_ms);
+        } else if (!strcmp(key, "cookie")) {
+            cfg.cookie = val;
+        } else {
+            logmsg("unknown option '%s'", key);
+            return false;
+        }
+        if (!ok) {
+            logmsg("bad value for option %s: '%s'", key, val);
+            return false;
+        }
+    }
+    if (!cfg.socket_path) {
+        logmsg("the socket=PATH option is required");
+        return false;
+    }
+    return true;
+}
+
+static bool map_ram(void)
+{
+    int fd = open(cfg.ram_path, O_RDWR | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) < 0 || st.st_size <= 0) {
+        logmsg("cannot open guest RAM file %s: %s", cfg.ram_path, strerror(errno));
+        if (fd >= 0) {
+            close(fd);
+        }
+        return false;
+    }
+    void *p = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (p == MAP_FAILED) {
+        logmsg("cannot map guest RAM file %s: %s", cfg.ram_path, strerror(errno));
+        return false;
+    }
+    ram = p;
+    ram_size = (uint64_t)st.st_size;
+    return true;
+}
+
+VMITRACE_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int argc,
+                                        char **argv)
+{
+    if (!info->system_emulation || strcmp(info->target_name, "x86_64") != 0) {
+        logmsg("only x86_64 system emulation is supported (got %s)", info->target_name);
+        return -1;
+    }
+    if (!parse_args(argc, argv)) {
+        return -1;
+    }
+    if (cfg.ram_path && !map_ram()) {
+        return -1;
+    }
+    plugin_id = id;
+    vcpu_count = (unsigned)info->system.smp_vcpus;
+    start_time = (int64_t)time(NULL);
+    for (unsigned i = 0; i < MAX_VCPUS; i++) {
+        vcpus[i].index = i;
+        g_mutex_init(&vcpus[i].lock);
+        g_cond_init(&vcpus[i].cond);
+        g_queue_init(&vcpus[i].commands);
+    }
+    breakpoints = g_hash_table_new_full(g_int64_hash, g_int64_equal, g_free, NULL);
+    sites = g_hash_table_new_full(site_hash, site_equal, g_free, NULL);
+    replies_waiting_flush = g_array_new(FALSE, FALSE, sizeof(struct kvmi_msg_hdr));
+    replies_after_flush = g_array_new(FALSE, FALSE, sizeof(struct kvmi_msg_hdr));
+    attention_board = qemu_plugin_scoreboard_new(sizeof(uint64_t));
+    register_callbacks();
+    g_thread_unref(g_thread_new("vmitrace-kvmi", connection_thread, NULL));
+    return 0;
+}
