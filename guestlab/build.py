@@ -12,6 +12,7 @@ this module change.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import json
@@ -72,11 +73,17 @@ def _apt_target(release: str | None) -> list[str]:
     return ["-t", release] if release else []
 
 
+@functools.lru_cache(maxsize=None)
+def _apt_cache(*args: str) -> str:
+    # apt-cache takes ~0.6 s a call: ask once per process, several packages per call.
+    return _run(["apt-cache", *args])
+
+
 def resolve_kernel_package(kernel: str) -> str:
     """The versioned kernel package `linux-image-amd64` depends on for this lab series."""
     if kernel not in KERNELS:
         raise BuildError(f"unknown lab kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
-    out = _run(["apt-cache", *_apt_target(KERNELS[kernel]), "depends", "linux-image-amd64"])
+    out = _apt_cache(*_apt_target(KERNELS[kernel]), "depends", "linux-image-amd64")
     names = re.findall(r"Depends:\s*(linux-image-\S+)", out)
     if not names:
         raise BuildError(f"apt-cache found no kernel behind linux-image-amd64 for {kernel}: {out!r}")
@@ -85,33 +92,42 @@ def resolve_kernel_package(kernel: str) -> str:
     return names[0]
 
 
-def _candidate(package: str, target: str | None) -> tuple[str, str]:
-    """(version, architecture) apt would download for the package."""
-    out = _run(["apt-cache", *_apt_target(target), "show", "--no-all-versions", package])
-    version = re.search(r"^Version:\s*(\S+)", out, re.M)
-    arch = re.search(r"^Architecture:\s*(\S+)", out, re.M)
-    if not version or not arch:
-        raise BuildError(f"apt-cache has no candidate for {package}")
-    return version.group(1), arch.group(1)
+def _candidates(packages: list[str], target: str | None) -> dict[str, tuple[str, str]]:
+    """package -> (version, architecture) apt would download."""
+    out = _apt_cache(*_apt_target(target), "show", "--no-all-versions", *packages)
+    found = {}
+    for stanza in out.split("\n\n"):
+        name = re.search(r"^Package:\s*(\S+)", stanza, re.M)
+        version = re.search(r"^Version:\s*(\S+)", stanza, re.M)
+        arch = re.search(r"^Architecture:\s*(\S+)", stanza, re.M)
+        if name and version and arch:
+            found[name.group(1)] = (version.group(1), arch.group(1))
+    missing = set(packages) - set(found)
+    if missing:
+        raise BuildError(f"apt-cache has no candidate for {', '.join(sorted(missing))}")
+    return found
 
 
-def fetch_deb(package: str, target: str | None = None, progress: Progress | None = None) -> Path:
-    """Download the candidate .deb of a package into the cache (once per version)."""
-    version, arch = _candidate(package, target)
+def fetch_debs(packages: list[str], target: str | None = None,
+               progress: Progress | None = None) -> dict[str, Path]:
+    """Download the candidate .deb of each package into the cache (once per version)."""
     debs = cache_dir() / "debs"
     debs.mkdir(parents=True, exist_ok=True)
-    path = debs / f"{package}_{version.replace(':', '%3a')}_{arch}.deb"
-    if path.exists():
-        return path
-    if progress:
-        progress(f"downloading {package} {version}")
-    with tempfile.TemporaryDirectory(dir=debs) as tmp:
-        _run(["apt-get", "download", *_apt_target(target), f"{package}={version}"], cwd=tmp)
-        got = list(Path(tmp).glob("*.deb"))
-        if len(got) != 1:
-            raise BuildError(f"apt-get download {package} produced {got}")
-        got[0].rename(path)
-    return path
+    paths = {}
+    for package, (version, arch) in _candidates(packages, target).items():
+        path = debs / f"{package}_{version.replace(':', '%3a')}_{arch}.deb"
+        paths[package] = path
+        if path.exists():
+            continue
+        if progress:
+            progress(f"downloading {package} {version}")
+        with tempfile.TemporaryDirectory(dir=debs) as tmp:
+            _run(["apt-get", "download", *_apt_target(target), f"{package}={version}"], cwd=tmp)
+            got = list(Path(tmp).glob("*.deb"))
+            if len(got) != 1:
+                raise BuildError(f"apt-get download {package} produced {got}")
+            got[0].rename(path)
+    return paths
 
 
 def extract_deb(deb: Path, members: tuple[str, ...] = (), progress: Progress | None = None) -> Path:
@@ -139,7 +155,7 @@ def extract_deb(deb: Path, members: tuple[str, ...] = (), progress: Progress | N
 
 
 def _depends(package: str) -> list[str]:
-    out = _run(["apt-cache", "depends", package])
+    out = _apt_cache("depends", package)
     return re.findall(r"^\s*Depends:\s*([^\s<>]+)", out, re.M)
 
 
@@ -227,20 +243,41 @@ def _source_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-def ensure(kernel: str = "6.1", progress: Progress | None = None) -> LabBuild:
-    """Fetch and build (or reuse from the cache) the lab artifacts of one kernel series."""
+def _resolve_debs(kernel: str, say: Progress) -> tuple[Path, list[Path]]:
+    """(kernel .deb, [busybox-static, strace, strace's libraries] .debs), fetched if needed."""
+    kernel_deb = fetch_debs([resolve_kernel_package(kernel)], KERNELS[kernel], say)
+    user = ["busybox-static", "strace", *(d for d in _depends("strace") if d != "libc6")]
+    user_debs = fetch_debs(user, None, say)
+    return next(iter(kernel_deb.values())), [user_debs[name] for name in user]
+
+
+def ensure(kernel: str = "6.1", progress: Progress | None = None, refresh: bool = True) -> LabBuild:
+    """Fetch and build (or reuse from the cache) the lab artifacts of one kernel series.
+
+    ``refresh=False`` reuses the packages of the last build of this series without asking
+    apt (fast: what Guest does); the initramfs is still rebuilt when the lab sources changed.
+    """
     say = progress or (lambda msg: log.info("%s", msg))
-    package = resolve_kernel_package(kernel)
-    kernel_deb = fetch_deb(package, KERNELS[kernel], say)
+    if kernel not in KERNELS:
+        raise BuildError(f"unknown lab kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    manifest = cache_dir() / "lab" / f"series-{kernel}.json"
+    debs = cache_dir() / "debs"
+    known = json.loads(manifest.read_text()) if manifest.exists() else None
+    if (not refresh and known
+            and all((debs / name).exists() for name in [known["kernel_deb"], *known["user_debs"]])):
+        kernel_deb = debs / known["kernel_deb"]
+        user_debs = [debs / name for name in known["user_debs"]]
+    else:
+        kernel_deb, user_debs = _resolve_debs(kernel, say)
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(json.dumps({"kernel_deb": kernel_deb.name,
+                                        "user_debs": [d.name for d in user_debs]}))
+
     boot = extract_deb(kernel_deb, ("./boot/*",), say) / "boot"
     vmlinuzes = sorted(boot.glob("vmlinuz-*"))
     if len(vmlinuzes) != 1:
         raise BuildError(f"{kernel_deb.name} holds {len(vmlinuzes)} vmlinuz files, expected 1")
     release = vmlinuzes[0].name.removeprefix("vmlinuz-")
-
-    busybox_deb = fetch_deb("busybox-static", None, say)
-    strace_debs = [fetch_deb("strace", None, say)]
-    strace_debs += [fetch_deb(dep, None, say) for dep in _depends("strace") if dep != "libc6"]
 
     lab = cache_dir() / "lab" / release
     lab.mkdir(parents=True, exist_ok=True)
@@ -250,14 +287,13 @@ def ensure(kernel: str = "6.1", progress: Progress | None = None) -> LabBuild:
         if not dst.exists() or dst.stat().st_size != src.stat().st_size:
             shutil.copyfile(src, dst)
 
-    key = _inputs_key({"debs": sorted(p.name for p in [busybox_deb, *strace_debs]),
-                       "sources": _source_digest()})
+    key = _inputs_key({"debs": [d.name for d in user_debs], "sources": _source_digest()})
     initramfs = lab / "initramfs.cpio.gz"
     stamp = lab / "inputs.json"
     current = json.loads(stamp.read_text()).get("key") if stamp.exists() else None
     if current != key or not initramfs.exists():
         say(f"building initramfs for {release}")
-        _build_initramfs(initramfs, busybox_deb, strace_debs, say)
+        _build_initramfs(initramfs, user_debs[0], user_debs[1:], say)
         stamp.write_text(json.dumps({"key": key, "release": release, "package": kernel_deb.name}))
     return LabBuild(kernel=kernel, release=release, package=kernel_deb.name,
                     vmlinuz=lab / "vmlinuz", config=lab / "config",

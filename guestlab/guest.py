@@ -219,7 +219,7 @@ class Guest:
             raise GuestError(f"{QEMU} not found (run ./setup.sh)")
         if self.plugin_options is not None and not self.plugin_path.exists():
             raise GuestError(f"plugin {self.plugin_path} not built (make -C qemu-kvmi-plugin)")
-        self.build = build.ensure(self.kernel)
+        self.build = build.ensure(self.kernel, refresh=False)
         _sweep_stale_ram_files()
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"vmitrace-{self.name}-"))
         argv = self.qemu_argv()

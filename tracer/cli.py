@@ -12,3 +12,7 @@ def main(verbose: int) -> None:
     """vmitrace: agentless tracing of virtual machines over KVMI."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+from guestlab.cli import lab  # noqa: E402  (the guest lab registers its group)
+main.add_command(lab)
