@@ -16,3 +16,6 @@ def main(verbose: int) -> None:
 
 from guestlab.cli import lab  # noqa: E402  (the guest lab registers its group)
 main.add_command(lab)
+from tracer.kvmi.cli import kvmi  # noqa: E402
+main.add_command(kvmi)
+from profiles.cli import profile as _profile; main.add_command(_profile)  # noqa: E402,E702

@@ -244,9 +244,9 @@ class IntrospectorProtocol:
         expected = self._pending.get(seq)
         if expected is None:
             expected = self._abandoned.get(seq)
+        if msg_id not in abi.COMMAND_NAMES and expected != msg_id:
+            raise UnknownMessage(f"unknown message id {msg_id:#x} (seq {seq})")
         if expected is None:
-            if msg_id not in abi.COMMAND_NAMES:
-                raise UnknownMessage(f"unknown message id {msg_id:#x} (seq {seq})")
             raise SequenceError(f"reply {abi.COMMAND_NAMES[msg_id]} with seq {seq} matches "
                                 "no pending command")
         if expected != msg_id:
