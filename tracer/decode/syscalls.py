@@ -135,6 +135,7 @@ _RETURNS_ADDR = frozenset({"mmap", "mremap", "brk", "shmat"})
 # Kinds read at exit (OUT parameters).
 _OUT_KINDS = frozenset({"buf_out", "stat_out", "pipefd_out", "sockaddr_out", "str_out",
                         "wait_status_out"})
+_O_CREAT_OR_TMPFILE = 0o100 | 0o20000000
 _NO_RETRY = frozenset({"execve", "execveat", "exit", "exit_group"})
 
 _STAT = struct.Struct("<QQQIII4xQqqq")  # dev ino nlink mode uid gid rdev size blksize blocks
@@ -274,7 +275,8 @@ class SyscallDecoder:
             return _arg(arg_name, c_type, text)
         if kind == "mode":
             mode = value & 0xFFFF_FFFF
-            t["mode"] = mode
+            if call.name not in ("open", "openat") or raw[pos - 1] & _O_CREAT_OR_TMPFILE:
+                t["mode"] = mode  # open's mode means something only when creating
             return _arg(arg_name, c_type, c.file_mode(mode))
         if kind == "prot":
             text = c.render_flags(value & 0xFFFF_FFFF, c.PROT_FLAGS, zero="PROT_NONE")
@@ -502,6 +504,26 @@ class SyscallDecoder:
             self.counters.unreadable += 1
             return _arg(arg_name, c_type, _pointer(gva), error=f"unreadable at {exc.address:#x}")
         raise AssertionError(f"unknown OUT kind {kind}")
+
+    def replace_strings(self, call: DecodedCall, kind: str, strings: list[str],
+                        truncated: bool) -> None:
+        """Replace an execve argv/envp argument that was unreadable at entry by the strings
+        read from the new image.
+
+        After a successful execve the kernel has copied argv and envp onto the new stack
+        (mm->arg_start..arg_end, env_start..env_end): exact values even when the caller's
+        pages were not present at entry.
+        """
+        spec = _SPECS.get(call.name, ())
+        if kind not in spec:
+            return
+        pos = spec.index(kind)
+        old = call.args[pos]
+        if old["error"] is None:
+            return  # read completely at entry: keep it
+        call.args[pos] = _arg(old["name"], old["type"], json.dumps(strings), truncated=truncated)
+        if kind == "argv":
+            call.argv = strings
 
     def render_ret(self, call: DecodedCall) -> str:
         if call.ret is None:

@@ -1,0 +1,413 @@
+"""The collector: owns the KVMI sessions (one per VM), enables events, dispatches them to the
+monitors and hands their records to the sinks.
+
+Threads: one event loop per VM session (the only thread touching that VM's monitors, so
+record order and `seq` are deterministic for a given event stream) and one sink thread that
+drains a bounded queue into every sink. Monitors never block on sinks: a full queue drops the
+record and counts it (`dropped_records`), and every loss counter is emitted periodically as a
+record of its own (kind "loss") and once more when tracing stops.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from sinks.schema import KIND_HV_EVENT, RecordFactory
+from tracer.decode import Limits, SyscallDecoder, syscall_table
+from tracer.kvmi import abi
+from tracer.kvmi import errors as kerr
+from tracer.kvmi.events import (EVENT_CLASSES, BreakpointEvent, CrEvent, HypercallEvent, MsrEvent,
+                                UnhookEvent)
+from tracer.memory import GuestMemory, PhysicalSource, RamFile, SessionSource, UnreadableMemory
+from tracer.monitors.base import MSR_LSTAR, FastRegs, Filters, VmContext
+from tracer.monitors.hypercall import HypercallMonitor
+from tracer.monitors.integrity import IntegrityMonitor
+from tracer.monitors.kernel import KernelLayout, LayoutError, TaskReader, kernel_cr3_candidates
+from tracer.monitors.process import ProcessMonitor
+from tracer.monitors.syscalls import SetupError, SyscallMonitor
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class TraceOptions:
+    filters: Filters = field(default_factory=Filters)
+    limits: Limits = field(default_factory=Limits)
+    queue_size: int = 65536
+    batch_size: int = 4096
+    loss_interval_s: float = 10.0
+    syscalls: bool = True
+    processes: bool = True
+    integrity: bool = True
+    hypercalls: bool = True
+    hv_events: bool = False       # also emit raw CR/MSR events as records
+    observer_host: str | None = field(default_factory=socket.gethostname)
+
+
+class MemorySink:
+    """A sink keeping records in a list: for the Python API (notebooks, tests)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        self.records.extend(records)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> dict[str, Any]:
+        return {"written": len(self.records), "dropped": 0}
+
+
+class RecordPump:
+    """Bounded queue from the monitors to the sinks, drained by one thread."""
+
+    def __init__(self, sinks: Iterable[Any], queue_size: int = 65536, batch_size: int = 4096,
+                 flush_interval_s: float = 0.25) -> None:
+        self.sinks = list(sinks)
+        self.queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=queue_size)
+        self.batch_size = batch_size
+        self.flush_interval_s = flush_interval_s
+        self.written = 0
+        self.sink_errors = 0
+        self._thread = threading.Thread(target=self._run, name="vmitrace-sinks", daemon=True)
+        self._thread.start()
+
+    def offer(self, record: dict[str, Any]) -> bool:
+        """Queue a record without blocking; False when the queue is full (caller counts it)."""
+        try:
+            self.queue.put_nowait(record)
+            return True
+        except queue.Full:
+            return False
+
+    def _run(self) -> None:
+        batch: list[dict[str, Any]] = []
+        last = time.monotonic()
+        done = False
+        while not done:
+            try:
+                item = self.queue.get(timeout=self.flush_interval_s)
+                if item is None:
+                    done = True
+                else:
+                    batch.append(item)
+            except queue.Empty:
+                pass
+            now = time.monotonic()
+            if batch and (done or len(batch) >= self.batch_size or
+                          now - last >= self.flush_interval_s):
+                self._write(batch)
+                batch = []
+                last = now
+
+    def _write(self, batch: list[dict[str, Any]]) -> None:
+        for sink in self.sinks:
+            try:
+                sink.write(batch)
+            except Exception:  # noqa: BLE001 - one failing sink must not stop the others
+                self.sink_errors += 1
+                log.exception("sink %r failed to write %d records", sink, len(batch))
+        self.written += len(batch)
+
+    def close(self) -> list[Any]:
+        """Drain, flush and close every sink; returns their stats."""
+        self.queue.put(None)
+        self._thread.join()
+        stats = []
+        for sink in self.sinks:
+            try:
+                sink.flush()
+                stats.append(sink.close())
+            except Exception as exc:  # noqa: BLE001
+                self.sink_errors += 1
+                log.exception("sink %r failed to close", sink)
+                stats.append({"error": str(exc)})
+        return stats
+
+
+ProfileSource = Callable[[Any], Any]  # session -> LinuxProfile
+
+
+class VmTracer:
+    """Traces one VM: its session, memory, kernel layout and monitors."""
+
+    def __init__(self, session: Any, profile: Any, pump: RecordPump, options: TraceOptions,
+                 memory_source: PhysicalSource | None = None,
+                 clock: Callable[[], int] = time.time_ns) -> None:
+        self.session = session
+        self.profile = profile
+        self.pump = pump
+        self.options = options
+        vm_id = str(getattr(session, "uuid", "vm"))
+        factory = RecordFactory(vm_id=vm_id, vm_name=getattr(session, "name", None) or None,
+                                observer_host=options.observer_host,
+                                session_start_ns=int(getattr(session, "start_time", 0) or 0))
+        self.mem = GuestMemory(memory_source or SessionSource(session))
+        self.ctx = VmContext(session, self.mem, factory, self._emit, options.filters, clock)
+        self.layout = KernelLayout.from_profile(profile)
+        self.decoder = SyscallDecoder(syscall_table(profile.syscalls), options.limits)
+        self.syscalls = SyscallMonitor(self.ctx, self.decoder)
+        self.processes = ProcessMonitor(self.ctx)
+        self.integrity = IntegrityMonitor(self.ctx)
+        self.hypercalls = HypercallMonitor(self.ctx)
+        self.active = False
+        self.vcpus = 1
+        self.notes: list[str] = []   # what this host or kernel could not do
+        self.closed = False
+        self._last_loss = time.monotonic()
+
+    # -- records ----------------------------------------------------------------------------
+    def _emit(self, record: dict[str, Any]) -> None:
+        if not self.pump.offer(record):
+            self.ctx.loss.add("dropped_records")
+
+    # -- setup ------------------------------------------------------------------------------
+    def start(self) -> None:
+        s = self.session
+        self.vcpus = s.get_guest_info().vcpu_count
+        if not s.check_command(abi.VMITRACE_SET_BREAKPOINT):
+            raise SetupError(
+                "this KVMI host has no instrumentation breakpoints (vmitrace vendor extension); "
+                "int3 patching through WRITE_PHYSICAL is not implemented, so system calls "
+                "cannot be traced on it")
+        wanted = [abi.KVMI_EVENT_BREAKPOINT, abi.KVMI_EVENT_MSR, abi.KVMI_EVENT_CR]
+        if self.options.hypercalls:
+            wanted.append(abi.KVMI_EVENT_HYPERCALL)
+        for event_id in wanted:
+            if not s.check_event(event_id):
+                self.notes.append(f"host does not offer {EVENT_CLASSES[event_id].name}")
+                continue
+            for vcpu in range(self.vcpus):
+                s.control_events(vcpu, event_id, True)
+        for vcpu in range(self.vcpus):
+            s.control_msr(vcpu, MSR_LSTAR, True)
+        if self.options.integrity:
+            self.integrity.install(self.vcpus)
+            self.notes.extend(self.integrity.unsupported)
+        regs = s.get_registers(0, msrs=[MSR_LSTAR])
+        if self.options.integrity:
+            self.integrity.seed_cr(0, 0, regs.sregs.cr0)
+            self.integrity.seed_cr(0, 4, regs.sregs.cr4)
+            for vcpu in range(1, self.vcpus):
+                other = s.get_registers(vcpu)
+                self.integrity.seed_cr(vcpu, 0, other.sregs.cr0)
+                self.integrity.seed_cr(vcpu, 4, other.sregs.cr4)
+        lstar = regs.msrs.get(MSR_LSTAR, 0)
+        if lstar:
+            self._activate(lstar, regs.sregs.cr3)
+        else:
+            log.info("LSTAR not set yet (guest booting): waiting for the kernel to write it")
+
+    def _activate(self, lstar: int, cr3: int) -> None:
+        """Learn KASLR from LSTAR, confirm with linux_banner, install the breakpoints."""
+        layout = self.layout
+        profile_slide = None
+        kaslr = getattr(self.profile, "kaslr_slide", None)
+        if kaslr is not None:
+            try:
+                profile_slide = kaslr(lstar)
+            except Exception as exc:  # noqa: BLE001 - the layout check below reports it
+                raise LayoutError(f"profile rejects LSTAR {lstar:#x}: {exc}") from exc
+        layout.learn_slide(self.mem, lstar, kernel_cr3_candidates(cr3)[::-1], profile_slide)
+        kernel_cr3 = layout.kernel_cr3 or kernel_cr3_candidates(cr3)[-1]
+        self.ctx.layout = layout
+        self.ctx.tasks = TaskReader(layout, self.mem, self.ctx.vm_id)
+        self.integrity.set_baseline(MSR_LSTAR, lstar)
+        if self.options.syscalls:
+            self.syscalls.install(kernel_cr3)
+        if self.options.processes:
+            missing = self.processes.install()
+            self.processes.forget_hooks.append(self._forget_task)
+            if missing:
+                self.notes.append(f"kernel lacks {missing}: no process start/exit records")
+        self.active = True
+        log.info("tracing VM %s: KASLR slide %#x", self.ctx.vm_id, layout.slide)
+
+    def _forget_task(self, task: int) -> None:
+        self.syscalls.pending.pop(task, None)
+        self.syscalls.seen_tasks.discard(task)
+
+    # -- events -----------------------------------------------------------------------------
+    def handle(self, event: Any) -> None:
+        """Dispatch one event to the monitors (the caller replies)."""
+        ctx = self.ctx
+        ctx.events += 1
+        if isinstance(event, BreakpointEvent):
+            regs = FastRegs(event.raw)
+            handler = ctx.breakpoints.get(regs.rip)
+            if handler is None:
+                ctx.loss.add("unknown_breakpoint")
+                return
+            handler(event, regs)
+        elif isinstance(event, MsrEvent):
+            if event.msr == MSR_LSTAR and not self.active and event.new_value:
+                self._activate(event.new_value, FastRegs(event.raw).cr3)
+            if self.options.integrity:
+                self.integrity.on_msr(event)
+            if self.options.hv_events:
+                ctx.record(KIND_HV_EVENT, "msr", vcpu=event.vcpu, reg_nr=event.msr,
+                           old_value=event.old_value, new_value=event.new_value)
+        elif isinstance(event, CrEvent):
+            if self.options.integrity:
+                self.integrity.on_cr(event)
+            if self.options.hv_events:
+                ctx.record(KIND_HV_EVENT, "cr", vcpu=event.vcpu, reg_nr=event.cr,
+                           reg_name=f"CR{event.cr}", old_value=event.old_value,
+                           new_value=event.new_value)
+        elif isinstance(event, HypercallEvent):
+            if self.options.hypercalls:
+                self.hypercalls.on_hypercall(event)
+        elif isinstance(event, UnhookEvent):
+            log.info("host unhooks VM %s: removing breakpoints", ctx.vm_id)
+            self._remove_instrumentation()
+
+    def run(self, stop: threading.Event, deadline: float | None = None) -> None:
+        """Event loop until `stop` is set, the deadline passes or the host goes away."""
+        s = self.session
+        try:
+            while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                event = s.next_event(timeout=0.2)
+                if event is not None:
+                    try:
+                        self.handle(event)
+                    except (LayoutError, SetupError):
+                        s.reply(event)
+                        raise
+                    except UnreadableMemory as exc:
+                        self.ctx.loss.add("unreadable_event")
+                        log.debug("event %r: %s", event, exc)
+                    except kerr.ConnectionClosed:
+                        raise
+                    except Exception:  # noqa: BLE001 - a monitor bug must not stall the guest
+                        self.ctx.loss.add("monitor_error")
+                        log.exception("monitor failed on %r", event)
+                    s.reply(event)
+                if time.monotonic() - self._last_loss >= self.options.loss_interval_s:
+                    self._last_loss = time.monotonic()
+                    self.ctx.emit_losses()
+        except kerr.ConnectionClosed as exc:
+            log.info("VM %s: connection closed (%s)", self.ctx.vm_id, exc)
+
+    def _remove_instrumentation(self) -> None:
+        for gva in list(self.ctx.breakpoints):
+            try:
+                self.session.clear_breakpoint(gva)
+            except kerr.KvmiError:
+                pass
+            del self.ctx.breakpoints[gva]
+
+    def close(self) -> dict[str, Any]:
+        """Remove breakpoints, answer what is still outstanding, emit the final losses."""
+        if self.closed:
+            return self.summary()
+        self.closed = True
+        s = self.session
+        if not getattr(s, "closed", False):
+            try:
+                self._remove_instrumentation()
+                for vcpu in range(self.vcpus):
+                    s.control_events(vcpu, abi.KVMI_EVENT_BREAKPOINT, False)
+            except kerr.KvmiError as exc:
+                log.info("VM %s: cleanup: %s", self.ctx.vm_id, exc)
+            for event in s.unanswered():  # release vCPUs still waiting on us
+                try:
+                    s.reply(event)
+                except kerr.KvmiError:
+                    pass
+        inflight = sum(1 for p in self.syscalls.pending.values() if p.call is not None)
+        if inflight:
+            self.ctx.loss.add("inflight_at_stop", inflight)
+        dropped = getattr(s, "dropped_events", 0)
+        if dropped:
+            self.ctx.loss.add("dropped_events", dropped)
+        self.ctx.loss.add("unreadable_memory", self.decoder.counters.unreadable +
+                          (self.ctx.tasks.unreadable if self.ctx.tasks else 0))
+        self.ctx.loss.add("truncated_strings", self.decoder.counters.truncated)
+        self.ctx.emit_losses(final=True)
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        return {"vm_id": self.ctx.vm_id, "vm_name": getattr(self.session, "name", None),
+                "events": self.ctx.events, "syscalls": self.syscalls.calls,
+                "losses": dict(self.ctx.loss.counts), "notes": list(self.notes),
+                "kaslr_slide": self.layout.slide}
+
+
+class Collector:
+    """Traces every VM that connects (or one given session) into the given sinks."""
+
+    def __init__(self, profile_for: ProfileSource, sinks: Iterable[Any],
+                 options: TraceOptions | None = None) -> None:
+        self.profile_for = profile_for
+        self.options = options or TraceOptions()
+        self.pump = RecordPump(sinks, self.options.queue_size, self.options.batch_size)
+        self.stop_event = threading.Event()
+        self.tracers: list[VmTracer] = []
+        self.errors: list[str] = []
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def trace(self, session: Any, memory_source: PhysicalSource | None = None,
+              deadline: float | None = None, clock: Callable[[], int] = time.time_ns) -> VmTracer:
+        """Set up and run one VM's tracing in the calling thread until stopped."""
+        tracer = VmTracer(session, self.profile_for(session), self.pump, self.options,
+                          memory_source, clock)
+        with self._lock:
+            self.tracers.append(tracer)
+        try:
+            tracer.start()
+            tracer.run(self.stop_event, deadline)
+        finally:
+            tracer.close()
+        return tracer
+
+    def trace_in_thread(self, session: Any, memory_source: PhysicalSource | None = None,
+                        deadline: float | None = None) -> threading.Thread:
+        def target() -> None:
+            try:
+                self.trace(session, memory_source, deadline)
+            except Exception as exc:  # noqa: BLE001 - reported in the summary
+                self.errors.append(f"{getattr(session, 'name', session)}: {exc}")
+                log.error("tracing %s failed: %s", getattr(session, "name", session), exc)
+        thread = threading.Thread(target=target, name=f"vmitrace-vm-{len(self._threads)}",
+                                  daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        return thread
+
+    def serve(self, listener: Any, deadline: float | None = None,
+              memory_for: Callable[[Any], PhysicalSource | None] | None = None) -> None:
+        """Accept hosts until stopped; each connection is traced in its own thread."""
+        while not self.stop_event.is_set() and (deadline is None or time.monotonic() < deadline):
+            try:
+                session = listener.accept(timeout=0.5)
+            except (TimeoutError, kerr.CommandTimeout):
+                continue
+            if session is None:
+                continue
+            self.trace_in_thread(session, memory_for(session) if memory_for else None, deadline)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def close(self) -> dict[str, Any]:
+        """Stop every VM, drain the sinks; returns a summary (per VM, sinks, errors)."""
+        self.stop_event.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        sink_stats = self.pump.close()
+        return {"vms": [t.summary() for t in self.tracers], "sinks": sink_stats,
+                "errors": list(self.errors), "records": self.pump.written,
+                "sink_errors": self.pump.sink_errors}
+
+
+def ram_source(path: str) -> RamFile:
+    return RamFile(path)

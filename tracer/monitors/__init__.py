@@ -1,0 +1,1 @@
+"""Monitors: turn KVMI events into records (syscalls, processes, integrity, hypercalls)."""

@@ -1,0 +1,166 @@
+"""Shared pieces of the monitors: the per-VM context, fast register access, loss counters."""
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from sinks.schema import RecordFactory
+from tracer.kvmi import abi
+from tracer.memory import GuestMemory, UnreadableMemory
+from tracer.monitors.kernel import kernel_cr3_candidates
+
+log = logging.getLogger(__name__)
+
+MSR_STAR = 0xC0000081
+MSR_LSTAR = 0xC0000082
+MSR_CSTAR = 0xC0000083
+MSR_SYSENTER_CS = 0x174
+MSR_SYSENTER_ESP = 0x175
+MSR_SYSENTER_EIP = 0x176
+MSR_NAMES = {MSR_STAR: "STAR", MSR_LSTAR: "LSTAR", MSR_CSTAR: "CSTAR",
+             MSR_SYSENTER_CS: "SYSENTER_CS", MSR_SYSENTER_ESP: "SYSENTER_ESP",
+             MSR_SYSENTER_EIP: "SYSENTER_EIP"}
+
+# Offsets inside an event message (header + kvmi_event common part, then kvmi_event_arch).
+_ARCH = abi.KVMI_MSG_HDR.size + 8
+
+
+def _arch_offset(path: str) -> int:
+    sd = abi.KVMI_EVENT_ARCH
+    offset = _ARCH
+    for name in path.split("."):
+        f = next(f for f in sd.fields if f.name == name)
+        offset += f.offset
+        sd = f.sub  # type: ignore[assignment]
+    return offset
+
+
+_U64 = struct.Struct("<Q")
+_U16 = struct.Struct("<H")
+OFF_RIP = _arch_offset("regs.rip")
+OFF_RSP = _arch_offset("regs.rsp")
+OFF_RDI = _arch_offset("regs.rdi")
+OFF_CR3 = _arch_offset("sregs.cr3")
+OFF_GS_BASE = _arch_offset("sregs.gs.base")
+OFF_CS_SEL = _arch_offset("sregs.cs.selector")
+OFF_SHADOW_GS = _arch_offset("msrs.shadow_gs")
+OFF_LSTAR = _arch_offset("msrs.lstar")
+
+
+class FastRegs:
+    """The few registers the hot path needs, unpacked straight from the event's bytes."""
+
+    __slots__ = ("rip", "rsp", "rdi", "cr3", "gs_base", "cpl", "shadow_gs")
+
+    def __init__(self, raw: bytes) -> None:
+        self.rip = _U64.unpack_from(raw, OFF_RIP)[0]
+        self.rsp = _U64.unpack_from(raw, OFF_RSP)[0]
+        self.rdi = _U64.unpack_from(raw, OFF_RDI)[0]
+        self.cr3 = _U64.unpack_from(raw, OFF_CR3)[0]
+        self.gs_base = _U64.unpack_from(raw, OFF_GS_BASE)[0]
+        self.cpl = _U16.unpack_from(raw, OFF_CS_SEL)[0] & 3
+        self.shadow_gs = _U64.unpack_from(raw, OFF_SHADOW_GS)[0]
+
+    @property
+    def kernel_gs(self) -> int:
+        """The per-CPU base: GS base in kernel mode, the shadow (KERNEL_GS_BASE) in user mode."""
+        return self.gs_base if self.cpl == 0 else self.shadow_gs
+
+
+@dataclass
+class LossCounters:
+    """Per-VM counters of what could not be observed or delivered."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    reported: Counter[str] = field(default_factory=Counter)
+    interval_start_ns: int = 0
+
+    def add(self, name: str, n: int = 1) -> None:
+        self.counts[name] += n
+
+    def deltas(self) -> dict[str, int]:
+        out = {k: v - self.reported[k] for k, v in self.counts.items() if v != self.reported[k]}
+        self.reported.update(out)
+        return out
+
+
+@dataclass
+class Filters:
+    pids: frozenset[int] = frozenset()
+    comms: frozenset[str] = frozenset()
+    syscalls: frozenset[str] = frozenset()
+
+    def task_selected(self, pid: int, tid: int, comm: str) -> bool:
+        if self.pids and pid not in self.pids and tid not in self.pids:
+            return False
+        return not self.comms or comm in self.comms
+
+    def syscall_selected(self, name: str) -> bool:
+        return not self.syscalls or name in self.syscalls
+
+
+class VmContext:
+    """What every monitor of one VM shares: session, memory, kernel layout, record output."""
+
+    def __init__(self, session: Any, mem: GuestMemory, factory: RecordFactory,
+                 emit: Callable[[dict[str, Any]], None], filters: Filters,
+                 clock: Callable[[], int] = time.time_ns) -> None:
+        self.session = session
+        self.mem = mem
+        self.factory = factory
+        self.emit = emit
+        self.filters = filters
+        self.clock = clock
+        self.loss = LossCounters(interval_start_ns=clock())
+        self.vm_id = factory.vm_id
+        self.breakpoints: dict[int, Callable[[Any, FastRegs], None]] = {}
+        self.layout: Any = None   # KernelLayout once the slide is known
+        self.tasks: Any = None    # TaskReader once the slide is known
+        self.ready_callbacks: list[Callable[[], None]] = []
+        self.events = 0
+
+    def add_breakpoint(self, gva: int, handler: Callable[[Any, FastRegs], None]) -> None:
+        self.session.set_breakpoint(gva)
+        self.breakpoints[gva] = handler
+
+    def record(self, kind: str, event_type: str, time_ns: int | None = None,
+               **fields: Any) -> dict[str, Any]:
+        rec = self.factory.new(kind, event_type, self.clock() if time_ns is None else time_ns,
+                               **fields)
+        self.emit(rec)
+        return rec
+
+    def current_process(self, regs: FastRegs) -> dict[str, Any]:
+        """Process columns of the task current on the event's vCPU, from any mode.
+
+        From user mode under KPTI the CR3 is the user half of the pair: kernel data is read
+        through the kernel half. Best effort: unreadable -> no columns, counted.
+        """
+        if self.tasks is None:
+            return {}
+        for cr3 in kernel_cr3_candidates(regs.cr3)[::-1]:
+            try:
+                task = self.tasks.current(cr3, regs.kernel_gs)
+                return process_fields(self.tasks.info(cr3, task, user_cr3=regs.cr3))
+            except UnreadableMemory:
+                continue
+        self.loss.add("unreadable_task")
+        return {}
+
+    def emit_losses(self, final: bool = False) -> None:
+        now = self.clock()
+        for counter, count in sorted(self.loss.deltas().items()):
+            self.emit(self.factory.loss(counter, count, self.loss.interval_start_ns, now,
+                                        detail="final" if final else None))
+        self.loss.interval_start_ns = now
+
+
+def process_fields(info: Any) -> dict[str, Any]:
+    """Schema columns describing the process of a TaskInfo."""
+    return {"pid": info.pid, "tid": info.tid, "ppid": info.ppid, "uid": info.uid,
+            "gid": info.gid, "process_uid": info.process_uid, "task_start_ns": info.start_ns,
+            "comm": info.comm, "exe": info.exe, "cmdline": info.cmdline}

@@ -1,0 +1,79 @@
+"""The process monitor: lifecycle records for process start, exec and exit.
+
+* start: a breakpoint on `ret_from_fork`, where every new task runs first (current = the new
+  task, its CR3 loaded); thread-group leaders that are not kernel threads are new processes.
+* exec: emitted by the syscall monitor when execve/execveat returns 0 (the new image's comm,
+  exe and argv are read then).
+* exit: a breakpoint on `do_exit(code)`, which every exiting task goes through (exit,
+  exit_group, fatal signals); the thread-group leader's exit is the process's.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sinks.schema import KIND_PROCESS
+from tracer.decode.consts import signal_name
+from tracer.memory import UnreadableMemory
+from tracer.monitors.base import FastRegs, VmContext, process_fields
+
+log = logging.getLogger(__name__)
+
+
+class ProcessMonitor:
+    def __init__(self, ctx: VmContext) -> None:
+        self.ctx = ctx
+        self.forget_hooks: list[Any] = []  # called with a task address when it exits
+
+    def install(self) -> list[str]:
+        """Set the lifecycle breakpoints; returns the names of those the kernel lacks."""
+        missing = []
+        for name, handler in (("ret_from_fork", self.on_fork_return), ("do_exit", self.on_exit)):
+            address = self.ctx.layout.address(name)
+            if address is None:
+                missing.append(name)
+                continue
+            self.ctx.add_breakpoint(address, handler)
+        return missing
+
+    def on_fork_return(self, event: Any, regs: FastRegs) -> None:
+        ctx = self.ctx
+        try:
+            task = ctx.tasks.current(regs.cr3, regs.gs_base)
+            ctx.tasks.forget(task)  # a reused task_struct address is a new task
+            info = ctx.tasks.info(regs.cr3, task, user_cr3=regs.cr3)
+        except UnreadableMemory:
+            ctx.loss.add("unreadable_task")
+            return
+        if info.kthread or info.tid != info.pid:
+            return
+        if not ctx.filters.task_selected(info.pid, info.tid, info.comm) and \
+                not ctx.filters.task_selected(info.ppid or -1, info.ppid or -1, info.comm):
+            return
+        ctx.record(KIND_PROCESS, "start", vcpu=event.vcpu, action="start",
+                   **process_fields(info), argv=info.argv,
+                   parent_process_uid=info.parent_process_uid,
+                   cr3=regs.cr3 & 0x000F_FFFF_FFFF_F000)
+
+    def on_exit(self, event: Any, regs: FastRegs) -> None:
+        ctx = self.ctx
+        code = regs.rdi & 0xFFFF_FFFF
+        try:
+            task = ctx.tasks.current(regs.cr3, regs.gs_base)
+            info = ctx.tasks.info(regs.cr3, task, user_cr3=regs.cr3)
+        except UnreadableMemory:
+            ctx.loss.add("unreadable_task")
+            return
+        ctx.tasks.forget(task)
+        for hook in self.forget_hooks:
+            hook(task)
+        if info.kthread or info.tid != info.pid:
+            return
+        if not ctx.filters.task_selected(info.pid, info.tid, info.comm):
+            return
+        signal = code & 0x7F
+        ctx.record(KIND_PROCESS, "exit", vcpu=event.vcpu, action="exit", **process_fields(info),
+                   parent_process_uid=info.parent_process_uid,
+                   exit_code=(code >> 8) & 0xFF if signal == 0 else None,
+                   signal=signal_name(signal) if signal else None,
+                   extra={"wait_status": hex(code)})

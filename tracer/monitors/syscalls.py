@@ -1,0 +1,203 @@
+"""The syscall monitor: decoded system calls, paired entry/exit per task.
+
+Mechanism (Linux x86-64): LSTAR points at `entry_SYSCALL_64`; its slide against the profile
+gives KASLR, confirmed by reading `linux_banner`. Inside `entry_SYSCALL_64` the kernel saves
+the user registers as `pt_regs` on the task stack, switches CR3 and GS, and calls
+`do_syscall_64(regs, nr)`. Two breakpoints:
+
+* at that `call do_syscall_64`: RSP points at pt_regs (orig_ax = number, di/si/dx/r10/r8/r9 =
+  arguments, ip = user return address), CR3 is the kernel's (KPTI switch done) and GS is the
+  kernel's, so `current` is readable;
+* right after it (the call's return address): pt_regs->ax holds the return value, for both the
+  SYSRET and the IRET ways out, after signal handling has run.
+
+Entries and exits are paired by task_struct address (not by vCPU: a task may return on another
+vCPU). exit/exit_group never return (records of event_type "enter"); a new task's first return
+goes through ret_from_fork, not this site (the process monitor sees it); a syscall the kernel
+restarts comes back with ip rewound by 2 and ax = its number (recorded as restarted, then seen
+again as a fresh entry).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sinks.schema import KIND_PROCESS, KIND_SYSCALL
+from tracer.decode import DecodedCall, SyscallDecoder
+from tracer.memory import UnreadableMemory
+from tracer.monitors import kernel as k
+from tracer.monitors.base import FastRegs, VmContext, process_fields
+
+log = logging.getLogger(__name__)
+
+CALL_REL32 = 0xE8
+ENTRY_SCAN_BYTES = 512
+NO_RETURN = frozenset({"exit", "exit_group"})
+EXECS = frozenset({"execve", "execveat"})
+# Syscalls after which cached task attributes (credentials, name) may be stale.
+CHANGES_TASK = frozenset({"setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid",
+                          "setfsuid", "setfsgid", "prctl", "capset", "setgroups"})
+NR_RESTART_SYSCALL = 219
+
+
+class SetupError(Exception):
+    """The syscall monitor cannot be installed on this guest."""
+
+
+@dataclass(slots=True)
+class Pending:
+    call: DecodedCall | None  # None: filtered out, paired only to keep the books right
+    info: Any
+    time_ns: int
+    vcpu: int
+    user_ip: int
+    cr3: int
+
+
+def find_call_site(text: bytes, text_address: int, target: int) -> int | None:
+    """Address of the first `call rel32` in `text` (at `text_address`) that targets `target`."""
+    pos = text.find(bytes([CALL_REL32]))
+    while 0 <= pos <= len(text) - 5:
+        rel = int.from_bytes(text[pos + 1:pos + 5], "little", signed=True)
+        if (text_address + pos + 5 + rel) & 0xFFFF_FFFF_FFFF_FFFF == target:
+            return text_address + pos
+        pos = text.find(bytes([CALL_REL32]), pos + 1)
+    return None
+
+
+class SyscallMonitor:
+    def __init__(self, ctx: VmContext, decoder: SyscallDecoder) -> None:
+        self.ctx = ctx
+        self.decoder = decoder
+        self.pending: dict[int, Pending] = {}
+        self.seen_tasks: set[int] = set()
+        self.entry_site: int | None = None
+        self.return_site: int | None = None
+        self.calls = 0
+        self.exec_listeners: list[Any] = []
+
+    # -- setup ------------------------------------------------------------------------------
+    def install(self, kernel_cr3: int) -> None:
+        """Find the do_syscall_64 call site in entry_SYSCALL_64 and break on it and after it."""
+        layout = self.ctx.layout
+        entry = layout.address("entry_SYSCALL_64")
+        target = layout.address("do_syscall_64")
+        text = self.ctx.mem.read_virtual(kernel_cr3, entry, ENTRY_SCAN_BYTES)
+        site = find_call_site(text, entry, target)
+        if site is None:
+            raise SetupError(f"no `call do_syscall_64` in the first {ENTRY_SCAN_BYTES} bytes of "
+                             f"entry_SYSCALL_64 at {entry:#x}")
+        self.entry_site, self.return_site = site, site + 5
+        self.ctx.add_breakpoint(site, self.on_entry)
+        self.ctx.add_breakpoint(site + 5, self.on_exit)
+        log.info("syscall breakpoints at %#x (entry) and %#x (return)", site, site + 5)
+
+    # -- events -----------------------------------------------------------------------------
+    def on_entry(self, event: Any, regs: FastRegs) -> None:
+        ctx = self.ctx
+        now = ctx.clock()
+        cr3 = regs.cr3
+        try:
+            pt = k.read_pt_regs(ctx.mem, cr3, regs.rsp)
+            task = ctx.tasks.current(cr3, regs.gs_base)
+            info = ctx.tasks.info(cr3, task, user_cr3=cr3)
+        except UnreadableMemory as exc:
+            ctx.loss.add("unreadable_entry")
+            log.debug("syscall entry unreadable: %s", exc)
+            return
+        nr = pt[k.R_ORIG_AX]
+        name = self.decoder.name(nr)
+        self.seen_tasks.add(task)
+        selected = ctx.filters.task_selected(info.pid, info.tid, info.comm) and \
+            ctx.filters.syscall_selected(name)
+        call = None
+        if selected:
+            args = (pt[k.R_DI], pt[k.R_SI], pt[k.R_DX], pt[k.R_R10], pt[k.R_R8], pt[k.R_R9])
+            call = self.decoder.decode_entry(ctx.mem, cr3, nr, args)
+        if name in NO_RETURN:
+            if call is not None:
+                self._emit(call, info, now, event.vcpu, pt[k.R_IP], cr3, event_type="enter")
+            self.pending.pop(task, None)
+            return
+        old = self.pending.get(task)
+        if old is not None:  # the previous entry of this task never came back
+            ctx.loss.add("unpaired_entry")
+            if old.call is not None:
+                self._emit(old.call, old.info, old.time_ns, old.vcpu, old.user_ip, old.cr3,
+                           event_type="enter")
+        self.pending[task] = Pending(call, info, now, event.vcpu, pt[k.R_IP], cr3)
+
+    def on_exit(self, event: Any, regs: FastRegs) -> None:
+        ctx = self.ctx
+        cr3 = regs.cr3
+        try:
+            pt = k.read_pt_regs(ctx.mem, cr3, regs.rsp)
+            task = ctx.tasks.current(cr3, regs.gs_base)
+        except UnreadableMemory as exc:
+            ctx.loss.add("unreadable_exit")
+            log.debug("syscall exit unreadable: %s", exc)
+            return
+        pending = self.pending.pop(task, None)
+        if pending is None:
+            if task in self.seen_tasks:
+                ctx.loss.add("unpaired_exit")
+            else:
+                ctx.loss.add("inflight_at_attach")  # entered before tracing began: not a loss
+            self.seen_tasks.add(task)
+            return
+        self.calls += 1
+        call = pending.call
+        if call is None:
+            return
+        ret = pt[k.R_AX]
+        restarted = pt[k.R_IP] == (pending.user_ip - 2) & 0xFFFF_FFFF_FFFF_FFFF and \
+            ret in (call.nr, NR_RESTART_SYSCALL)
+        if restarted:
+            ctx.loss.add("restarted")  # counted for visibility; the re-entry is traced anew
+            self._emit(call, pending.info, pending.time_ns, pending.vcpu, pending.user_ip,
+                       pending.cr3, event_type="call", restarted=True)
+            return
+        self.decoder.decode_exit(ctx.mem, cr3, call, ret)
+        info = pending.info
+        if call.name in EXECS and call.ret == 0:
+            ctx.tasks.forget(task)
+            try:
+                info = ctx.tasks.info(cr3, task, user_cr3=cr3)
+                for kind, (strings, truncated) in ctx.tasks.exec_strings(cr3, task).items():
+                    self.decoder.replace_strings(call, kind, strings, truncated)
+            except UnreadableMemory:
+                ctx.loss.add("unreadable_task")
+            self._emit(call, info, pending.time_ns, pending.vcpu, pending.user_ip, cr3,
+                       event_type="call", exit_vcpu=event.vcpu)
+            self._emit_exec(info, call)
+            return
+        if call.name in CHANGES_TASK:
+            ctx.tasks.forget(task)
+        self._emit(call, info, pending.time_ns, pending.vcpu, pending.user_ip, pending.cr3,
+                   event_type="call", exit_vcpu=event.vcpu)
+
+    # -- records ----------------------------------------------------------------------------
+    def _emit(self, call: DecodedCall, info: Any, time_ns: int, vcpu: int, user_ip: int,
+              cr3: int, event_type: str, restarted: bool = False,
+              exit_vcpu: int | None = None) -> None:
+        extra = {}
+        if restarted:
+            extra["restarted"] = "true"
+        if exit_vcpu is not None and exit_vcpu != vcpu:
+            extra["exit_vcpu"] = str(exit_vcpu)
+        if call.args and any(a["error"] for a in call.args):
+            self.ctx.loss.add("unreadable_argument")
+        if any(a["truncated"] for a in call.args):
+            self.ctx.loss.add("truncated_argument")
+        self.ctx.record(
+            KIND_SYSCALL, event_type, time_ns, vcpu=vcpu, action=call.name,
+            **process_fields(info), cr3=cr3 & 0x000F_FFFF_FFFF_F000, rip=user_ip,
+            syscall_nr=call.nr, args=list(call.raw_args), ret=call.ret, errno=call.errno,
+            decoded_args=call.args, argv=call.argv, extra=extra or None, **call.typed)
+
+    def _emit_exec(self, info: Any, call: DecodedCall) -> None:
+        fields = process_fields(info)
+        self.ctx.record(KIND_PROCESS, "exec", action="exec", **fields,
+                        argv=info.argv or call.argv, path=call.typed.get("path"),
+                        parent_process_uid=info.parent_process_uid)
