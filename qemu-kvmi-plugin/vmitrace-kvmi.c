@@ -24,6 +24,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -166,6 +167,8 @@ struct vcpu {
     bool present;
     bool started;
     GByteArray *regbuf;
+    /* Actual minus translated address of the running block (see on_site_block). */
+    uint64_t rip_delta;
 
     /* Introspector-controlled, per connection (read lock-free). */
     uint32_t events;   /* bit per enabled vCPU event */
@@ -849,10 +852,26 @@ static bool breakpoint_set(uint64_t gva)
     return set;
 }
 
+/*
+ * QEMU shares a translation between virtual addresses that map the same
+ * physical code (PC-relative blocks), and the rip register is not kept up to
+ * date inside a block. So blocks holding a site record, at their start, how far
+ * the address they run at is from the one they were translated for.
+ */
+static void on_site_block(unsigned vcpu_index, void *userdata)
+{
+    struct vcpu *v = &vcpus[vcpu_index % MAX_VCPUS];
+    v->rip_delta = read_reg(v, R_RIP) - (uint64_t)(uintptr_t)userdata;
+}
+
 static void on_site(unsigned vcpu_index, void *userdata)
 {
     struct vcpu *v = &vcpus[vcpu_index % MAX_VCPUS];
-    const struct site *s = userdata;
+    const struct site *translated = userdata;
+    struct site actual = *translated;
+    const struct site *s = &actual;
+
+    actual.gva += v->rip_delta;
 
     switch (s->kind) {
     case SITE_CR_WRITE:
@@ -912,8 +931,6 @@ static void start_vcpu(struct vcpu *v)
 static void on_attention(unsigned vcpu_index, void *userdata)
 {
     struct vcpu *v = &vcpus[vcpu_index % MAX_VCPUS];
-    uint64_t tb_vaddr = (uint64_t)(uintptr_t)userdata;
-
     clear_attention(vcpu_index);
     if (!v->started) {
         start_vcpu(v);
@@ -921,7 +938,7 @@ static void on_attention(unsigned vcpu_index, void *userdata)
     serve_queued_commands(v);
     while (__atomic_load_n(&v->pending_pauses, __ATOMIC_ACQUIRE) > 0) {
         __atomic_sub_fetch(&v->pending_pauses, 1, __ATOMIC_ACQ_REL);
-        send_event(v, KVMI_EVENT_PAUSE_VCPU, tb_vaddr, true, NULL, 0, cfg.reply_timeout_ms);
+        send_event(v, KVMI_EVENT_PAUSE_VCPU, read_reg(v, R_RIP), true, NULL, 0, cfg.reply_timeout_ms);
         serve_queued_commands(v);
     }
 
@@ -947,11 +964,13 @@ static qemu_plugin_u64 attention_entry(void)
 static void on_tb_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
 {
     size_t n = qemu_plugin_tb_n_insns(tb);
+    uint64_t tb_vaddr = qemu_plugin_tb_vaddr(tb);
+    bool has_site = false;
     bool any_breakpoints = __atomic_load_n(&bp_count, __ATOMIC_RELAXED) > 0;
 
     qemu_plugin_register_vcpu_tb_exec_cond_cb(tb, on_attention, QEMU_PLUGIN_CB_R_REGS,
                                               QEMU_PLUGIN_COND_NE, attention_entry(), 0,
-                                              (void *)(uintptr_t)qemu_plugin_tb_vaddr(tb));
+                                              NULL);
     for (size_t i = 0; i < n; i++) {
         struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);
         uint8_t bytes[16];
@@ -964,12 +983,18 @@ static void on_tb_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
             bp.kind = SITE_BREAKPOINT;
             qemu_plugin_register_vcpu_insn_exec_cb(insn, on_site, QEMU_PLUGIN_CB_R_REGS,
                                                    intern_site(bp));
+            has_site = true;
         }
         key.kind = (uint8_t)classify(bytes, len, &key.cr, &key.src);
         if (key.kind) {
             qemu_plugin_register_vcpu_insn_exec_cb(insn, on_site, QEMU_PLUGIN_CB_R_REGS,
                                                    intern_site(key));
+            has_site = true;
         }
+    }
+    if (has_site) {
+        qemu_plugin_register_vcpu_tb_exec_cb(tb, on_site_block, QEMU_PLUGIN_CB_R_REGS,
+                                             (void *)(uintptr_t)tb_vaddr);
     }
 }
 
