@@ -17,9 +17,13 @@ from .events import (EVENT_CLASSES, BreakpointEvent, CpuidEvent, CreateVcpuEvent
                      PauseVcpuEvent, PfEvent, SingleStepEvent, TrapEvent, UnhookEvent,
                      XsetbvEvent)
 from .protocol import CommandReply, Handshake, IntrospectorProtocol
+from .recording import RecordingError, RecordingReader, RecordingWriter, ReplayHost
+from .transport import Listener, Registers, Session, parse_address
 
 __all__ = [
-    "abi", "IntrospectorProtocol", "Handshake", "CommandReply",
+    "abi", "Listener", "Session", "Registers", "parse_address",
+    "RecordingWriter", "RecordingReader", "ReplayHost", "RecordingError",
+    "IntrospectorProtocol", "Handshake", "CommandReply",
     "Event", "EventArch", "EVENT_CLASSES", "UnhookEvent", "CrEvent", "MsrEvent", "XsetbvEvent",
     "BreakpointEvent", "HypercallEvent", "PfEvent", "TrapEvent", "DescriptorEvent",
     "CreateVcpuEvent", "PauseVcpuEvent", "SingleStepEvent", "CpuidEvent",

@@ -205,6 +205,7 @@ class StructDef:
         self.tuple = namedtuple(_camel(name), [f.name for f in self.value_fields])  # type: ignore[misc]
         self.flex = next((f for f in fields if f.kind == "flex"), None)
         self._plan = self._compile_plan()
+        self._from_flat = self._compile_from_flat()
 
     # -- decoding -------------------------------------------------------------------------
     def _compile_plan(self) -> list[tuple[str, int, int, "StructDef | None"]]:
@@ -220,23 +221,34 @@ class StructDef:
             idx += n
         return plan
 
+    def _build_expr(self, base: int, types: dict[str, Any]) -> str:
+        """Source of an expression rebuilding this struct from flat values ``v``."""
+        types[f"T{id(self)}"] = self.tuple
+        parts = []
+        for kind, idx, n, sub in self._plan:
+            i = base + idx
+            if kind in ("scalar", "bytes"):
+                parts.append(f"v[{i}]")
+            elif kind == "array":
+                parts.append("(" + "".join(f"v[{i + k}], " for k in range(n)) + ")")
+            else:
+                parts.append(sub._build_expr(i, types))  # type: ignore[union-attr]
+        return f"T{id(self)}({', '.join(parts)})"
+
+    def _compile_from_flat(self):  # type: ignore[no-untyped-def]
+        """Generate one flat function per struct: no per-field Python work when decoding."""
+        types: dict[str, Any] = {}
+        expr = self._build_expr(0, types)
+        return eval(f"lambda v: {expr}", types)  # source built only from this table
+
     def check_padding(self, buf: bytes | memoryview, offset: int = 0) -> None:
         """Raise :class:`PaddingError` if any padding byte of the struct at ``offset`` is set."""
         if self._pad is not None and any(self._pad.unpack_from(buf, offset)):
             raise PaddingError(f"{self.name}: non-zero padding")
 
-    def from_flat(self, vals: Sequence[Any], base: int = 0) -> Any:
+    def from_flat(self, vals: Sequence[Any]) -> Any:
         """Rebuild the namedtuple from the flat values of ``self.struct`` (no padding check)."""
-        out = []
-        for kind, idx, n, sub in self._plan:
-            i = base + idx
-            if kind == "scalar" or kind == "bytes":
-                out.append(vals[i])
-            elif kind == "array":
-                out.append(tuple(vals[i:i + n]))
-            else:  # struct
-                out.append(sub.from_flat(vals, i))  # type: ignore[union-attr]
-        return self.tuple._make(out)
+        return self._from_flat(vals)
 
     def decode(self, buf: bytes | memoryview, offset: int = 0) -> Any:
         """Decode the struct at ``offset`` (the buffer may be longer); padding must be zero."""

@@ -16,7 +16,13 @@ class KvmiError(Exception):
 
 
 class ProtocolError(KvmiError, abi.AbiError):
-    """The peer violated the wire protocol; the connection cannot be trusted any more."""
+    """The peer violated the wire protocol; the connection cannot be trusted any more.
+
+    ``messages`` holds the valid messages that were complete in the same received data before
+    the bad one (the protocol core hands them over so nothing valid is lost).
+    """
+
+    messages: list = []
 
 
 class TruncatedMessage(ProtocolError):

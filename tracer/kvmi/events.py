@@ -15,6 +15,12 @@ from . import abi
 _ARCH = abi.KVMI_EVENT_ARCH
 _ARCH_OFFSET = abi.KVMI_MSG_HDR.size + 8  # header, then size/vcpu/event/padding[3]
 
+_REGS = abi.KVM_REGS.struct
+_REGS_TUPLE = abi.KVM_REGS.tuple
+_SREGS = abi.KVM_SREGS
+_REGS_OFFSET = _ARCH_OFFSET + next(f.offset for f in _ARCH.fields if f.name == "regs")
+_SREGS_OFFSET = _ARCH_OFFSET + next(f.offset for f in _ARCH.fields if f.name == "sregs")
+
 #: The decoded ``kvmi_event_arch`` type (fields: mode, view, regs, sregs, msrs).
 EventArch = _ARCH.tuple
 
@@ -44,8 +50,22 @@ class Event:
 
     @property
     def regs(self) -> Any:
-        """Shortcut for ``arch.regs`` (a ``kvm_regs`` namedtuple: rax ... rip, rflags)."""
-        return self.arch.regs
+        """``arch.regs`` (``kvm_regs``: rax ... rip, rflags), decoded alone if arch wasn't."""
+        if self._arch is not None:
+            return self._arch.regs
+        return _REGS_TUPLE._make(_REGS.unpack_from(self.raw, _REGS_OFFSET))
+
+    @property
+    def sregs(self) -> Any:
+        """``arch.sregs`` (``kvm_sregs``: segments, gdt/idt, cr0-cr8, efer, apic_base)."""
+        if self._arch is not None:
+            return self._arch.sregs
+        return _SREGS.from_flat(_SREGS.struct.unpack_from(self.raw, _SREGS_OFFSET))
+
+    @property
+    def mode(self) -> int:
+        """``arch.mode``: 2, 4 or 8 (bytes per guest word)."""
+        return self.raw[_ARCH_OFFSET]
 
     def values(self) -> dict[str, Any]:
         """The event-specific fields as a dict."""
@@ -72,7 +92,7 @@ class CrEvent(Event):
 
     def __init__(self, seq: int, vcpu: int, raw: bytes, blocking: bool,
                  cr: int, old_value: int, new_value: int) -> None:
-        Event.__init__(self, seq, vcpu, raw, blocking)
+        self.seq, self.vcpu, self.raw, self.blocking, self._arch = seq, vcpu, raw, blocking, None
         self.cr, self.old_value, self.new_value = cr, old_value, new_value
 
 
@@ -85,7 +105,7 @@ class MsrEvent(Event):
 
     def __init__(self, seq: int, vcpu: int, raw: bytes, blocking: bool,
                  msr: int, old_value: int, new_value: int) -> None:
-        Event.__init__(self, seq, vcpu, raw, blocking)
+        self.seq, self.vcpu, self.raw, self.blocking, self._arch = seq, vcpu, raw, blocking, None
         self.msr, self.old_value, self.new_value = msr, old_value, new_value
 
 
@@ -105,7 +125,7 @@ class BreakpointEvent(Event):
 
     def __init__(self, seq: int, vcpu: int, raw: bytes, blocking: bool,
                  gpa: int, insn_len: int) -> None:
-        Event.__init__(self, seq, vcpu, raw, blocking)
+        self.seq, self.vcpu, self.raw, self.blocking, self._arch = seq, vcpu, raw, blocking, None
         self.gpa, self.insn_len = gpa, insn_len
 
 
@@ -125,7 +145,7 @@ class PfEvent(Event):
 
     def __init__(self, seq: int, vcpu: int, raw: bytes, blocking: bool,
                  gva: int, gpa: int, access: int, view: int) -> None:
-        Event.__init__(self, seq, vcpu, raw, blocking)
+        self.seq, self.vcpu, self.raw, self.blocking, self._arch = seq, vcpu, raw, blocking, None
         self.gva, self.gpa, self.access, self.view = gva, gpa, access, view
 
 
@@ -138,7 +158,7 @@ class TrapEvent(Event):
 
     def __init__(self, seq: int, vcpu: int, raw: bytes, blocking: bool,
                  vector: int, error_code: int, cr2: int) -> None:
-        Event.__init__(self, seq, vcpu, raw, blocking)
+        self.seq, self.vcpu, self.raw, self.blocking, self._arch = seq, vcpu, raw, blocking, None
         self.vector, self.error_code, self.cr2 = vector, error_code, cr2
 
 
@@ -151,7 +171,7 @@ class DescriptorEvent(Event):
 
     def __init__(self, seq: int, vcpu: int, raw: bytes, blocking: bool,
                  descriptor: int, write: int) -> None:
-        Event.__init__(self, seq, vcpu, raw, blocking)
+        self.seq, self.vcpu, self.raw, self.blocking, self._arch = seq, vcpu, raw, blocking, None
         self.descriptor, self.write = descriptor, write
 
 
@@ -177,7 +197,7 @@ class SingleStepEvent(Event):
     fields = ("failed",)
 
     def __init__(self, seq: int, vcpu: int, raw: bytes, blocking: bool, failed: int) -> None:
-        Event.__init__(self, seq, vcpu, raw, blocking)
+        self.seq, self.vcpu, self.raw, self.blocking, self._arch = seq, vcpu, raw, blocking, None
         self.failed = failed
 
 
@@ -190,7 +210,7 @@ class CpuidEvent(Event):
 
     def __init__(self, seq: int, vcpu: int, raw: bytes, blocking: bool,
                  function: int, index: int, insn_length: int) -> None:
-        Event.__init__(self, seq, vcpu, raw, blocking)
+        self.seq, self.vcpu, self.raw, self.blocking, self._arch = seq, vcpu, raw, blocking, None
         self.function, self.index, self.insn_length = function, index, insn_length
 
 

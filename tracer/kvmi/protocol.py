@@ -167,22 +167,31 @@ class IntrospectorProtocol:
         """Feed received bytes; return the complete messages they finish, in order.
 
         Messages are :class:`Handshake`, :class:`CommandReply` and :class:`Event` objects.
+        On bad input the :class:`ProtocolError` raised carries, in ``messages``, the valid
+        messages that preceded the bad one.
         """
         if self.state in ("closed", "failed"):
             raise ProtocolError(f"connection is {self.state}")
-        self._buf += data
+        if self._buf:  # the previous receive ended inside a message
+            self._buf += data
+            data = bytes(self._buf)
+        elif type(data) is not bytes:
+            data = bytes(data)  # messages keep `raw` as immutable bytes
+        out: list[Any] = []
+        pos = 0
         try:
             if self.state == "handshake":
-                hs = self._parse_handshake()
-                if hs is None:
-                    return []
-                out: list[Any] = [hs]
-                out.extend(self._parse_messages())
-                return out
-            return self._parse_messages()
-        except ProtocolError:
+                pos = self._parse_handshake(data, out)
+                if not out:
+                    return out
+            pos = self._parse_messages(data, pos, out)
+            return out
+        except ProtocolError as exc:
             self.state = "failed"
+            exc.messages = out
             raise
+        finally:
+            self._buf = bytearray(data[pos:])  # at most one incomplete message
 
     def receive_eof(self) -> None:
         """The peer closed; raise :class:`TruncatedMessage` if it stopped mid-message."""
@@ -196,49 +205,46 @@ class IntrospectorProtocol:
             raise TruncatedMessage(f"connection closed with {pending} bytes of an incomplete "
                                    "message")
 
-    def _parse_handshake(self) -> Handshake | None:
-        buf = self._buf
-        if len(buf) < 4:
-            return None
-        (size,) = struct.unpack_from("<I", buf)
+    def _parse_handshake(self, data: bytes, out: list[Any]) -> int:
+        if len(data) < 4:
+            return 0
+        (size,) = struct.unpack_from("<I", data)
         if size < abi.HANDSHAKE_MIN_SIZE or size > abi.HANDSHAKE_MAX_SIZE:
             raise HandshakeError(f"handshake struct_size {size} outside "
                                  f"[{abi.HANDSHAKE_MIN_SIZE}, {abi.HANDSHAKE_MAX_SIZE}]")
-        if len(buf) < size:
-            return None
-        hs = parse_handshake(bytes(buf[:size]))
-        del buf[:size]
+        if len(data) < size:
+            return 0
+        hs = parse_handshake(data[:size])
         self.handshake = hs
         self.state = "ready"
-        return hs
+        out.append(hs)
+        return size
 
-    def _parse_messages(self) -> list[Any]:
-        buf = self._buf
-        out: list[Any] = []
-        pos = 0
-        end = len(buf)
-        try:
-            while end - pos >= _HDR_SIZE:
-                msg_id, size, seq = _HDR.unpack_from(buf, pos)
-                if size > _MAX_PAYLOAD:
-                    raise OversizeMessage(f"message id {msg_id} announces {size} bytes "
-                                          f"(max {_MAX_PAYLOAD})")
-                if msg_id != abi.KVMI_EVENT:
-                    self._check_reply_header(msg_id, seq)
-                total = _HDR_SIZE + size
-                if end - pos < total:
-                    break
-                raw = bytes(buf[pos:pos + total])
-                pos += total
-                if msg_id == abi.KVMI_EVENT:
-                    out.append(self._parse_event(raw, size, seq))
-                else:
-                    reply = self._parse_reply(raw, msg_id, size, seq)
-                    if reply is not None:
-                        out.append(reply)
-        finally:
-            del buf[:pos]
-        return out
+    def _parse_messages(self, data: bytes, pos: int, out: list[Any]) -> int:
+        """Parse complete messages from ``data[pos:]``; returns where parsing stopped."""
+        end = len(data)
+        unpack_hdr = _HDR.unpack_from
+        event_id = abi.KVMI_EVENT
+        append = out.append
+        while end - pos >= _HDR_SIZE:
+            msg_id, size, seq = unpack_hdr(data, pos)
+            if size > _MAX_PAYLOAD:
+                raise OversizeMessage(f"message id {msg_id} announces {size} bytes "
+                                      f"(max {_MAX_PAYLOAD})")
+            if msg_id != event_id:
+                self._check_reply_header(msg_id, seq)
+            total = _HDR_SIZE + size
+            if end - pos < total:
+                break
+            raw = data[pos:pos + total]
+            if msg_id == event_id:
+                append(decode_event(raw, size, seq))
+            else:
+                reply = self._parse_reply(raw, msg_id, size, seq)
+                if reply is not None:
+                    append(reply)
+            pos += total
+        return pos
 
     def _check_reply_header(self, msg_id: int, seq: int) -> None:
         expected = self._pending.get(seq)
@@ -266,9 +272,6 @@ class IntrospectorProtocol:
             self._abandoned.pop(seq, None)
             return None  # the command timed out; its late reply is dropped
         return CommandReply(msg_id, seq, err, raw[_HDR_SIZE + _ERR.size:], raw)
-
-    def _parse_event(self, raw: bytes, size: int, seq: int, blocking: bool = True) -> Event:
-        return decode_event(raw, size, seq, blocking)
 
     # -- sending --------------------------------------------------------------------------
     def handshake_response(self) -> bytes:

@@ -72,6 +72,10 @@ class _Waiter:
 class Session:
     """One host connection (one VM) after the handshake.
 
+    ``recorder`` (optional) is called as ``recorder(direction, monotonic_ns, raw)`` for every
+    message in both directions, handshake included; if it has a ``close()`` method, that is
+    called when the session ends.
+
     Attributes: ``uuid`` (:class:`uuid.UUID`), ``name``, ``start_time`` (from the handshake),
     ``handshake``, ``closed``, ``error`` (the exception that closed it, or None),
     ``events_received``, ``dropped_events`` (non-blocking events dropped because the queue was
@@ -229,14 +233,20 @@ class Session:
                         self._proto.receive_eof()
                     error = ConnectionClosed("host closed the connection")
                     break
+                bad: ProtocolError | None = None
                 with self._cv:
-                    msgs = self._proto.receive_data(data)
-                for msg in msgs:
+                    try:
+                        msgs = self._proto.receive_data(data)
+                    except ProtocolError as exc:
+                        msgs, bad = exc.messages, exc
+                for msg in msgs:  # valid messages before a bad one are still delivered
                     self._record("in", msg.raw)
                     if isinstance(msg, Event):
                         self._dispatch_event(msg)
                     else:
                         self._dispatch_reply(msg)
+                if bad is not None:
+                    raise bad
         except (ProtocolError, ConnectionClosed) as exc:
             error = exc
         except Exception as exc:  # a bug or a recorder failure: close, don't hang callers
@@ -244,6 +254,10 @@ class Session:
             error = exc
         self._shutdown(error)
         _close_socket(self._sock)
+        close_recorder = getattr(self._recorder, "close", None)
+        if close_recorder is not None:  # e.g. a RecordingWriter: flush it with the session
+            with self._rec_lock:
+                close_recorder()
 
     def _dispatch_reply(self, reply: CommandReply) -> None:
         with self._cv:
