@@ -1,0 +1,488 @@
+"""The QEMU KVMI host plugin against real lab guests and the project's own KVMI client.
+
+Each configuration boots one guest (module scope) whose plugin connects to a
+tracer.kvmi Listener. The plugin holds every vCPU at its first instruction
+(``hold=on``) until the CREATE_VCPU event is answered, so the boot-time LSTAR
+write is observed. An event pump thread answers every event (CONTINUE unless a
+test's handler decides otherwise) and records what it saw.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import struct
+import tempfile
+import threading
+import time
+from typing import Any, Callable
+
+import pytest
+
+import guestlab
+from guestlab import workloads
+from tracer.kvmi import abi
+from tracer.kvmi.errors import (ConnectionClosed, KvmEINVAL, KvmENOENT, KvmEOPNOTSUPP)
+from tracer.kvmi.transport import Listener, Session
+
+pytestmark = pytest.mark.guest
+
+MSR_EFER = 0xC0000080
+MSR_STAR = 0xC0000081
+MSR_LSTAR = 0xC0000082
+EFER_LMA = 1 << 10
+KERNEL_TEXT_LINK_ADDRESS = 0xFFFFFFFF81000000  # x86-64 default (CONFIG_PHYSICAL_START 16M)
+KASLR_ALIGN = 2 << 20
+KERNEL_HALF = 0xFFFF800000000000
+AT_FDCWD_32 = 0xFFFFFF9C
+EVENT_WAIT = 60.0  # generous: TCG on a loaded 2-core machine
+
+# What the plugin implements (docs/qemu-kvmi-plugin.md); everything else must be refused.
+SUPPORTED_COMMANDS = {
+    abi.KVMI_GET_VERSION, abi.KVMI_CHECK_COMMAND, abi.KVMI_CHECK_EVENT,
+    abi.KVMI_GET_GUEST_INFO, abi.KVMI_GET_VCPU_INFO, abi.KVMI_PAUSE_VCPU,
+    abi.KVMI_CONTROL_VM_EVENTS, abi.KVMI_CONTROL_EVENTS, abi.KVMI_CONTROL_CR,
+    abi.KVMI_CONTROL_MSR, abi.KVMI_GET_REGISTERS, abi.KVMI_READ_PHYSICAL,
+    abi.KVMI_WRITE_PHYSICAL, abi.KVMI_VCPU_TRANSLATE_GVA,
+    abi.VMITRACE_SET_BREAKPOINT, abi.VMITRACE_CLEAR_BREAKPOINT, abi.VMITRACE_SET_DELIVERY,
+}
+SUPPORTED_EVENTS = {
+    abi.KVMI_EVENT_UNHOOK, abi.KVMI_EVENT_CR, abi.KVMI_EVENT_MSR, abi.KVMI_EVENT_BREAKPOINT,
+    abi.KVMI_EVENT_HYPERCALL, abi.KVMI_EVENT_CREATE_VCPU, abi.KVMI_EVENT_PAUSE_VCPU,
+}
+
+Handler = Callable[[Session, Any], "int | None"]
+
+
+class Lab:
+    """A booted guest whose plugin is connected to a Listener, with an event pump."""
+
+    def __init__(self, kernel: str, vcpus: int) -> None:
+        self.dir = tempfile.mkdtemp(prefix="vmitrace-plugin-test-")
+        self.socket_path = os.path.join(self.dir, "kvmi.sock")
+        self.listener = Listener("unix:" + self.socket_path)
+        self.vcpus = vcpus
+        self.events: list[Any] = []
+        self.cv = threading.Condition()
+        self.handler: Handler | None = None
+        self.session: Session | None = None
+        self.pump_thread: threading.Thread | None = None
+        self.started_wall = time.time()
+        self.guest = guestlab.Guest(
+            kernel, vcpus=vcpus,
+            # A reply timeout far beyond any test wait: a guest that resumes after an
+            # introspector vanished did so because the plugin noticed, not by timing out.
+            plugin_options={"socket": self.socket_path, "hold": True, "reconnect": True,
+                            "reply_timeout_ms": 600000})
+        self.guest.start()
+        self.attach(boot=True)
+        self.guest.wait_ready(self.guest.boot_timeout)
+
+    # -- session and pump -------------------------------------------------------------------
+    def attach(self, boot: bool = False) -> Session:
+        session = self.listener.accept(timeout=120)
+        assert session is not None, "the plugin did not connect"
+        self.session = session
+        self.pump_thread = threading.Thread(target=self._pump, args=(session, boot), daemon=True)
+        self.pump_thread.start()
+        return session
+
+    def _pump(self, session: Session, boot: bool) -> None:
+        while True:
+            try:
+                event = session.next_event(0.5)
+            except ConnectionClosed:
+                return
+            if event is None:
+                continue
+            if boot and event.event_id == abi.KVMI_EVENT_CREATE_VCPU:
+                # Set-up while the vCPU is held: see the kernel's LSTAR write.
+                session.control_events(event.vcpu, abi.KVMI_EVENT_MSR, True)
+                session.control_msr(event.vcpu, MSR_LSTAR, True)
+            action = abi.KVMI_EVENT_ACTION_CONTINUE
+            handler = self.handler
+            if handler is not None:
+                decided = handler(session, event)
+                if decided == -1:  # the handler closed the session instead of replying
+                    with self.cv:
+                        self.events.append(event)
+                        self.cv.notify_all()
+                    return
+                if decided is not None:
+                    action = decided
+            with self.cv:
+                self.events.append(event)
+                self.cv.notify_all()
+            try:
+                session.reply(event, action)
+            except ConnectionClosed:
+                return
+
+    def mark(self) -> int:
+        with self.cv:
+            return len(self.events)
+
+    def since(self, mark: int, event_id: int | None = None) -> list[Any]:
+        with self.cv:
+            return [e for e in self.events[mark:] if event_id is None or e.event_id == event_id]
+
+    def wait_for(self, predicate: Callable[[Any], bool], mark: int,
+                 timeout: float = EVENT_WAIT) -> Any:
+        deadline = time.monotonic() + timeout
+        with self.cv:
+            while True:
+                for e in self.events[mark:]:
+                    if predicate(e):
+                        return e
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError("expected event did not arrive")
+                self.cv.wait(left)
+
+    # -- guest helpers ----------------------------------------------------------------------
+    def run_ok(self, command: str) -> str:
+        status, output = self.guest.run(command)
+        assert status == 0, (command, status, output)
+        return output
+
+    def symbols(self, *names: str) -> dict[str, int]:
+        pattern = "|".join(names)
+        out = self.run_ok(f"grep -E ' ({pattern})$' /proc/kallsyms")
+        found = {}
+        for line in out.splitlines():
+            address, _kind, name = line.split()[:3]
+            found[name] = int(address, 16)
+        assert set(names) <= set(found), out
+        return found
+
+    def close(self) -> None:
+        self.guest.stop()
+        if self.session is not None:
+            self.session.close()
+        self.listener.close()
+
+
+@pytest.fixture(scope="module", params=[("6.1", 1), ("6.12", 2)], ids=["6.1-1vcpu", "6.12-2vcpu"])
+def lab(request):
+    kernel, vcpus = request.param
+    lab = Lab(kernel, vcpus)
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+# -- handshake and VM-wide commands -----------------------------------------------------------
+
+def test_handshake_fields(lab):
+    s = lab.session
+    assert s.name == lab.guest.name
+    assert s.uuid == lab.guest.uuid
+    assert abs(s.start_time - lab.started_wall) < 600  # seconds since the epoch, at QEMU start
+
+
+def test_version_guest_and_vcpu_info(lab):
+    s = lab.session
+    assert s.get_version().version == 1
+    assert s.get_guest_info().vcpu_count == lab.vcpus
+    for vcpu in range(lab.vcpus):
+        assert s.get_vcpu_info(vcpu).tsc_speed == 0  # unknown under TCG
+    with pytest.raises(KvmEINVAL):
+        s.get_vcpu_info(lab.vcpus)
+
+
+def test_check_command_and_check_event_tell_the_truth(lab):
+    s = lab.session
+    for command in list(range(64)) + [0x7F00, 0x7F01, 0x7F02, 0x7F03, 0x7F04]:
+        assert s.check_command(command) == (command in SUPPORTED_COMMANDS), command
+    for event in range(16):
+        assert s.check_event(event) == (event in SUPPORTED_EVENTS), event
+
+
+def test_unsupported_commands_answer_eopnotsupp(lab):
+    s = lab.session
+    with pytest.raises(KvmEOPNOTSUPP):
+        s.get_cpuid(0, 0)
+    with pytest.raises(KvmEOPNOTSUPP):
+        s.inject_exception(0, 3)
+    with pytest.raises(KvmEOPNOTSUPP):
+        s.set_registers(0, {f: 0 for f in abi.KVM_REGS.tuple._fields})
+    with pytest.raises(KvmEOPNOTSUPP):
+        s.get_xsave(0)
+    with pytest.raises(KvmEOPNOTSUPP):
+        s.request(0x7F00)  # an unknown vendor id
+    # Known events the plugin cannot produce are refused, unknown ones are invalid.
+    with pytest.raises(KvmEOPNOTSUPP):
+        s.control_events(0, abi.KVMI_EVENT_PF, True)
+    with pytest.raises(KvmEINVAL):
+        s.control_cr(0, 2, True)  # only CR0, CR3, CR4 are reported
+    with pytest.raises(KvmEINVAL):
+        s.control_msr(0, 0x40000000, True)  # outside the two architectural MSR ranges
+
+
+# -- boot: LSTAR, KASLR slide, banner ----------------------------------------------------------
+
+def test_lstar_write_at_boot_is_entry_syscall_64_plus_slide(lab):
+    syms = lab.symbols("entry_SYSCALL_64", "linux_banner", "_text")
+    slide = syms["_text"] - KERNEL_TEXT_LINK_ADDRESS
+    assert slide % KASLR_ALIGN == 0
+    lstar_writes = [e for e in lab.since(0, abi.KVMI_EVENT_MSR) if e.msr == MSR_LSTAR]
+    assert sorted({e.vcpu for e in lstar_writes}) == list(range(lab.vcpus))
+    for event in lstar_writes:
+        assert event.new_value == syms["entry_SYSCALL_64"]
+        assert event.arch.regs.rip >= KERNEL_HALF  # written by kernel code
+        assert event.arch.sregs.cs.selector & 3 == 0
+    # The slide is real: the banner sits at its kallsyms address in this guest's memory.
+    s = lab.session
+    gpa = s.translate_gva(0, syms["linux_banner"])
+    banner = s.read_physical(gpa, 128)
+    assert banner.startswith(b"Linux version " + lab.guest.release.encode() + b" ")
+    # And the host's page walk agrees with the plugin's.
+    regs = s.get_registers(0, msrs=[MSR_LSTAR, MSR_EFER, MSR_STAR])
+    assert regs.msrs[MSR_LSTAR] == syms["entry_SYSCALL_64"]
+    assert regs.msrs[MSR_EFER] & EFER_LMA
+    assert regs.mode == 8
+
+
+def test_get_registers_refuses_msrs_it_cannot_read(lab):
+    with pytest.raises(KvmEINVAL):
+        lab.session.get_registers(0, msrs=[0x10])  # TSC: never written by the guest
+
+
+def test_read_and_write_physical_bounds(lab):
+    s = lab.session
+    syms = lab.symbols("linux_banner")
+    gpa = s.translate_gva(0, syms["linux_banner"])
+    original = s.read_physical(gpa, 64)
+    s.write_physical(gpa, original)  # same bytes back: guest unchanged, path exercised
+    assert s.read_physical(gpa, 64) == original
+    ram_size = lab.guest.memory_mb << 20
+    with pytest.raises(KvmENOENT):
+        s.read_physical(ram_size, 16)
+    with pytest.raises(KvmENOENT):
+        s.write_physical(ram_size - 8, bytes(16))
+
+
+# -- CR3 writes while processes run -------------------------------------------------------------
+
+def test_cr3_events_page_aligned_while_processes_run(lab):
+    s = lab.session
+    for vcpu in range(lab.vcpus):
+        s.control_events(vcpu, abi.KVMI_EVENT_CR, True)
+        s.control_cr(vcpu, 3, True)
+    mark = lab.mark()
+    try:
+        lab.run_ok(f"{workloads.WORKLOAD_DRIVER} exec")
+        lab.run_ok("ls / > /dev/null; cat /proc/version > /dev/null")
+    finally:
+        for vcpu in range(lab.vcpus):
+            s.control_cr(vcpu, 3, False)
+    events = lab.since(mark, abi.KVMI_EVENT_CR)
+    assert len(events) >= 10
+    for e in events:
+        assert e.cr == 3
+        assert e.new_value & 0xFFF == 0, hex(e.new_value)
+        assert e.new_value != e.old_value
+        assert e.arch.sregs.cr3 == e.old_value  # arch state is taken before the write
+    assert len({e.new_value for e in events}) >= 2
+    # Disabled: no more CR events.
+    after = lab.mark()
+    lab.run_ok("ls / > /dev/null")
+    assert lab.since(after, abi.KVMI_EVENT_CR) == []
+
+
+# -- instrumentation breakpoints ---------------------------------------------------------------
+
+def test_breakpoint_on_kernel_function_fires_with_plausible_registers(lab):
+    s = lab.session
+    target = lab.symbols("do_sys_openat2")["do_sys_openat2"]
+    path = "/proc/version"
+    filenames: dict[int, bytes] = {}
+
+    def read_filename(session: Session, event: Any) -> None:
+        # While the vCPU waits for our reply, commands for it are served on it.
+        if event.event_id == abi.KVMI_EVENT_BREAKPOINT and event.arch.regs.rip == target:
+            gva = event.arch.regs.rsi
+            gpa = session.translate_gva(event.vcpu, gva)
+            if gpa != 2**64 - 1:
+                room = 4096 - (gpa & 0xFFF)
+                raw = session.read_physical(gpa, min(64, room))
+                filenames[event.seq] = raw.split(b"\0")[0]
+        return None
+
+    for vcpu in range(lab.vcpus):
+        s.control_events(vcpu, abi.KVMI_EVENT_BREAKPOINT, True)
+    lab.handler = read_filename
+    mark = lab.mark()
+    s.set_breakpoint(target)
+    try:
+        lab.run_ok(f"cat {path}")
+        hit = lab.wait_for(lambda e: e.seq in filenames and filenames[e.seq] == path.encode(),
+                           mark)
+    finally:
+        s.clear_breakpoint(target)
+        lab.handler = None
+    regs, sregs = hit.arch.regs, hit.arch.sregs
+    assert regs.rip == target
+    assert hit.gpa == s.translate_gva(hit.vcpu, target)
+    assert 1 <= hit.insn_len <= 15
+    assert regs.rdi & 0xFFFFFFFF == AT_FDCWD_32  # dfd of open(2) via openat
+    assert regs.rsi < KERNEL_HALF  # the user's filename pointer
+    assert regs.rsp >= KERNEL_HALF  # on the kernel stack
+    assert sregs.cs.selector & 3 == 0 and hit.arch.mode == 8
+    assert sregs.cr3 != 0 and sregs.efer & EFER_LMA
+    assert hit.arch.msrs.lstar == lab.symbols("entry_SYSCALL_64")["entry_SYSCALL_64"]
+    # Cleared: the function runs on without events.
+    after = lab.mark()
+    lab.run_ok(f"cat {path}")
+    assert [e for e in lab.since(after, abi.KVMI_EVENT_BREAKPOINT) if e.arch.regs.rip == target] == []
+
+
+# -- hypercalls, pauses ------------------------------------------------------------------------
+
+def test_vmcall_program_yields_hypercall_with_its_rax(lab):
+    s = lab.session
+    code_at_rip: dict[int, bytes] = {}
+
+    def read_code(session: Session, event: Any) -> None:
+        # While the vCPU waits, its address space is the workload's: read the code at rip.
+        if event.event_id == abi.KVMI_EVENT_HYPERCALL:
+            gpa = session.translate_gva(event.vcpu, event.arch.regs.rip)
+            if gpa != 2**64 - 1 and (gpa & 0xFFF) <= 4096 - len(workloads.VMCALL_INSN):
+                code_at_rip[event.seq] = session.read_physical(gpa, len(workloads.VMCALL_INSN))
+        return None
+
+    for vcpu in range(lab.vcpus):
+        s.control_events(vcpu, abi.KVMI_EVENT_HYPERCALL, True)
+    lab.handler = read_code
+    mark = lab.mark()
+    try:
+        lab.run_ok(workloads.WORKLOAD_BINARIES["vmcall"])
+        hit = lab.wait_for(lambda e: e.event_id == abi.KVMI_EVENT_HYPERCALL
+                           and e.arch.regs.rax == workloads.VMCALL_RAX, mark)
+    finally:
+        lab.handler = None
+        for vcpu in range(lab.vcpus):
+            s.control_events(vcpu, abi.KVMI_EVENT_HYPERCALL, False)
+    regs = hit.arch.regs
+    assert (regs.rbx, regs.rcx, regs.rdx, regs.rsi) == (
+        workloads.VMCALL_RBX, workloads.VMCALL_RCX, workloads.VMCALL_RDX, workloads.VMCALL_RSI)
+    assert hit.arch.sregs.cs.selector & 3 == 3  # executed in user mode
+    assert code_at_rip.get(hit.seq) == workloads.VMCALL_INSN  # rip is the vmcall itself
+
+
+def test_pause_vcpu_yields_pause_event(lab):
+    s = lab.session
+    for vcpu in range(lab.vcpus):
+        mark = lab.mark()
+        s.pause_vcpu(vcpu)
+        lab.guest.run("true")  # wake an idle vCPU
+        event = lab.wait_for(lambda e: e.event_id == abi.KVMI_EVENT_PAUSE_VCPU, mark)
+        assert event.vcpu == vcpu
+
+
+def test_nonblocking_delivery_needs_no_replies(lab):
+    s = lab.session
+    s.set_delivery(False)
+    for vcpu in range(lab.vcpus):
+        s.control_events(vcpu, abi.KVMI_EVENT_CR, True)
+        s.control_cr(vcpu, 3, True)
+    mark = lab.mark()
+    try:
+        lab.run_ok("ls / > /dev/null")
+    finally:
+        for vcpu in range(lab.vcpus):
+            s.control_cr(vcpu, 3, False)
+        s.set_delivery(True)
+    events = lab.since(mark, abi.KVMI_EVENT_CR)
+    assert events and not any(e.blocking for e in events)
+
+
+# -- a vanished or broken introspector never harms the guest -------------------------------
+
+def test_introspector_disconnect_mid_event_leaves_guest_running(lab):
+    s = lab.session
+    target = lab.symbols("do_sys_openat2")["do_sys_openat2"]
+
+    def vanish(session: Session, event: Any) -> int | None:
+        if event.event_id == abi.KVMI_EVENT_BREAKPOINT:
+            session.close()  # never replies
+            return -1
+        return None
+
+    for vcpu in range(lab.vcpus):
+        s.control_events(vcpu, abi.KVMI_EVENT_BREAKPOINT, True)
+    lab.handler = vanish
+    mark = lab.mark()
+    s.set_breakpoint(target)
+    status, output = lab.guest.run("cat /proc/version")
+    assert status == 0 and output.startswith("Linux version")
+    assert lab.since(mark, abi.KVMI_EVENT_BREAKPOINT)  # it did stop in an event
+    lab.pump_thread.join(10)
+    lab.handler = None
+    # reconnect=on: the plugin comes back with a clean slate (no breakpoints, no events).
+    fresh = lab.attach()
+    assert fresh.uuid == lab.guest.uuid
+    after = lab.mark()
+    lab.run_ok("cat /proc/version")
+    assert lab.since(after) == []
+
+
+def _raw_host(listen_path: str) -> socket.socket:
+    """Accept one plugin connection on a raw socket and complete the handshake by hand."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(listen_path)
+    os.chmod(listen_path, 0o600)
+    server.listen(1)
+    server.settimeout(60)
+    try:
+        conn, _ = server.accept()
+    finally:
+        server.close()
+        os.unlink(listen_path)
+    conn.settimeout(30)
+    hello = b""
+    while len(hello) < 96:
+        chunk = conn.recv(96 - len(hello))
+        assert chunk
+        hello += chunk
+    assert struct.unpack_from("<I", hello)[0] == 96
+    conn.sendall(struct.pack("<I20s", 24, bytes(20)))
+    return conn
+
+
+def _recv_until_closed(conn: socket.socket) -> bytes:
+    data = b""
+    while True:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_malformed_messages_drop_the_connection_and_guest_runs_on(lab):
+    # Replace the Listener with a raw socket to send what no real client would.
+    lab.session.close()
+    lab.pump_thread.join(10)
+    lab.listener.close()
+
+    conn = _raw_host(lab.socket_path)
+    # An unknown command is answered -KVM_EOPNOTSUPP and the connection stays up ...
+    conn.sendall(struct.pack("<HHI", 0x1234, 0, 7))
+    reply = conn.recv(16)
+    assert struct.unpack("<HHIiI", reply) == (0x1234, 8, 7, -95, 0)
+    # ... but a header claiming more than the largest message drops it.
+    conn.sendall(struct.pack("<HHI", abi.KVMI_GET_VERSION, 0xFFFF, 8))
+    _recv_until_closed(conn)
+    conn.close()
+    lab.run_ok("true")
+
+    conn = _raw_host(lab.socket_path)
+    conn.sendall(struct.pack("<HHI", abi.KVMI_READ_PHYSICAL, 16, 9) + b"\1\2\3")  # truncated
+    conn.close()
+    lab.run_ok("true")
+
+    lab.listener = Listener("unix:" + lab.socket_path)
+    lab.attach()
+    assert lab.session.get_version().version == 1
+    lab.run_ok("true")
