@@ -88,14 +88,17 @@ class Guest:
     ``plugin_options`` loads the vmitrace KVMI plugin with those key=value arguments, after
     ``ram``, ``name`` and ``uuid`` filled in from this guest (``socket`` must be given to
     connect to an introspector). ``workload="steady"`` starts the workload driver at boot
-    (output in /tmp/workload.log), with ``workload_period_ms`` between rounds.
+    (output in /tmp/workload.log), with ``workload_period_ms`` between rounds. The run
+    directory (serial log, sockets) is removed by stop(); with ``log_dir`` the serial and QEMU
+    logs are first copied there as ``<name>-serial.log`` and ``<name>-qemu.log``.
     """
 
     def __init__(self, kernel: str = "6.1", vcpus: int = 1, memory_mb: int = 512,
                  plugin_options: Mapping[str, Any] | None = None, name: str | None = None,
                  workload: str | None = None, workload_period_ms: int | None = None,
                  kaslr: bool = True, extra_cmdline: str = "", cpu: str = "qemu64",
-                 boot_timeout: float = 180.0, plugin_path: Path | None = None) -> None:
+                 boot_timeout: float = 180.0, plugin_path: Path | None = None,
+                 log_dir: Path | None = None) -> None:
         if not 1 <= vcpus <= 4:
             raise ValueError(f"vcpus must be 1..4, not {vcpus}")
         if not 64 <= memory_mb <= MAX_MEMORY_MB:
@@ -117,6 +120,7 @@ class Guest:
         self.extra_cmdline = extra_cmdline
         self.cpu = cpu
         self.boot_timeout = boot_timeout
+        self.log_dir = Path(log_dir) if log_dir is not None else None
 
         self.build: build.LabBuild | None = None
         self.run_dir: Path | None = None
@@ -407,6 +411,8 @@ class Guest:
             log.warning("%s: killing QEMU %d", self.name, process.pid)
             process.kill()
             process.wait()
+        if self.log_dir is not None:
+            self._keep_logs(self.log_dir)
         self._drop_control()
         if self._qmp is not None:
             with contextlib.suppress(OSError):
@@ -417,8 +423,7 @@ class Guest:
         _live.discard(self)
         return process.returncode
 
-    def keep_logs(self, directory: Path) -> None:
-        """Copy the serial and QEMU logs somewhere that outlives stop() (for debugging)."""
+    def _keep_logs(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         for path in (self.serial_log, self.qemu_log):
             with contextlib.suppress(OSError):
