@@ -7,6 +7,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 import uuid
 
 import pytest
@@ -438,3 +439,46 @@ def test_vsock_listener_when_available() -> None:
         pytest.skip(f"vsock not available on this machine: {exc}")
     lst.close()
 
+
+
+def _wait_for(predicate, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("blocking", [False, True])
+def test_event_queue_is_bounded(blocking: bool) -> None:
+    ours, theirs = socket.socketpair()
+    peer = HostPeer(theirs)
+    peer.send_handshake(VM, "bounded")
+    s = Session.from_socket(ours, max_queued_events=4, command_timeout=5)
+    peer.read_handshake_answer()
+    peer.serve(lambda p, i, seq, pl: (p.reply(i, seq, 0, struct.pack("<I12x", 1)
+                                              if i == abi.KVMI_GET_GUEST_INFO else b""), True)[1])
+    if not blocking:
+        s.set_delivery(False)
+    for k in range(20):
+        peer.send_event(k + 1, 0, abi.KVMI_EVENT_PAUSE_VCPU)
+    # Back-pressure: with nobody waiting for a reply the reader stops at the soft limit.
+    assert _wait_for(lambda: s.pending_events() == 4)
+    if blocking:  # more unanswered blocking events than the hard limit: a broken host
+        with pytest.raises(errors.ConnectionClosed) as exc:
+            s.get_guest_info()
+        assert isinstance(exc.value.cause, errors.MalformedMessage)
+        assert peer.at_eof()
+    else:  # a waiting command makes the reader read on; non-blocking events overflow
+        assert s.get_guest_info().vcpu_count == 1
+        assert s.pending_events() == 8 and s.dropped_events == 12
+        assert [s.next_event(timeout=1).seq for _ in range(8)] == list(range(1, 9))
+        s.close()
+
+
+def test_control_cmd_response_is_refused(listener) -> None:
+    _, s = connect(listener)
+    with pytest.raises(ValueError):
+        s.request(abi.KVMI_CONTROL_CMD_RESPONSE, bytes(8))
+    s.close()

@@ -199,10 +199,11 @@ class StructDef:
         assert self.struct.size == size, (name, self.struct.size, size)
         padfmt_s = _pads_nested(self)
         # Padding-only codec: skips value bytes, yields the padding words (all must be 0).
-        self._pad = struct.Struct("<" + padfmt_s) if any(c.isalpha() and c != "x"
+        self.padding_struct = struct.Struct("<" + padfmt_s) if any(c.isalpha() and c != "x"
                                                           for c in padfmt_s) else None
         self.value_fields = tuple(f for f in fields if not f.padding and f.kind != "flex")
-        self.tuple = namedtuple(_camel(name), [f.name for f in self.value_fields])  # type: ignore[misc]
+        names = [f.name for f in self.value_fields]
+        self.tuple = namedtuple(_camel(name), names)  # type: ignore[misc]
         self.flex = next((f for f in fields if f.kind == "flex"), None)
         self._plan = self._compile_plan()
         self._from_flat = self._compile_from_flat()
@@ -243,7 +244,7 @@ class StructDef:
 
     def check_padding(self, buf: bytes | memoryview, offset: int = 0) -> None:
         """Raise :class:`PaddingError` if any padding byte of the struct at ``offset`` is set."""
-        if self._pad is not None and any(self._pad.unpack_from(buf, offset)):
+        if self.padding_struct is not None and any(self.padding_struct.unpack_from(buf, offset)):
             raise PaddingError(f"{self.name}: non-zero padding")
 
     def from_flat(self, vals: Sequence[Any]) -> Any:
@@ -569,7 +570,8 @@ KVMI_EVENT_DESCRIPTOR_ = _def("kvmi_event_descriptor", [
 KVMI_EVENT_CPUID_ = _def("kvmi_event_cpuid", [
     ("function", "u32"), ("index", "u32"), ("insn_length", "u8"), ("padding1", ("u8", 3)),
     ("padding2", "u32")], 16)
-KVMI_EVENT_SINGLESTEP_ = _def("kvmi_event_singlestep", [("failed", "u8"), ("padding", ("u8", 7))], 8)
+KVMI_EVENT_SINGLESTEP_ = _def("kvmi_event_singlestep", [
+    ("failed", "u8"), ("padding", ("u8", 7))], 8)
 
 # --------------------------------------------------------------------------------------------
 # vmitrace vendor extension (answered by vmitrace's QEMU plugin host only)

@@ -26,6 +26,7 @@ import hashlib
 import struct
 import uuid as uuidlib
 from collections import OrderedDict
+from operator import itemgetter
 from typing import Any
 
 from . import abi
@@ -37,7 +38,7 @@ _HDR = abi.KVMI_MSG_HDR.struct
 _HDR_SIZE = abi.KVMI_MSG_HDR.size
 _ERR = abi.KVMI_ERROR_CODE.struct
 _EVENT_COMMON = struct.Struct("<HHB")  # kvmi_event.size, .vcpu, .event
-_EVENT_STRUCT = abi.KVMI_EVENT_
+_EVENT_PADDING = abi.KVMI_EVENT_.padding_struct.unpack_from  # type: ignore[union-attr]
 _EVENT_MIN = abi.KVMI_EVENT_.size  # common part incl. arch: 544
 _MAX_PAYLOAD = abi.KVMI_MSG_SIZE
 _MAX_ABANDONED = 4096
@@ -66,7 +67,6 @@ def _value_getter(sd: abi.StructDef):  # type: ignore[no-untyped-def]
     if len(idx) == 1:
         i = idx[0]
         return lambda vals: (vals[i],)
-    from operator import itemgetter
     return itemgetter(*idx)
 
 
@@ -76,7 +76,7 @@ for _eid, (_name, _payload, _reply) in abi.EVENTS.items():
     if _payload is None:
         _EVENT_DECODERS[_eid] = (EVENT_CLASSES[_eid], None, None, None, 0)
     else:
-        _EVENT_DECODERS[_eid] = (EVENT_CLASSES[_eid], _payload.struct, _payload._pad,
+        _EVENT_DECODERS[_eid] = (EVENT_CLASSES[_eid], _payload.struct, _payload.padding_struct,
                                  _value_getter(_payload), _payload.size)
 
 
@@ -337,7 +337,7 @@ def decode_event(raw: bytes, size: int, seq: int, blocking: bool = True) -> Even
     common_size, vcpu, event_id = _EVENT_COMMON.unpack_from(raw, _HDR_SIZE)
     if common_size < _EVENT_MIN or common_size > size:
         raise MalformedMessage(f"kvmi_event.size {common_size} outside [{_EVENT_MIN}, {size}]")
-    if _EVENT_STRUCT._pad is not None and any(_EVENT_STRUCT._pad.unpack_from(raw, _HDR_SIZE)):
+    if any(_EVENT_PADDING(raw, _HDR_SIZE)):
         raise MalformedMessage("kvmi_event: non-zero padding")
     dec = _EVENT_DECODERS.get(event_id)
     if dec is None:
@@ -368,9 +368,10 @@ def encode_event_reply(event: Event, action: int = abi.KVMI_EVENT_ACTION_CONTINU
         new_val = reply.pop("new_val", None)
         if reply:
             raise ValueError(f"{event.name} reply takes only new_val, got {sorted(reply)}")
+        if new_val is None:
+            new_val = event.new_value  # type: ignore[attr-defined]
         return _REPLY_NEWVAL.pack(abi.KVMI_EVENT_REPLY, _REPLY_NEWVAL_PAYLOAD, event.seq,
-                                  event.vcpu, 0, 0, action, eid, 0, 0,
-                                  event.new_value if new_val is None else new_val)  # type: ignore[attr-defined]
+                                  event.vcpu, 0, 0, action, eid, 0, 0, new_val)
     if eid == abi.KVMI_EVENT_PF:
         specific = abi.KVMI_EVENT_PF_REPLY.encode(reply)
         return _REPLY_PLAIN.pack(abi.KVMI_EVENT_REPLY, _REPLY_PLAIN_PAYLOAD + len(specific),

@@ -185,36 +185,42 @@ class ReplayHost:
         self.error: BaseException | None = None
         self._load()
 
-    def _load(self) -> None:
-        self._handshake: bytes | None = None
-        self._script: list[tuple[str, object]] = []
-        sent: dict[int, tuple[int, bytes]] = {}  # out seq -> (id, payload)
-        self._replies: dict[tuple[int, bytes], collections.deque[bytes]] = {}
-        seen_out_handshake = False
+    def _records(self) -> Iterator[tuple[str, int, int, bytes, bytes]]:
+        """(direction, id, seq, payload, raw) of each KVMI message after the handshake."""
+        seen = {"in": False, "out": False}
         for rec in self.reader:
-            if rec.direction == "in" and self._handshake is None:
-                parse_handshake(rec.raw)  # validates
-                self._handshake = rec.raw
-                continue
-            if rec.direction == "out" and not seen_out_handshake:
-                seen_out_handshake = True
+            if not seen[rec.direction]:  # the first message each way is the handshake
+                seen[rec.direction] = True
+                if rec.direction == "in":
+                    parse_handshake(rec.raw)  # validates
                 continue
             if len(rec.raw) < _HDR.size:
                 raise RecordingError(f"{self.reader.path}: message shorter than its header")
-            msg_id, size, seq = _HDR.unpack_from(rec.raw)
-            payload = rec.raw[_HDR.size:]
-            if rec.direction == "in":
-                if msg_id == abi.KVMI_EVENT:
-                    self._script.append(("event", rec.raw))
-                elif seq in sent and sent[seq][0] == msg_id:
-                    key = sent.pop(seq)
-                    self._replies.setdefault(key, collections.deque()).append(payload)
-            elif msg_id == abi.KVMI_EVENT_REPLY:
-                self._script.append(("await", seq))
-            else:
-                sent[seq] = (msg_id, payload)
+            msg_id, _size, seq = _HDR.unpack_from(rec.raw)
+            yield rec.direction, msg_id, seq, rec.raw[_HDR.size:], rec.raw
+
+    def _load(self) -> None:
+        """First pass: the handshake and the command -> replies table (events stay on disk)."""
+        self._handshake = next((r.raw for r in self.reader if r.direction == "in"), None)
         if self._handshake is None:
             raise RecordingError(f"{self.reader.path}: no handshake recorded")
+        sent: dict[int, tuple[int, bytes]] = {}  # out seq -> (id, payload)
+        self._replies: dict[tuple[int, bytes], collections.deque[bytes]] = {}
+        for direction, msg_id, seq, payload, _raw in self._records():
+            if direction == "out" and msg_id != abi.KVMI_EVENT_REPLY:
+                sent[seq] = (msg_id, payload)
+            elif direction == "in" and msg_id != abi.KVMI_EVENT:
+                key = sent.pop(seq, None)
+                if key is not None and key[0] == msg_id:
+                    self._replies.setdefault(key, collections.deque()).append(payload)
+
+    def _script(self) -> Iterator[tuple[str, object]]:
+        """Second pass, streamed: events to send and event replies to wait for, in order."""
+        for direction, msg_id, seq, _payload, raw in self._records():
+            if direction == "in" and msg_id == abi.KVMI_EVENT:
+                yield "event", raw
+            elif direction == "out" and msg_id == abi.KVMI_EVENT_REPLY:
+                yield "await", seq
 
     # -- entry points ---------------------------------------------------------------------
     def socketpair(self) -> socket.socket:
@@ -286,7 +292,7 @@ class ReplayHost:
                 answer += chunk
             reader = threading.Thread(target=read_loop, daemon=True, name="kvmi-replay-rd")
             reader.start()
-            for kind, item in self._script:
+            for kind, item in self._script():
                 if kind == "event":
                     send(item)  # type: ignore[arg-type]
                 else:
@@ -300,7 +306,7 @@ class ReplayHost:
             else:
                 sock.shutdown(socket.SHUT_WR)
                 reader.join()
-        except (OSError, KvmiError) as exc:
+        except (OSError, KvmiError, abi.AbiError) as exc:
             self.error = exc
         finally:
             try:

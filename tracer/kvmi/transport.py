@@ -81,6 +81,12 @@ class Session:
     ``events_received``, ``dropped_events`` (non-blocking events dropped because the queue was
     full), ``blocking`` (False after a successful ``set_delivery(False)``).
 
+    Event queue: at ``max_queued_events`` queued events the reader stops reading (the socket
+    pushes back on the host) unless a command waits for its reply; then it reads on up to
+    twice that many. Beyond that, non-blocking events are dropped and counted in
+    ``dropped_events``; blocking ones close the session (a host cannot have that many vCPUs
+    waiting).
+
     Commands raise :class:`~tracer.kvmi.errors.CommandError` subclasses for ``-KVM_E*``
     answers, :class:`CommandTimeout` after ``timeout`` seconds (default
     ``command_timeout``), :class:`ConnectionClosed` when the connection is gone.
@@ -88,7 +94,7 @@ class Session:
 
     def __init__(self, sock: socket.socket, protocol: IntrospectorProtocol, *,
                  recorder: Recorder | None = None, command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
-                 max_queued_events: int = 65536,
+                 max_queued_events: int = 16384,
                  handshake_log: Sequence[tuple[str, int, bytes]] = (),
                  initial_messages: Sequence[Any] = ()) -> None:
         if protocol.handshake is None or protocol.state != "ready":
@@ -358,12 +364,16 @@ class Session:
                 _on_success: Callable[[], None] | None = None) -> bytes:
         """Send one command and wait for its reply; returns the data after kvmi_error_code.
 
-        ``vcpu`` prepends ``kvmi_vcpu_hdr`` (required exactly for vCPU commands).
+        ``vcpu`` prepends ``kvmi_vcpu_hdr`` (required exactly for vCPU commands). This is the
+        escape hatch for commands without a typed method (e.g. KVMI_CONTROL_VE).
         """
         name = abi.COMMAND_NAMES.get(msg_id, hex(msg_id))
+        if msg_id == abi.KVMI_CONTROL_CMD_RESPONSE:
+            raise ValueError("KVMI_CONTROL_CMD_RESPONSE would stop command replies; "
+                             "Session needs one reply per command")
         with self._send_lock:
             with self._cv:
-                if self._closed:
+                if self._closed or self._proto.state != "ready":
                     raise ConnectionClosed("session closed", self.error)
                 seq, data = self._proto.command(msg_id, payload, vcpu)
                 waiter = _Waiter(msg_id, _on_success)
