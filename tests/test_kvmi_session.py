@@ -432,7 +432,8 @@ def test_events_right_behind_the_handshake_are_kept(sock_path) -> None:
         s.close()
 
 
-def test_vsock_listener_when_available() -> None:
+def test_vsock_listener_binds() -> None:
+    # Only binding is checked: this machine has no vsock loopback to connect through.
     try:
         lst = Listener("vsock:50123")
     except OSError as exc:

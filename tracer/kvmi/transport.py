@@ -773,6 +773,7 @@ class Listener:
         self._recorder_factory = recorder_factory
         self._session_kw = session_kw
         self._ready: queue.Queue[Session] = queue.Queue()
+        self._count_lock = threading.Lock()
         self._handshaking = threading.BoundedSemaphore(max_pending_handshakes)
         self._closing = False
         if self.kind == "unix":
@@ -837,7 +838,7 @@ class Listener:
             if not self._handshaking.acquire(blocking=False):
                 log.warning("kvmi listener %s: too many pending handshakes, refusing a host",
                             self.address)
-                self.handshake_failures += 1
+                self._count_failure()
                 _close_socket(conn)
                 continue
             threading.Thread(target=self._handshake, args=(conn,), daemon=True,
@@ -850,7 +851,7 @@ class Listener:
                                           recorder_factory=self._recorder_factory,
                                           **self._session_kw)
         except (KvmiError, OSError) as exc:
-            self.handshake_failures += 1
+            self._count_failure()
             log.warning("kvmi listener %s: handshake failed: %s", self.address, exc)
             return
         finally:
@@ -860,6 +861,10 @@ class Listener:
             return
         log.info("kvmi: VM %r (%s) connected", session.name, session.uuid)
         self._ready.put(session)
+
+    def _count_failure(self) -> None:
+        with self._count_lock:
+            self.handshake_failures += 1
 
     def accept(self, timeout: float | None = None) -> Session | None:
         """The next host that completed its handshake; None after ``timeout`` seconds."""
