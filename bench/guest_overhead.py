@@ -1,0 +1,173 @@
+"""Guest slow-down caused by the QEMU KVMI plugin, as ratios against an untraced run.
+
+One fixed amount of guest work (a fork/exec-heavy shell loop: every round forks, execs
+busybox, opens, reads and writes) is timed in each configuration, all in this one run:
+
+  untraced            lab guest without the plugin
+  plugin idle         plugin loaded and connected, nothing enabled
+  cr+msr              CR0/CR3/CR4 write events and MSR write events (syscall, segment-base,
+                      speculation-control and timer MSRs), blocking, answered CONTINUE
+  bp syscall blocking instrumentation breakpoint at entry_SYSCALL_64, blocking delivery,
+                      every event answered CONTINUE by a tracer.kvmi Session
+  bp syscall nonblock same breakpoint, non-blocking delivery (observe-only)
+
+Usage: .venv/bin/python bench/guest_overhead.py [--kernel 6.1] [--rounds 300] [--repeat 3]
+Goals (issue 3): blocking syscall breakpoints <= 1.5x untraced, non-blocking <= 1.2x.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import guestlab  # noqa: E402
+from tracer.kvmi import abi  # noqa: E402
+from tracer.kvmi.errors import ConnectionClosed  # noqa: E402
+from tracer.kvmi.transport import Listener, Session  # noqa: E402
+
+CRS = (0, 3, 4)
+MSRS = (0xC0000081, 0xC0000082, 0xC0000083, 0x174, 0x175, 0x176,  # syscall entry points
+        0xC0000100, 0xC0000101, 0xC0000102,  # FS/GS bases
+        0x48, 0x49, 0x6E0)  # SPEC_CTRL, PRED_CMD, TSC_DEADLINE
+
+
+def workload(rounds: int) -> str:
+    return (f"i=0; while [ $i -lt {rounds} ]; do cat /proc/version > /tmp/bench.out; "
+            f"i=$((i+1)); done")
+
+
+def time_once(guest: guestlab.Guest, rounds: int) -> float:
+    start = time.monotonic()
+    status, output = guest.run(workload(rounds), timeout=600)
+    elapsed = time.monotonic() - start
+    if status != 0:
+        raise RuntimeError(f"guest work failed: {status} {output!r}")
+    return elapsed
+
+
+class Responder:
+    """Answers every event CONTINUE (blocking ones) and counts them per type."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.counts: dict[str, int] = {}
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                event = self.session.next_event(0.5)
+            except ConnectionClosed:
+                return
+            if event is None:
+                continue
+            self.counts[event.name] = self.counts.get(event.name, 0) + 1
+            if event.blocking:
+                self.session.reply(event)
+
+    def take_counts(self) -> dict[str, int]:
+        counts, self.counts = self.counts, {}
+        return counts
+
+
+def entry_syscall_64(guest: guestlab.Guest) -> int:
+    status, out = guest.run("grep ' entry_SYSCALL_64$' /proc/kallsyms")
+    if status != 0 or not out.strip():
+        raise RuntimeError(f"entry_SYSCALL_64 not in kallsyms: {out!r}")
+    return int(out.split()[0], 16)
+
+
+CONFIGS = ("untraced", "plugin idle", "cr+msr", "bp syscall blocking", "bp syscall nonblock")
+
+
+def configure(session: Session, name: str, syscall_entry: int) -> None:
+    """Switch the plugin guest to configuration ``name`` (from any other)."""
+    cr_msr = name == "cr+msr"
+    bp = name.startswith("bp ")
+    session.set_delivery(name != "bp syscall nonblock")
+    session.control_events(0, abi.KVMI_EVENT_CR, cr_msr)
+    session.control_events(0, abi.KVMI_EVENT_MSR, cr_msr)
+    session.control_events(0, abi.KVMI_EVENT_BREAKPOINT, bp)
+    if bp:
+        session.set_breakpoint(syscall_entry)
+    else:
+        session.clear_breakpoint(syscall_entry)
+
+
+def run(kernel: str, rounds: int, repeat: int) -> dict[str, Any]:
+    """Both guests run side by side; configurations are interleaved round by round so
+    that load from elsewhere on the machine hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    events: dict[str, dict[str, int]] = {name: {} for name in CONFIGS}
+    workdir = tempfile.mkdtemp(prefix="vmitrace-bench-")
+    path = os.path.join(workdir, "kvmi.sock")
+    print(f"guest work: {rounds} rounds of fork/exec/open/read/write; {repeat} interleaved "
+          "runs per configuration", flush=True)
+    with Listener("unix:" + path) as listener, \
+            guestlab.Guest(kernel, vcpus=1) as plain, \
+            guestlab.Guest(kernel, vcpus=1, plugin_options={"socket": path}) as traced:
+        session = listener.accept(timeout=60)
+        if session is None:
+            raise RuntimeError("the plugin did not connect")
+        responder = Responder(session)
+        for cr in CRS:
+            session.control_cr(0, cr, True)
+        for msr in MSRS:
+            session.control_msr(0, msr, True)
+        syscall_entry = entry_syscall_64(traced)
+        for guest in (plain, traced):  # warm the translation caches
+            time_once(guest, max(1, rounds // 10))
+        for _ in range(repeat):
+            for name in CONFIGS:
+                if name == "untraced":
+                    times[name].append(time_once(plain, rounds))
+                    continue
+                configure(session, name, syscall_entry)
+                time.sleep(0.2)
+                responder.take_counts()
+                times[name].append(time_once(traced, rounds))
+                time.sleep(0.2)  # let the last non-blocking events arrive
+                for k, v in responder.take_counts().items():
+                    events[name][k] = events[name].get(k, 0) + v
+        session.close()
+    base = statistics.median(times["untraced"])
+    configs = {name: {"seconds": times[name], "median": statistics.median(times[name]),
+                      "ratio": statistics.median(times[name]) / base, "events": events[name]}
+               for name in CONFIGS}
+    return {"kernel": kernel, "rounds": rounds, "repeat": repeat, "configs": configs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--kernel", default="6.1", choices=sorted(guestlab.KERNELS))
+    parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="also print the results as JSON")
+    args = parser.parse_args()
+    results = run(args.kernel, args.rounds, args.repeat)
+    print("\nratio to untraced (median of runs):")
+    for name, cfg in results["configs"].items():
+        events = sum(cfg["events"].values())
+        rate = events / (cfg["median"] * args.repeat) if events else 0.0
+        print(f"  {name:22s} {cfg['ratio']:5.2f}x   ({rate:8.0f} events/s)")
+    goals: dict[str, Callable[[float], bool]] = {
+        "bp syscall blocking": lambda r: r <= 1.5, "bp syscall nonblock": lambda r: r <= 1.2}
+    for name, ok in goals.items():
+        ratio = results["configs"][name]["ratio"]
+        print(f"  goal {name}: {ratio:.2f}x -> {'met' if ok(ratio) else 'NOT met'}")
+    if args.json:
+        print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
