@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 
 from .errors import NoKallsyms
-from .image import KernelMemory
+from .image import START_KERNEL_MAP, KernelMemory
 
 _DIGIT_TOKENS = re.compile(re.escape(b"".join(bytes([c]) + b"\0" for c in b"0123456789")))
 # Bounds that keep a hostile or corrupt image from sending the decoder into the weeds.
@@ -168,7 +168,7 @@ def _find_offsets(km: KernelMemory, buf: bytes, names_pos: int, n: int, index_po
             continue
         (rb,) = struct.unpack_from("<Q", buf, rb_pos)
         link_rb = rb - km.slide
-        if not km.base - (1 << 30) <= link_rb < km.base + len(buf):
+        if not START_KERNEL_MAP <= link_rb < 1 << 64:  # _text-based, link-time or KASLR-moved
             continue
         addrs, abs_percpu = _addresses(buf, off_pos, n, link_rb)
         if _sorted_enough(addrs):
