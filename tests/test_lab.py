@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import mmap
 import os
 import re
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -204,3 +209,44 @@ def test_stop_falls_back_when_the_guest_does_not_power_off():
         assert guest.qmp("query-status")["status"] == "paused"
         status = guest.stop(timeout=4)
     assert status is not None and process_gone(pid) and not ram.exists()
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+VMITRACE = [str(Path(sys.executable).with_name("vmitrace"))]  # the installed console script
+
+
+def test_cli_build_json_lists_both_kernels():
+    done = subprocess.run([*VMITRACE, "lab", "build", "--json"], capture_output=True, text=True,
+                          timeout=600, check=True)
+    builds = json.loads(done.stdout)
+    assert [b["kernel"] for b in builds] == ["6.1", "6.12"]
+    for b in builds:
+        assert b["release"] == ensure(b["kernel"], refresh=False).release
+        assert Path(b["initramfs"]).is_file()
+
+
+def test_cli_run_until_interrupted():
+    proc = subprocess.Popen([*VMITRACE, "lab", "run", "--kernel", "6.12", "--vcpus", "2",
+                             "--workload", "steady", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        text = ""
+        while not text.endswith("}\n"):
+            line = proc.stdout.readline()
+            assert line, f"vmitrace lab run ended early: {proc.stderr.read()}"
+            text += line
+        info = json.loads(text)
+        assert info["vcpus"] == 2 and info["release"].startswith("6.12.")
+        ram = Path(info["ram"])
+        assert ram.stat().st_size == info["memory_mb"] << 20
+        assert READY_MARKER in Path(info["serial_log"]).read_text(errors="replace")
+        assert "vmitrace.workload=steady" in Path(f"/proc/{info['qemu_pid']}/cmdline").read_text()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert process_gone(info["qemu_pid"])
+    assert not ram.exists()
