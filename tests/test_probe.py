@@ -1,0 +1,83 @@
+"""`vmitrace probe` against real hosts: a lab guest it boots itself, and a guest that
+connects to the address it listens on."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import guestlab
+from tracer.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+PLUGIN_COMMANDS = {
+    "KVMI_GET_VERSION", "KVMI_CHECK_COMMAND", "KVMI_CHECK_EVENT", "KVMI_GET_GUEST_INFO",
+    "KVMI_GET_VCPU_INFO", "KVMI_PAUSE_VCPU", "KVMI_CONTROL_VM_EVENTS", "KVMI_CONTROL_EVENTS",
+    "KVMI_CONTROL_CR", "KVMI_CONTROL_MSR", "KVMI_GET_REGISTERS", "KVMI_READ_PHYSICAL",
+    "KVMI_WRITE_PHYSICAL", "KVMI_VCPU_TRANSLATE_GVA", "VMITRACE_SET_BREAKPOINT",
+    "VMITRACE_CLEAR_BREAKPOINT", "VMITRACE_SET_DELIVERY",
+}
+PLUGIN_EVENTS = {
+    "KVMI_EVENT_UNHOOK", "KVMI_EVENT_CR", "KVMI_EVENT_MSR", "KVMI_EVENT_BREAKPOINT",
+    "KVMI_EVENT_HYPERCALL", "KVMI_EVENT_CREATE_VCPU", "KVMI_EVENT_PAUSE_VCPU",
+}
+
+
+def test_probe_needs_exactly_one_host_source():
+    runner = CliRunner()
+    assert runner.invoke(main, ["probe"]).exit_code == 2
+    assert runner.invoke(main, ["probe", "--lab", "--listen", "unix:/tmp/x"]).exit_code == 2
+
+
+@pytest.mark.guest
+def test_probe_lab_reports_plugin_capabilities_and_counts(tmp_path):
+    result = CliRunner().invoke(main, ["probe", "--lab", "--duration", "4", "--json"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["handshake"]["name"].startswith("lab-6.1-")
+    assert report["handshake"]["struct_size"] == 96
+    assert report["version"] == 1
+    assert {n for n, ok in report["commands"].items() if ok} == PLUGIN_COMMANDS
+    assert {n for n, ok in report["events"].items() if ok} == PLUGIN_EVENTS
+    assert report["vcpu_count"] == 1
+    assert report["delivery"] == "non-blocking"
+    # The steady workload runs processes: address-space switches are CR3 writes.
+    assert report["event_counts"].get("KVMI_EVENT_CR", 0) > 0
+    assert set(report["event_counts"]) <= PLUGIN_EVENTS
+
+
+@pytest.mark.guest
+def test_probe_listen_waits_for_a_host(tmp_path):
+    sock = str(tmp_path / "kvmi.sock")
+    probe = subprocess.Popen(
+        [sys.executable, "-c", "from tracer.cli import main; main()", "probe", "--listen", f"unix:{sock}",
+         "--duration", "3", "--blocking", "--timeout", "180"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock):
+            assert probe.poll() is None, probe.stderr.read()
+            assert time.monotonic() < deadline, "probe never listened"
+            time.sleep(0.1)
+        assert os.stat(sock).st_mode & 0o777 == 0o600  # not world-writable
+        with guestlab.Guest("6.12", vcpus=2, workload="steady",
+                            plugin_options={"socket": sock}) as guest:
+            out, err = probe.communicate(timeout=300)
+            name = guest.name
+            guest.run("true")  # the guest outlived its introspector
+    finally:
+        if probe.poll() is None:
+            probe.kill()
+            probe.wait()
+    assert probe.returncode == 0, err
+    assert f"host        {name!r}" in out
+    assert "vcpus       2" in out
+    assert ", blocking delivery" in out
+    assert "VMITRACE_SET_BREAKPOINT" in out
