@@ -486,3 +486,57 @@ def test_malformed_messages_drop_the_connection_and_guest_runs_on(lab):
     lab.attach()
     assert lab.session.get_version().version == 1
     lab.run_ok("true")
+
+
+# -- reply timeout, CRASH and UNHOOK (a guest of its own: it ends here) ------------------------
+
+def test_reply_timeout_then_crash_reply_stops_vm_with_unhook(tmp_path):
+    listener = Listener(f"unix:{tmp_path}/kvmi.sock")
+    guest = guestlab.Guest("6.1", vcpus=1, plugin_options={
+        "socket": f"{tmp_path}/kvmi.sock", "reply_timeout_ms": 300})
+    try:
+        guest.start()
+        session = listener.accept(timeout=120)
+        assert session is not None
+        guest.wait_ready(guest.boot_timeout)
+        status, out = guest.run("grep ' do_sys_openat2$' /proc/kallsyms")
+        target = int(out.split()[0], 16)
+        session.control_vm_events(abi.KVMI_EVENT_UNHOOK, True)
+        session.control_events(0, abi.KVMI_EVENT_BREAKPOINT, True)
+        session.set_breakpoint(target)
+        # Unanswered events time out with the documented default action: continue.
+        status, out = guest.run("cat /proc/version")
+        assert status == 0 and out.startswith("Linux version")
+        unanswered = session.unanswered()
+        assert unanswered and all(e.event_id == abi.KVMI_EVENT_BREAKPOINT for e in unanswered)
+        # CRASH stops the VM; on the way out the host sends UNHOOK.
+        session.clear_breakpoint(target)
+        session.control_events(0, abi.KVMI_EVENT_HYPERCALL, True)
+        run = threading.Thread(target=lambda: _ignore_errors(
+            guest.run, workloads.WORKLOAD_BINARIES["vmcall"], 30), daemon=True)
+        run.start()
+        seen = []
+        while True:
+            try:
+                event = session.next_event(EVENT_WAIT)
+            except ConnectionClosed:
+                break
+            assert event is not None, "no event and no disconnect"
+            seen.append(event.event_id)
+            if event.event_id == abi.KVMI_EVENT_HYPERCALL:
+                session.reply(event, abi.KVMI_EVENT_ACTION_CRASH)
+            elif event.blocking and event.event_id != abi.KVMI_EVENT_BREAKPOINT:
+                session.reply(event)
+        assert abi.KVMI_EVENT_HYPERCALL in seen
+        assert seen[-1] == abi.KVMI_EVENT_UNHOOK
+        assert guest.process.wait(60) is not None  # QEMU is gone
+    finally:
+        guest.stop()
+        listener.close()
+
+
+def _ignore_errors(fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:  # the VM is stopped under it: that is the point
+        pass
