@@ -202,12 +202,11 @@ class Session:
                 return
             self._closed = True
             self.error = error
-            waiters = list(self._waiters.values())
+            for w in self._waiters.values():
+                w.error = error
+                w.done.set()
             self._waiters.clear()
             self._cv.notify_all()
-        for w in waiters:
-            w.error = error
-            w.done.set()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -268,12 +267,12 @@ class Session:
     def _dispatch_reply(self, reply: CommandReply) -> None:
         with self._cv:
             waiter = self._waiters.pop(reply.seq, None)
-        if waiter is None:
-            return  # its command timed out meanwhile
-        if reply.err == 0 and waiter.on_success is not None:
-            waiter.on_success()  # runs before any later message is dispatched
-        waiter.reply = reply
-        waiter.done.set()
+            if waiter is None:
+                return  # its command timed out meanwhile
+            if reply.err == 0 and waiter.on_success is not None:
+                waiter.on_success()  # runs before any later message is dispatched
+            waiter.reply = reply
+            waiter.done.set()
 
     def _dispatch_event(self, event: Event) -> None:
         with self._cv:
@@ -386,13 +385,11 @@ class Session:
                 self._shutdown(ConnectionClosed("send failed", exc))
         wait = self.command_timeout if timeout is None else timeout
         if not waiter.done.wait(wait):
-            with self._cv:
-                self._waiters.pop(seq, None)
-                self._proto.abandon(seq)
-            if waiter.done.is_set() and waiter.reply is not None:
-                pass  # the reply raced the timeout: use it
-            else:
-                raise CommandTimeout(f"{name}: no reply within {wait} s")
+            with self._cv:  # the reader completes waiters under this lock: no lost reply
+                if not waiter.done.is_set():
+                    self._waiters.pop(seq, None)
+                    self._proto.abandon(seq)
+                    raise CommandTimeout(f"{name}: no reply within {wait} s")
         if waiter.reply is None:
             raise ConnectionClosed(f"{name}: session closed", waiter.error or self.error)
         if waiter.reply.err:
