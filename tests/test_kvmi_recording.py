@@ -148,3 +148,25 @@ def test_damaged_recordings_are_rejected(recording, tmp_path) -> None:
     empty.write_bytes(data[:112])
     with pytest.raises(RecordingError):
         ReplayHost(empty)
+
+
+def test_cli_dump(recording) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from tracer.cli import main
+
+    path, _ = recording
+    result = CliRunner().invoke(main, ["kvmi", "dump", path, "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert rows[0]["message"] == "kvmi_qemu2introspector" and rows[0]["vm"] == "recorded-vm"
+    assert rows[1]["message"] == "kvmi_introspector2qemu"
+    cr = next(r for r in rows if r.get("event") == "KVMI_EVENT_CR")
+    assert (cr["seq"], cr["cr"], cr["new_value"], cr["rip"]) == (40, 3, 0x2000, 0xFFFF0001)
+    assert sum(r["message"] == "KVMI_READ_PHYSICAL" for r in rows) == 4  # 2 commands, 2 replies
+    text = CliRunner().invoke(main, ["kvmi", "dump", path, "--limit", "3"])
+    assert text.exit_code == 0 and len(text.output.splitlines()) == 4
+    bad = CliRunner().invoke(main, ["kvmi", "dump", __file__])
+    assert bad.exit_code != 0 and "not a vmitrace KVMI recording" in bad.output

@@ -60,3 +60,60 @@ def abi_cmd(as_json: bool, only: tuple[str, ...]) -> None:
     click.echo("\nconstants:")
     for cname, value in desc["constants"].items():
         click.echo(f"  {cname:<36} {value:#x} ({value})")
+
+
+@kvmi.command("dump")
+@click.argument("recording", type=click.Path(exists=True, dir_okay=False))
+@click.option("--limit", type=click.IntRange(min=0), default=0,
+              help="Stop after this many messages (0: all).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per message.")
+def dump_cmd(recording: str, limit: int, as_json: bool) -> None:
+    """List the messages of a session recording (.kvmirec), in recorded order.
+
+    \b
+    Examples:
+      vmitrace kvmi dump vm1.kvmirec --limit 20
+      vmitrace kvmi dump vm1.kvmirec --json | jq 'select(.event == "KVMI_EVENT_CR")'
+    """
+    from .errors import ProtocolError
+    from .protocol import decode_event, parse_handshake
+    from .recording import RecordingError, RecordingReader
+
+    try:
+        reader = RecordingReader(recording)
+        if not as_json:
+            click.echo(f"# {reader.name} {reader.uuid} start_time={reader.start_time}")
+        seen = {"in": False, "out": False}
+        first = None
+        hdr = abi.KVMI_MSG_HDR.struct
+        for n, rec in enumerate(reader):
+            if limit and n >= limit:
+                break
+            first = rec.monotonic_ns if first is None else first
+            row: dict = {"t_ns": rec.monotonic_ns - first, "dir": rec.direction,
+                         "bytes": len(rec.raw)}
+            if not seen[rec.direction]:
+                seen[rec.direction] = True
+                row["message"] = ("kvmi_qemu2introspector" if rec.direction == "in"
+                                  else "kvmi_introspector2qemu")
+                if rec.direction == "in":
+                    row["vm"] = parse_handshake(rec.raw).name
+            elif len(rec.raw) >= hdr.size:
+                msg_id, size, seq = hdr.unpack_from(rec.raw)
+                row.update(message=abi.COMMAND_NAMES.get(msg_id, hex(msg_id)), seq=seq)
+                if msg_id == abi.KVMI_EVENT and rec.direction == "in":
+                    try:
+                        ev = decode_event(rec.raw, size, seq)
+                        row.update(event=ev.name, vcpu=ev.vcpu, rip=ev.regs.rip, **ev.values())
+                    except ProtocolError as exc:
+                        row["error"] = str(exc)
+            if as_json:
+                click.echo(json.dumps(row))
+            else:
+                extra = " ".join(f"{k}={v:#x}" if isinstance(v, int) else f"{k}={v}"
+                                 for k, v in row.items()
+                                 if k not in ("t_ns", "dir", "bytes", "message"))
+                click.echo(f"{row['t_ns'] / 1e6:12.3f} ms {row['dir']:>3} {row['bytes']:6d}B "
+                           f"{row['message']} {extra}")
+    except RecordingError as exc:
+        raise click.ClickException(str(exc)) from None
