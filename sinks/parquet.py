@@ -126,6 +126,7 @@ class ParquetSink:
         if self._buffered_rows >= self.batch_rows or (
                 self._buffer and now - self._buffer_started >= self.batch_seconds):
             self._write_buffer()
+        now = time.monotonic()
         for key, open_file in list(self._files.items()):
             if now - open_file.opened >= self.file_seconds:
                 self._finalize(key)
