@@ -240,7 +240,11 @@ static unsigned bp_count;       /* read lock-free at translation time */
 static GMutex flush_lock;
 static bool flush_wanted;
 static bool reset_inflight;
-static GArray *replies_waiting_flush; /* struct kvmi_msg_hdr, for this flush */
+struct deferred_reply {
+    unsigned generation; /* connection the command came on */
+    struct kvmi_msg_hdr hdr;
+};
+static GArray *replies_waiting_flush; /* struct deferred_reply, for the next flush */
 static GArray *replies_after_flush;   /* ... and for the one in flight */
 
 static bool write_all(int fd, const void *buf, size_t len)
@@ -1027,14 +1031,14 @@ static void on_reset_done(qemu_plugin_id_t id)
     register_callbacks();
     g_mutex_lock(&flush_lock);
     GArray *done = replies_after_flush;
-    replies_after_flush = g_array_new(FALSE, FALSE, sizeof(struct kvmi_msg_hdr));
+    replies_after_flush = g_array_new(FALSE, FALSE, sizeof(struct deferred_reply));
     reset_inflight = false;
     bool again = flush_wanted;
     g_mutex_unlock(&flush_lock);
 
-    unsigned generation = current_generation();
     for (guint i = 0; i < done->len; i++) {
-        send_reply(generation, &g_array_index(done, struct kvmi_msg_hdr, i), 0, NULL, 0);
+        struct deferred_reply *r = &g_array_index(done, struct deferred_reply, i);
+        send_reply(r->generation, &r->hdr, 0, NULL, 0); /* dropped if that connection is gone */
     }
     g_array_free(done, TRUE);
     if (again) {
@@ -1044,12 +1048,13 @@ static void on_reset_done(qemu_plugin_id_t id)
 }
 
 /* Ask for a translation flush; reply (if any) is sent once it is done. */
-static void request_flush(const struct kvmi_msg_hdr *reply_when_done)
+static void request_flush(unsigned generation, const struct kvmi_msg_hdr *reply_when_done)
 {
     g_mutex_lock(&flush_lock);
     flush_wanted = true;
     if (reply_when_done) {
-        g_array_append_val(replies_waiting_flush, *reply_when_done);
+        struct deferred_reply r = { .generation = generation, .hdr = *reply_when_done };
+        g_array_append_val(replies_waiting_flush, r);
     }
     g_mutex_unlock(&flush_lock);
     set_attention_all();
@@ -1420,7 +1425,7 @@ static void handle_command(unsigned generation, const struct kvmi_msg_hdr *hdr,
         } else {
             memcpy(ram + req.gpa, payload + sizeof(req), req.size);
             /* TCG does not see this write: drop translations of possibly changed code. */
-            request_flush(NULL);
+            request_flush(0, NULL);
         }
         break;
     }
@@ -1430,7 +1435,7 @@ static void handle_command(unsigned generation, const struct kvmi_msg_hdr *hdr,
         if (changed < 0) {
             err = changed;
         } else if (changed) {
-            request_flush(hdr); /* replied once the new instrumentation is in place */
+            request_flush(generation, hdr); /* replied once the new instrumentation is in place */
             return;
         }
         break;
@@ -1542,7 +1547,7 @@ static void reset_session_state(void)
     __atomic_store_n(&bp_count, 0, __ATOMIC_RELAXED);
     g_mutex_unlock(&bp_lock);
     if (had_breakpoints) {
-        request_flush(NULL);
+        request_flush(0, NULL);
     }
 }
 
@@ -1782,8 +1787,8 @@ VMITRACE_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *
     }
     breakpoints = g_hash_table_new_full(g_int64_hash, g_int64_equal, g_free, NULL);
     sites = g_hash_table_new_full(site_hash, site_equal, g_free, NULL);
-    replies_waiting_flush = g_array_new(FALSE, FALSE, sizeof(struct kvmi_msg_hdr));
-    replies_after_flush = g_array_new(FALSE, FALSE, sizeof(struct kvmi_msg_hdr));
+    replies_waiting_flush = g_array_new(FALSE, FALSE, sizeof(struct deferred_reply));
+    replies_after_flush = g_array_new(FALSE, FALSE, sizeof(struct deferred_reply));
     attention_board = qemu_plugin_scoreboard_new(sizeof(uint64_t));
     register_callbacks();
     g_thread_unref(g_thread_new("vmitrace-kvmi", connection_thread, NULL));
