@@ -19,5 +19,7 @@ main.add_command(lab)
 from tracer.kvmi.cli import kvmi  # noqa: E402
 main.add_command(kvmi)
 from profiles.cli import profile as _profile; main.add_command(_profile)  # noqa: E402,E702
+from tracer.trace_cli import trace as _trace; main.add_command(_trace)  # noqa: E402,E702
+from tracer.trace_cli import replay as _replay; main.add_command(_replay)  # noqa: E402,E702
 from tracer.probe import probe as _probe; main.add_command(_probe)  # noqa: E402,E702
 from tracer.demo import demo as _demo; main.add_command(_demo)  # noqa: E402,E702

@@ -162,7 +162,9 @@ class VmTracer:
         self.vcpus = 1
         self.notes: list[str] = []   # what this host or kernel could not do
         self.closed = False
-        self._last_loss = time.monotonic()
+        self.event_clock: Any = None
+        self._installer: threading.Thread | None = None
+        self._last_loss_ns = clock()
 
     # -- records ----------------------------------------------------------------------------
     def _emit(self, record: dict[str, Any]) -> None:
@@ -192,12 +194,21 @@ class VmTracer:
         if self.options.integrity:
             self.integrity.install(self.vcpus)
             self.notes.extend(self.integrity.unsupported)
-        regs = s.get_registers(0, msrs=[MSR_LSTAR])
+        try:
+            regs = s.get_registers(0, msrs=[MSR_LSTAR])
+        except kerr.KvmEINVAL:
+            # This host cannot read LSTAR now (our plugin knows it only once the guest wrote
+            # it): the guest is booting; the MSR event will tell.
+            regs = s.get_registers(0)
+        booting = not regs.msrs.get(MSR_LSTAR)
         if self.options.integrity:
             self.integrity.seed_cr(0, 0, regs.sregs.cr0)
             self.integrity.seed_cr(0, 4, regs.sregs.cr4)
-            for vcpu in range(1, self.vcpus):
-                other = s.get_registers(vcpu)
+            for vcpu in range(1, 1 if booting else self.vcpus):
+                try:
+                    other = s.get_registers(vcpu, timeout=2.0)
+                except (kerr.CommandError, kerr.CommandTimeout):
+                    continue  # its CR writes will arm it
                 self.integrity.seed_cr(vcpu, 0, other.sregs.cr0)
                 self.integrity.seed_cr(vcpu, 4, other.sregs.cr4)
         lstar = regs.msrs.get(MSR_LSTAR, 0)
@@ -231,6 +242,26 @@ class VmTracer:
         self.active = True
         log.info("tracing VM %s: KASLR slide %#x", self.ctx.vm_id, layout.slide)
 
+    def _install_queued(self) -> None:
+        """Send queued breakpoints from a helper thread (see VmContext.add_breakpoint)."""
+        queue_ = self.ctx.install_queue
+        if not queue_ or (self._installer is not None and self._installer.is_alive()):
+            return
+        addresses = list(queue_)
+        queue_.clear()
+
+        def install() -> None:
+            for gva in addresses:
+                try:
+                    self.session.set_breakpoint(gva)
+                except kerr.KvmiError as exc:
+                    self.ctx.loss.add("breakpoint_install_failed")
+                    self.notes.append(f"breakpoint at {gva:#x} not set: {exc}")
+                    log.error("VM %s: breakpoint at %#x not set: %s", self.ctx.vm_id, gva, exc)
+        self._installer = threading.Thread(target=install, daemon=True,
+                                           name=f"vmitrace-bp-{self.ctx.vm_id[:8]}")
+        self._installer.start()
+
     def _forget_task(self, task: int) -> None:
         self.syscalls.pending.pop(task, None)
         self.syscalls.seen_tasks.discard(task)
@@ -245,6 +276,7 @@ class VmTracer:
             handler = ctx.breakpoints.get(regs.rip)
             if handler is None:
                 ctx.loss.add("unknown_breakpoint")
+                log.debug("breakpoint event at unknown rip %#x (gpa %#x)", regs.rip, event.gpa)
                 return
             handler(event, regs)
         elif isinstance(event, MsrEvent):
@@ -274,8 +306,11 @@ class VmTracer:
         s = self.session
         try:
             while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                self._install_queued()
                 event = s.next_event(timeout=0.2)
                 if event is not None:
+                    if self.event_clock is not None:
+                        self.event_clock.at_event(event)
                     try:
                         self.handle(event)
                     except (LayoutError, SetupError):
@@ -290,13 +325,16 @@ class VmTracer:
                         self.ctx.loss.add("monitor_error")
                         log.exception("monitor failed on %r", event)
                     s.reply(event)
-                if time.monotonic() - self._last_loss >= self.options.loss_interval_s:
-                    self._last_loss = time.monotonic()
+                now = self.ctx.clock()
+                if now - self._last_loss_ns >= self.options.loss_interval_s * 1e9:
+                    self._last_loss_ns = now
                     self.ctx.emit_losses()
         except kerr.ConnectionClosed as exc:
             log.info("VM %s: connection closed (%s)", self.ctx.vm_id, exc)
 
     def _remove_instrumentation(self) -> None:
+        if self._installer is not None:
+            self._installer.join(timeout=30)
         for gva in list(self.ctx.breakpoints):
             try:
                 self.session.clear_breakpoint(gva)
@@ -322,15 +360,15 @@ class VmTracer:
                     s.reply(event)
                 except kerr.KvmiError:
                     pass
+            s.close()  # the host drops introspection and the guest runs on untouched
         inflight = sum(1 for p in self.syscalls.pending.values() if p.call is not None)
         if inflight:
             self.ctx.loss.add("inflight_at_stop", inflight)
         dropped = getattr(s, "dropped_events", 0)
         if dropped:
             self.ctx.loss.add("dropped_events", dropped)
-        self.ctx.loss.add("unreadable_memory", self.decoder.counters.unreadable +
-                          (self.ctx.tasks.unreadable if self.ctx.tasks else 0))
-        self.ctx.loss.add("truncated_strings", self.decoder.counters.truncated)
+        if self.ctx.tasks is not None and self.ctx.tasks.unreadable:
+            self.ctx.loss.add("unreadable_task_field", self.ctx.tasks.unreadable)
         self.ctx.emit_losses(final=True)
         return self.summary()
 
@@ -356,10 +394,16 @@ class Collector:
         self._lock = threading.Lock()
 
     def trace(self, session: Any, memory_source: PhysicalSource | None = None,
-              deadline: float | None = None, clock: Callable[[], int] = time.time_ns) -> VmTracer:
-        """Set up and run one VM's tracing in the calling thread until stopped."""
+              deadline: float | None = None, clock: Callable[[], int] = time.time_ns,
+              event_clock: Any = None) -> VmTracer:
+        """Set up and run one VM's tracing in the calling thread until stopped.
+
+        `clock` gives record times (ns since the epoch); `event_clock.at_event(event)`, when
+        given, is told of each event first (replay: times come from the recording).
+        """
         tracer = VmTracer(session, self.profile_for(session), self.pump, self.options,
                           memory_source, clock)
+        tracer.event_clock = event_clock
         with self._lock:
             self.tracers.append(tracer)
         try:

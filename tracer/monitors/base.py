@@ -118,14 +118,21 @@ class VmContext:
         self.loss = LossCounters(interval_start_ns=clock())
         self.vm_id = factory.vm_id
         self.breakpoints: dict[int, Callable[[Any, FastRegs], None]] = {}
+        self.install_queue: list[int] = []
         self.layout: Any = None   # KernelLayout once the slide is known
         self.tasks: Any = None    # TaskReader once the slide is known
         self.ready_callbacks: list[Callable[[], None]] = []
         self.events = 0
 
     def add_breakpoint(self, gva: int, handler: Callable[[Any, FastRegs], None]) -> None:
-        self.session.set_breakpoint(gva)
+        """Route hits at `gva` to `handler`; the host is asked by the collector's installer.
+
+        Setting a breakpoint makes the host flush its translations, which needs every vCPU
+        to make progress: the command must never be waited for by the thread that replies
+        to events, so it is queued here and sent from another thread.
+        """
         self.breakpoints[gva] = handler
+        self.install_queue.append(gva)
 
     def record(self, kind: str, event_type: str, time_ns: int | None = None,
                **fields: Any) -> dict[str, Any]:
