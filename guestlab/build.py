@@ -12,6 +12,7 @@ this module change.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import functools
 import gzip
 import hashlib
@@ -260,6 +261,15 @@ def ensure(kernel: str = "6.1", progress: Progress | None = None, refresh: bool 
     say = progress or (lambda msg: log.info("%s", msg))
     if kernel not in KERNELS:
         raise BuildError(f"unknown lab kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    lock_path = cache_dir() / "lab" / ".build.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        # Test runs and helpers build concurrently: one builder at a time, the others reuse.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_locked(kernel, say, refresh)
+
+
+def _ensure_locked(kernel: str, say: Progress, refresh: bool) -> LabBuild:
     manifest = cache_dir() / "lab" / f"series-{kernel}.json"
     debs = cache_dir() / "debs"
     known = json.loads(manifest.read_text()) if manifest.exists() else None
@@ -338,7 +348,7 @@ def _build_initramfs(target: Path, busybox_deb: Path, strace_debs: list[Path], s
     for guest_path, host_path in _shared_libraries(strace, lib_dirs).items():
         cpio.file(guest_path, host_path.read_bytes(), 0o755)
 
-    tmp_target = target.with_suffix(".tmp")
+    tmp_target = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     with open(tmp_target, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
         gz.write(cpio.finish())
-    tmp_target.replace(target)
+    tmp_target.replace(target)  # atomic: a QEMU starting meanwhile reads the old or the new one

@@ -84,16 +84,15 @@ def run_command(kernel: str, vcpus: int, memory_mb: int, workload: str, period_m
       vmitrace lab run --json --duration 30
     """
     plugin_options: dict[str, str] | None = None
-    if kvmi_socket or plugin_opts:
+    if plugin_opts:
         plugin_options = {}
-        if kvmi_socket:
-            plugin_options["socket"] = kvmi_socket
         for opt in plugin_opts:
             key, sep, value = opt.partition("=")
             if not sep or not key:
                 raise click.BadParameter(f"{opt!r} is not KEY=VALUE", param_hint="--plugin-option")
             plugin_options[key] = value
-    guest = Guest(kernel=kernel, vcpus=vcpus, memory_mb=memory_mb, plugin_options=plugin_options,
+    guest = Guest(kernel=kernel, vcpus=vcpus, memory_mb=memory_mb, kvmi_socket=kvmi_socket,
+                  plugin_options=plugin_options,
                   workload=workload, workload_period_ms=period_ms, kaslr=not nokaslr,
                   extra_cmdline=extra_cmdline)
     signal.signal(signal.SIGTERM, _interrupt)

@@ -86,14 +86,18 @@ class Guest:
             status, output = guest.run("/workload once")
 
     ``plugin_options`` loads the vmitrace KVMI plugin with those key=value arguments, after
-    ``ram``, ``name`` and ``uuid`` filled in from this guest (``socket`` must be given to
-    connect to an introspector). ``workload="steady"`` starts the workload driver at boot
+    ``ram``, ``name`` and ``uuid`` filled in from this guest; ``kvmi_socket=PATH`` is short for
+    ``plugin_options={"socket": PATH}`` (the introspector's listening socket). ``workload="steady"`` starts the workload driver at boot
     (output in /tmp/workload.log), with ``workload_period_ms`` between rounds. The run
     directory (serial log, sockets) is removed by stop(); with ``log_dir`` the serial and QEMU
     logs are first copied there as ``<name>-serial.log`` and ``<name>-qemu.log``.
+
+    QEMU is killed if the thread that started it ends (PR_SET_PDEATHSIG) or the Python process
+    exits (atexit), so start guests from a thread that outlives them (normally the main one).
     """
 
     def __init__(self, kernel: str = "6.1", vcpus: int = 1, memory_mb: int = 512,
+                 kvmi_socket: str | Path | None = None,
                  plugin_options: Mapping[str, Any] | None = None, name: str | None = None,
                  workload: str | None = None, workload_period_ms: int | None = None,
                  kaslr: bool = True, extra_cmdline: str = "", cpu: str = "qemu64",
@@ -113,6 +117,8 @@ class Guest:
             raise ValueError(f"guest name {self.name!r}: use 1-63 of [A-Za-z0-9_.-]")
         self.uuid = uuid_module.uuid4()
         self.plugin_options = dict(plugin_options) if plugin_options is not None else None
+        if kvmi_socket is not None:
+            self.plugin_options = {"socket": str(kvmi_socket), **(self.plugin_options or {})}
         self.plugin_path = plugin_path or PLUGIN_PATH
         self.workload = None if workload == "none" else workload
         self.workload_period_ms = workload_period_ms
@@ -180,7 +186,7 @@ class Guest:
         self.stop()
 
     def cmdline(self) -> str:
-        args = ["console=ttyS0", "panic=-1", "quiet", "loglevel=4"]
+        args = ["console=ttyS0", "panic=-1", "quiet"]
         if not self.kaslr:
             args.append("nokaslr")
         if self.workload:

@@ -250,3 +250,21 @@ def test_cli_run_until_interrupted():
             proc.wait()
     assert process_gone(info["qemu_pid"])
     assert not ram.exists()
+
+
+# --- the KVMI plugin option ------------------------------------------------------------------------
+
+def test_kvmi_socket_connects_the_plugin_with_this_guests_identity(tmp_path):
+    from tracer.kvmi import Listener
+
+    listener = Listener(f"unix:{tmp_path}/kvmi.sock")
+    try:
+        with Guest(kernel="6.1", kvmi_socket=f"{tmp_path}/kvmi.sock") as guest:
+            session = listener.accept(timeout=60)
+            assert session is not None, guest.qemu_log.read_text(errors="replace")
+            assert session.name == guest.name
+            assert str(session.uuid) == str(guest.uuid)
+            assert guest.run("uname -r") == (0, guest.release + "\n")
+            session.close()
+    finally:
+        listener.close()
