@@ -18,7 +18,7 @@ import pytest
 from guestlab import Guest, GuestError, ensure
 from guestlab import workloads as wl
 from guestlab.guest import READY_MARKER
-from support.lab import LAB_MATRIX, lab_config, lab_guest  # noqa: F401
+from support.lab import LAB_MATRIX, lab_guest  # noqa: F401
 
 pytestmark = pytest.mark.guest
 
