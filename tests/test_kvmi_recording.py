@@ -170,3 +170,26 @@ def test_cli_dump(recording) -> None:
     assert text.exit_code == 0 and len(text.output.splitlines()) == 4
     bad = CliRunner().invoke(main, ["kvmi", "dump", __file__])
     assert bad.exit_code != 0 and "not a vmitrace KVMI recording" in bad.output
+
+
+def test_replay_answers_commands_recorded_after_the_last_event(tmp_path) -> None:
+    def session_script(s: Session) -> int:
+        s.reply(s.next_event(timeout=10))
+        return s.get_guest_info().vcpu_count  # after the last event: must still be answered
+
+    with Listener(f"unix:{tmp_path}/l.sock",
+                  recorder_factory=RecordingWriter.factory(tmp_path)) as lst:
+        peer = HostPeer.connect(f"{tmp_path}/l.sock")
+        peer.handshake(VM, "tail")
+        peer.send_event(1, 0, abi.KVMI_EVENT_PAUSE_VCPU)
+        peer.serve(lambda p, i, seq, pl: (i == abi.KVMI_EVENT_REPLY or
+                                          p.reply(i, seq, 0, struct.pack("<I12x", 3)), True)[1])
+        s = lst.accept(timeout=10)
+        assert session_script(s) == 3
+        s.close()
+    (path,) = [p for p in os.listdir(tmp_path) if p.endswith(".kvmirec")]
+    for _ in range(3):  # the host must not hang up between the event reply and the command
+        s = Session.from_socket(ReplayHost(tmp_path / path).socketpair(), handshake_timeout=10)
+        assert session_script(s) == 3
+        with pytest.raises(ConnectionClosed):
+            s.next_event(timeout=10)

@@ -170,17 +170,19 @@ class ReplayHost:
       (the live Session must reply to it) before anything recorded after that reply is sent;
     * each command gets the recorded reply of the next recorded command with the same id and
       payload (seq rewritten); a command absent from the recording gets ``-KVM_ENOENT``;
-    * at the end of the recording the host closes the connection (``linger=True``: it keeps
-      answering commands until the introspector closes).
+    * at the end of the recording, once every recorded reply was handed out (or no command
+      came for ``end_grace`` seconds while some were left), the host closes the connection
+      (``linger=True``: it keeps answering commands until the introspector closes).
 
     ``unmatched_commands`` counts commands answered with -KVM_ENOENT.
     """
 
     def __init__(self, recording: str | os.PathLike[str] | RecordingReader,
-                 linger: bool = False) -> None:
+                 linger: bool = False, end_grace: float = 2.0) -> None:
         self.reader = recording if isinstance(recording, RecordingReader) else \
             RecordingReader(recording)
         self.linger = linger
+        self.end_grace = end_grace
         self.unmatched_commands = 0
         self.error: BaseException | None = None
         self._load()
@@ -275,6 +277,8 @@ class ReplayHost:
                                 cv.notify_all()
                         else:
                             send(self._answer(msg_id, seq, payload))
+                            with cv:
+                                cv.notify_all()
             except (OSError, KvmiError) as exc:
                 self.error = exc
             finally:
@@ -301,11 +305,16 @@ class ReplayHost:
                             cv.wait()
                         if state["eof"]:
                             break
-            if self.linger:
-                reader.join()
-            else:
+            if not self.linger:
+                # Commands recorded after the last event are still answered; then hang up.
+                with cv:
+                    while self._unserved() and not state["eof"]:
+                        # a client that stopped asking (it diverged from the recording)
+                        # must not keep the replay open forever
+                        if not cv.wait(self.end_grace):
+                            break
                 sock.shutdown(socket.SHUT_WR)
-                reader.join()
+            reader.join()
         except (OSError, KvmiError, abi.AbiError) as exc:
             self.error = exc
         finally:
@@ -313,6 +322,10 @@ class ReplayHost:
                 sock.close()
             except OSError:
                 pass
+
+    def _unserved(self) -> int:
+        """Recorded replies not handed out yet."""
+        return sum(len(q) for q in self._replies.values())
 
     def _answer(self, msg_id: int, seq: int, payload: bytes) -> bytes:
         queue = self._replies.get((msg_id, payload))
