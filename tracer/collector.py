@@ -72,7 +72,8 @@ class RecordPump:
     def __init__(self, sinks: Iterable[Any], queue_size: int = 65536, batch_size: int = 4096,
                  flush_interval_s: float = 0.25) -> None:
         self.sinks = list(sinks)
-        self.queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=queue_size)
+        # records, None (stop) or an Event (sync marker)
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.written = 0
@@ -88,6 +89,12 @@ class RecordPump:
         except queue.Full:
             return False
 
+    def sync(self, timeout: float = 30.0) -> bool:
+        """Wait until every record offered so far has been handed to the sinks."""
+        marker = threading.Event()
+        self.queue.put(marker, timeout=timeout)  # type: ignore[arg-type]
+        return marker.wait(timeout)
+
     def _run(self) -> None:
         batch: list[dict[str, Any]] = []
         last = time.monotonic()
@@ -97,6 +104,12 @@ class RecordPump:
                 item = self.queue.get(timeout=self.flush_interval_s)
                 if item is None:
                     done = True
+                elif isinstance(item, threading.Event):
+                    if batch:
+                        self._write(batch)
+                        batch = []
+                    item.set()
+                    continue
                 else:
                     batch.append(item)
             except queue.Empty:

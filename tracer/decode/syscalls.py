@@ -505,25 +505,28 @@ class SyscallDecoder:
             return _arg(arg_name, c_type, _pointer(gva), error=f"unreadable at {exc.address:#x}")
         raise AssertionError(f"unknown OUT kind {kind}")
 
-    def replace_strings(self, call: DecodedCall, kind: str, strings: list[str],
-                        truncated: bool) -> None:
-        """Replace an execve argv/envp argument that was unreadable at entry by the strings
-        read from the new image.
+    def replace_exec_args(self, call: DecodedCall, recovered: Mapping[str, Any]) -> None:
+        """Complete execve/execveat arguments that were unreadable at entry from the new image.
 
-        After a successful execve the kernel has copied argv and envp onto the new stack
-        (mm->arg_start..arg_end, env_start..env_end): exact values even when the caller's
-        pages were not present at entry.
+        After a successful execve the kernel has copied the filename, argv and envp onto the
+        new stack (`recovered`: {"path": (str, truncated), "argv"/"envp": (list, truncated)}):
+        exact values even when the caller's pages were not present at entry (a forked child
+        whose file-backed pages were never faulted in, for instance).
         """
         spec = _SPECS.get(call.name, ())
-        if kind not in spec:
-            return
-        pos = spec.index(kind)
-        old = call.args[pos]
-        if old["error"] is None:
-            return  # read completely at entry: keep it
-        call.args[pos] = _arg(old["name"], old["type"], json.dumps(strings), truncated=truncated)
-        if kind == "argv":
-            call.argv = strings
+        for kind, (value, truncated) in recovered.items():
+            if kind not in spec:
+                continue
+            pos = spec.index(kind)
+            old = call.args[pos]
+            if old["error"] is None:
+                continue  # read completely at entry: keep it
+            text = value if isinstance(value, str) else json.dumps(value)
+            call.args[pos] = _arg(old["name"], old["type"], text, truncated=truncated)
+            if kind == "argv":
+                call.argv = list(value)
+            elif kind == _PATH:
+                call.typed["path"] = value
 
     def render_ret(self, call: DecodedCall) -> str:
         if call.ret is None:
@@ -569,8 +572,14 @@ def _arg(name: str, c_type: str, value: str, truncated: bool = False,
     return {"name": name, "type": c_type, "value": value, "truncated": truncated, "error": error}
 
 
+# Kernel entry names (SYSCALL_DEFINE) that differ from the x86-64 ABI names users and strace
+# know (arch/x86/entry/syscalls/syscall_64.tbl).
+ABI_NAMES = {"newuname": "uname", "newstat": "stat", "newlstat": "lstat", "newfstat": "fstat",
+             "sendfile64": "sendfile", "umount": "umount2"}
+
+
 def syscall_table(entries: Mapping[int, Any]) -> dict[int, SyscallInfo]:
-    """SyscallInfo for each entry of a profile's syscall table.
+    """SyscallInfo for each entry of a profile's syscall table, under x86-64 ABI names.
 
     Accepts values that are SyscallInfo, (name, prototype) pairs, or objects with `name` and
     `prototype`/`args` attributes.
@@ -584,9 +593,12 @@ def syscall_table(entries: Mapping[int, Any]) -> dict[int, SyscallInfo]:
             name, proto = entry
         else:
             name = getattr(entry, "name")
-            proto = getattr(entry, "prototype", None) or getattr(entry, "args", ()) or ()
+            proto = getattr(entry, "prototype", None) or getattr(entry, "args", None)
         if name.startswith("sys_"):
             name = name[4:]
+        name = ABI_NAMES.get(name, name)
+        if proto is None:
+            proto = [("unsigned long", f"arg{i}") for i in range(6)]
         table[nr] = SyscallInfo(int(nr), name, tuple((str(t), str(n)) for t, n in proto))
     return table
 

@@ -288,19 +288,23 @@ class TaskReader:
             except UnreadableMemory:
                 self.unreadable += 1  # arguments page not present yet: try on a later event
 
-    def exec_strings(self, cr3: int, task: int) -> dict[str, tuple[list[str], bool]]:
-        """argv and envp as the kernel copied them onto a freshly exec'd task's stack."""
+    def exec_strings(self, cr3: int, task: int) -> dict[str, tuple[Any, bool]]:
+        """The filename, argv and envp a freshly exec'd task was given, as the kernel copied
+        them onto its new stack: [argv strings][envp strings][filename] at the top."""
         t, m = self.layout.task, self.layout.mm
-        out: dict[str, tuple[list[str], bool]] = {}
-        if "mm" not in t:
+        out: dict[str, tuple[Any, bool]] = {}
+        if "mm" not in t or not all(k in m for k in ("arg_start", "arg_end", "env_start",
+                                                      "env_end")):
             return out
         mm = self.mem.read_u64(cr3, task + t["mm"])
-        for kind, (lo, hi) in {"argv": ("arg_start", "arg_end"),
-                               "envp": ("env_start", "env_end")}.items():
-            if lo in m and hi in m:
-                start = self.mem.read_u64(cr3, mm + m[lo])
-                end = self.mem.read_u64(cr3, mm + m[hi])
-                out[kind] = read_string_area(self.mem, cr3, start, end)
+        arg_start, arg_end, env_start, env_end = (
+            self.mem.read_u64(cr3, mm + m[k]) for k in ("arg_start", "arg_end", "env_start",
+                                                         "env_end"))
+        out["argv"] = read_string_area(self.mem, cr3, arg_start, arg_end)
+        out["envp"] = read_string_area(self.mem, cr3, env_start, env_end)
+        name = self.mem.read_cstring(cr3, env_end, 4096)
+        if name.error_address is None:
+            out["path"] = (name.text(), name.truncated)
         return out
 
     def file_path(self, cr3: int, file_ptr: int) -> str | None:

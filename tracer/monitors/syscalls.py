@@ -164,8 +164,8 @@ class SyscallMonitor:
             ctx.tasks.forget(task)
             try:
                 info = ctx.tasks.info(cr3, task, user_cr3=cr3)
-                for kind, (strings, truncated) in ctx.tasks.exec_strings(cr3, task).items():
-                    self.decoder.replace_strings(call, kind, strings, truncated)
+                if any(a["error"] for a in call.args):
+                    self.decoder.replace_exec_args(call, ctx.tasks.exec_strings(cr3, task))
             except UnreadableMemory:
                 ctx.loss.add("unreadable_task")
             self._emit(call, info, pending.time_ns, pending.vcpu, pending.user_ip, cr3,

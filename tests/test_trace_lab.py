@@ -1,0 +1,163 @@
+"""Acceptance: a real lab guest (QEMU TCG + the vmitrace KVMI plugin, 2 vCPUs, both lab kernels)
+traced from boot; the workloads' system calls must appear with exact decoded values, attributed
+to the right processes, and match strace run inside the same guest."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from guestlab import workloads as wl
+from test_trace_support import (TracedLab, arg, from_execve, parse_strace, program_calls,
+                                strace_output, syscalls_of, vmitrace_sequence)
+
+pytestmark = pytest.mark.guest
+
+
+
+@pytest.fixture(scope="module", params=["6.1", "6.12"])
+def lab(request):
+    traced = TracedLab(request.param, vcpus=2)
+    yield traced
+    traced.close()
+
+
+def after_startup(calls):
+    """Calls made after glibc's start-up (the first mprotect) of a workload process."""
+    idx = next(i for i, r in enumerate(calls) if r["action"] == "mprotect")
+    return calls[idx + 1:]
+
+
+def test_file_workload_exact_values(lab):
+    pid, ppid, _ = lab.run_pid(wl.WORKLOAD_BINARIES["file"])
+    calls = program_calls(lab.records(), pid, wl.WORKLOAD_BINARIES["file"])
+    assert calls[0]["ret"] == 0
+    main = after_startup(calls)
+    assert [r["action"] for r in main] == ["openat", "write", "close", "openat", "read", "close",
+                                            "exit_group"]
+    open_w, write, close1, open_r, read, close2, exit_group = main
+    assert arg(open_w, "dfd")["value"] == "AT_FDCWD"
+    assert arg(open_w, "filename")["value"] == wl.FILE_PATH
+    assert arg(open_w, "flags")["value"] == "O_WRONLY|O_CREAT|O_TRUNC"
+    assert arg(open_w, "mode")["value"] == "0644"
+    assert open_w["path"] == wl.FILE_PATH and open_w["mode"] == wl.FILE_MODE
+    assert open_w["ret"] == 3 and open_w["fd"] == 3 and "errno" not in open_w
+    assert write["fd"] == 3 and write["ret"] == wl.FILE_BYTES and write["length"] == wl.FILE_BYTES
+    assert arg(write, "buf")["value"].startswith(wl.FILE_PATTERN.decode().replace("\n", "\\n"))
+    assert arg(write, "buf")["truncated"]
+    assert close1["fd"] == 3 and close1["ret"] == 0
+    assert arg(open_r, "flags")["value"] == "O_RDONLY" and open_r["ret"] == 3
+    assert "mode" not in open_r  # no O_CREAT: the mode register means nothing
+    assert read["fd"] == 3 and read["ret"] == wl.FILE_BYTES
+    assert close2["ret"] == 0
+    assert exit_group["event_type"] == "enter" and arg(exit_group, "error_code")["value"] == "0"
+    for r in calls[1:]:
+        assert (r["pid"], r["tid"], r["ppid"]) == (pid, pid, ppid)
+        assert r["comm"] == wl.WORKLOAD_COMMS["file"] and r["exe"] == wl.WORKLOAD_BINARIES["file"]
+        assert r["uid"] == 0 and r["process_uid"] == calls[0]["process_uid"]
+        assert r["process_uid"].endswith(f"/{pid}/{r['task_start_ns']}")
+
+
+def test_file_workload_lifecycle(lab):
+    pid, ppid, _ = lab.run_pid(wl.WORKLOAD_BINARIES["file"])
+    procs = [r for r in lab.records() if r["kind"] == "process" and r["pid"] == pid]
+    assert [r["event_type"] for r in procs][0] == "start" and \
+        [r["event_type"] for r in procs][-2:] == ["exec", "exit"]  # sh may exec first
+    start, exec_, exit_ = procs[0], procs[-2], procs[-1]
+    assert start["ppid"] == ppid
+    assert exec_["exe"] == wl.WORKLOAD_BINARIES["file"] and exec_["comm"] == "wl-file"
+    assert exec_["argv"] == [wl.WORKLOAD_BINARIES["file"]]
+    assert exit_["exit_code"] == wl.WORKLOAD_EXIT_OK and exit_["comm"] == "wl-file"
+    assert start["process_uid"] == exec_["process_uid"] == exit_["process_uid"]
+    parent = [r for r in lab.records() if r.get("process_uid") == start["parent_process_uid"]]
+    assert parent and all(r["pid"] == ppid for r in parent)
+
+
+def test_exec_workload_argv_envp_and_child(lab):
+    pid, _, _ = lab.run_pid(wl.WORKLOAD_BINARIES["exec"])
+    records = lab.records()
+    main = after_startup(program_calls(records, pid, wl.WORKLOAD_BINARIES["exec"]))
+    assert [r["action"] for r in main] == ["fork", "wait4", "exit_group"]
+    fork, wait4, _ = main
+    child = fork["ret"]
+    assert child > pid
+    child_calls = syscalls_of(records, child)
+    execve = next(r for r in child_calls if r["action"] == "execve")
+    assert execve["path"] == wl.EXEC_PATH and execve["ret"] == 0
+    assert execve["argv"] == list(wl.EXEC_ARGV)
+    assert json.loads(arg(execve, "argv")["value"]) == list(wl.EXEC_ARGV)
+    assert json.loads(arg(execve, "envp")["value"]) == list(wl.EXEC_ENVP)
+    assert execve["ppid"] == pid
+    assert wait4["ret"] == child and arg(wait4, "upid")["value"] == str(child)
+    assert arg(wait4, "stat_addr")["value"] == \
+        f"[{{WIFEXITED(s) && WEXITSTATUS(s) == {wl.EXEC_EXIT_CODE}}}]"
+    life = [r for r in records if r["kind"] == "process" and r["pid"] == child]
+    assert [r["event_type"] for r in life] == ["start", "exec", "exit"]
+    assert life[0]["ppid"] == pid and life[0]["comm"] == wl.WORKLOAD_COMMS["exec"]
+    assert life[1]["argv"] == list(wl.EXEC_ARGV) and life[1]["exe"] == wl.EXEC_PATH
+    assert life[2]["exit_code"] == wl.EXEC_EXIT_CODE
+
+
+def test_enoent_workload(lab):
+    pid, _, _ = lab.run_pid(wl.WORKLOAD_BINARIES["enoent"])
+    main = after_startup(program_calls(lab.records(), pid, wl.WORKLOAD_BINARIES["enoent"]))
+    failed = main[0]
+    assert failed["action"] == "openat" and failed["path"] == wl.ENOENT_PATH
+    assert arg(failed, "flags")["value"] == "O_RDONLY"
+    assert failed["ret"] == -wl.ENOENT and failed["errno"] == "ENOENT"
+    assert "fd" not in failed
+
+
+def test_tcp_workload(lab):
+    pid, _, _ = lab.run_pid(wl.WORKLOAD_BINARIES["tcp"])
+    main = after_startup(program_calls(lab.records(), pid, wl.WORKLOAD_BINARIES["tcp"]))
+    names = [r["action"] for r in main]
+    assert names == ["socket", "setsockopt", "bind", "listen", "socket", "connect", "accept",
+                     "write", "read", "close", "close", "close", "exit_group"]
+    sock, _, bind, listen, client, connect, accept, write, read = main[:9]
+    assert [a["value"] for a in sock["decoded_args"]] == ["AF_INET", "SOCK_STREAM", "IPPROTO_IP"]
+    assert sock["ret"] == 3 and client["ret"] == 4
+    target = f"AF_INET {wl.TCP_ADDRESS}:{wl.TCP_PORT}"
+    assert arg(bind, "umyaddr")["value"] == target and bind["ret"] == 0
+    assert bind["local_addr"] == wl.TCP_ADDRESS and bind["local_port"] == wl.TCP_PORT
+    assert listen["ret"] == 0
+    assert arg(connect, "uservaddr")["value"] == target
+    assert connect["remote_addr"] == wl.TCP_ADDRESS and connect["remote_port"] == wl.TCP_PORT
+    assert connect["fd"] == 4 and connect["ret"] == 0 and connect["family"] == "AF_INET"
+    assert accept["ret"] == 5 and accept["fd"] == 5
+    assert write["fd"] == 4 and write["ret"] == len(wl.TCP_PAYLOAD)
+    assert arg(write, "buf")["value"] == wl.TCP_PAYLOAD.decode()
+    assert read["fd"] == 5 and read["ret"] == len(wl.TCP_PAYLOAD)
+    assert arg(read, "buf")["value"] == wl.TCP_PAYLOAD.decode()
+
+
+def test_vmcall_hypercall_record(lab):
+    pid, _, _ = lab.run_pid(wl.WORKLOAD_BINARIES["vmcall"])
+    hyper = [r for r in lab.records() if r["kind"] == "hypercall" and r.get("pid") == pid]
+    assert len(hyper) == 1
+    h = hyper[0]
+    assert h["hypercall_nr"] == wl.VMCALL_RAX and h["comm"] == wl.WORKLOAD_COMMS["vmcall"]
+    assert h["extra"]["rbx"] == hex(wl.VMCALL_RBX) and h["extra"]["rsi"] == hex(wl.VMCALL_RSI)
+
+
+def test_matches_strace_name_for_name_and_value_for_value(lab):
+    program = wl.WORKLOAD_BINARIES["tcp"]
+    pid, text = strace_output(lab, program)
+    truth = from_execve(parse_strace(text), lambda item: item[0] == "execve")
+    calls = syscalls_of(lab.records(), pid)
+    ours = from_execve(vmitrace_sequence(calls), lambda item: item[0] == "execve")
+    assert len(truth) > 25
+    assert ours == truth
+
+
+def test_no_integrity_alarm_and_few_unpaired(lab):
+    lab.run(f"timeout 20 {wl.WORKLOAD_DRIVER} steady 200 >/dev/null; true", timeout=60)
+    records = lab.records()
+    assert not [r for r in records if r["kind"] == "integrity"]
+    losses = lab.tracer.ctx.loss.counts
+    paired = lab.tracer.syscalls.calls
+    unpaired = losses["unpaired_entry"] + losses["unpaired_exit"]
+    assert paired > 5000
+    assert unpaired / paired < 0.001, dict(losses)
+    assert losses["monitor_error"] == 0 and losses["unknown_breakpoint"] == 0, dict(losses)
+    assert losses["dropped_records"] == 0
