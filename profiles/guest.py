@@ -110,13 +110,26 @@ def _vmcoreinfo_offset(read_runtime: Any, symbols: dict[str, int], reader: _Read
 
 def locate(reader: _Reader, hint_gpa: int | None = None) -> tuple[int, dict[str, int], bytes]:
     """(physical address of _text, runtime symbol addresses, banner) of the running kernel."""
-    hits = scan_physical(reader.read, reader.size, b"Linux version ", limit=256)
-    hits = [h for h in hits if _looks_like_banner(reader, h)]
-    if hint_gpa is not None:
-        hits.sort(key=lambda h: abs(h - hint_gpa))
-    if not hits:
+    regions = [(0, reader.size)]
+    if hint_gpa is not None:  # the kernel is near the page LSTAR points into: look there first
+        regions.insert(0, (max(0, hint_gpa - WINDOW_BEFORE - WINDOW_AFTER), min(reader.size, hint_gpa + WINDOW_AFTER)))
+    failures: list[str] = []
+    tried: set[int] = set()
+    for lo, hi in regions:
+        hits = [h for h in scan_physical(reader.read, hi, b"Linux version ", limit=256, start=lo)
+                if h not in tried and _looks_like_banner(reader, h)]
+        if hint_gpa is not None:
+            hits.sort(key=lambda h: abs(h - hint_gpa))
+        tried.update(hits)
+        found = _try_candidates(reader, hits, failures)
+        if found is not None:
+            return found
+    if not tried:
         raise GuestError("no 'Linux version' banner in guest memory: not a Linux guest, or RAM not readable")
-    failures = []
+    raise GuestError("found no running kernel behind the banners in guest memory: " + "; ".join(failures[:4]))
+
+
+def _try_candidates(reader: _Reader, hits: list[int], failures: list[str]) -> tuple[int, dict[str, int], bytes] | None:
     for hit in hits[:MAX_CANDIDATES]:
         lo = max(0, (hit - WINDOW_BEFORE) & ~(KASLR_ALIGN - 1))
         hi = min(reader.size, hit + WINDOW_AFTER)
@@ -140,12 +153,17 @@ def locate(reader: _Reader, hint_gpa: int | None = None) -> tuple[int, dict[str,
             if expected != lo + tables.token_table - km.base:
                 failures.append(f"{hit:#x}: kallsyms tables not where this banner places the kernel")
                 continue
+        if "sys_call_table" in runtime and "__x64_sys_read" in runtime:
+            at = phys_text + runtime["sys_call_table"] - runtime["_text"] - lo
+            if not 0 <= at <= len(window) - 8 or struct.unpack_from("<Q", window, at)[0] != runtime["__x64_sys_read"]:
+                failures.append(f"{hit:#x}: sys_call_table[0] is not read() where this banner places the kernel")
+                continue
         if phys_text < 0 or phys_text % 0x1000:
             failures.append(f"{hit:#x}: implied _text at {phys_text:#x} is not page aligned")
             continue
         banner = window[hit - lo:window.index(b"\0", hit - lo)] if b"\0" in window[hit - lo:] else b""
         return phys_text, runtime, banner
-    raise GuestError("found no running kernel behind the banners in guest memory: " + "; ".join(failures[:4]))
+    return None
 
 
 def _looks_like_banner(reader: _Reader, gpa: int) -> bool:

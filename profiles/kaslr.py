@@ -36,10 +36,10 @@ def banner_matches(read_virtual: ReadFn, banner_address: int, banner: bytes, sli
         return False
 
 
-def scan_physical(read_physical: ReadFn, size: int, needle: bytes, limit: int = 64) -> list[int]:
-    """Physical addresses where `needle` occurs, scanning `size` bytes in overlapping chunks."""
+def scan_physical(read_physical: ReadFn, size: int, needle: bytes, limit: int = 64, start: int = 0) -> list[int]:
+    """Physical addresses in [start, size) where `needle` occurs, read in overlapping chunks."""
     hits: list[int] = []
-    pos = 0
+    pos = start
     overlap = len(needle) - 1
     while pos < size and len(hits) < limit:
         length = min(SCAN_CHUNK + overlap, size - pos)
