@@ -11,6 +11,8 @@ import time
 import uuid
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from support.kvmi_peer import (HDR, HostPeer, arch_bytes, breakpoint_payload,
                                cr_payload, event_message, msr_payload)
@@ -483,3 +485,25 @@ def test_control_cmd_response_is_refused(listener) -> None:
     with pytest.raises(ValueError):
         s.request(abi.KVMI_CONTROL_CMD_RESPONSE, bytes(8))
     s.close()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(garbage=st.binary(min_size=1, max_size=2000))
+def test_random_garbage_never_hangs_a_session(garbage: bytes) -> None:
+    ours, theirs = socket.socketpair()
+    peer = HostPeer(theirs)
+    peer.send_handshake(VM, "fuzz")
+    s = Session.from_socket(ours, command_timeout=5)
+    peer.read_handshake_answer()
+    peer.send_raw(garbage)
+    peer.sock.shutdown(socket.SHUT_WR)
+    try:
+        while True:  # whatever valid events the garbage happens to contain, then the end
+            ev = s.next_event(timeout=10)
+            assert ev is not None, "session neither delivered nor closed"
+    except errors.ConnectionClosed as exc:
+        assert exc.cause is None or isinstance(exc.cause, (errors.ProtocolError,
+                                                           errors.ConnectionClosed))
+    assert s.closed
+    s.close()
+    peer.close()
