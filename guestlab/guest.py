@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
-import ctypes
 import gzip
 import json
 import logging
@@ -19,7 +18,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -65,11 +63,11 @@ def _sweep_stale_ram_files() -> None:
             pass
 
 
-def _die_with_parent() -> None:
-    # PR_SET_PDEATHSIG: QEMU gets SIGKILL when the thread that started it goes away, so a
-    # killed test run never leaves a guest behind.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+def _die_with_parent_prefix() -> list[str]:
+    """`setpriv --pdeathsig KILL`: QEMU gets SIGKILL when the thread that started it goes
+    away, so a killed test run never leaves a guest behind (no fork-unsafe preexec_fn)."""
+    setpriv = shutil.which("setpriv")  # util-linux, Essential in Debian
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
 def _plugin_arg_value(key: str, value: Any) -> str:
@@ -231,13 +229,18 @@ class Guest:
             raise GuestError(f"plugin {self.plugin_path} not built (make -C qemu-kvmi-plugin)")
         self.build = build.ensure(self.kernel, refresh=False)
         _sweep_stale_ram_files()
+        free_mb = shutil.disk_usage(SHM_DIR).free >> 20
+        if free_mb < self.memory_mb:
+            # QEMU would start, then die of SIGBUS when the guest touches the missing pages.
+            raise GuestError(f"{SHM_DIR} has {free_mb} MiB free, the guest needs {self.memory_mb}")
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"vmitrace-{self.name}-"))
         argv = self.qemu_argv()
         log.info("starting %s: %s", self.name, " ".join(argv))
         with open(self.qemu_log, "wb") as qemu_log:
             self._started_at = time.monotonic()
-            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_log,
-                                            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            self.process = subprocess.Popen(_die_with_parent_prefix() + argv,
+                                            stdin=subprocess.DEVNULL, stdout=qemu_log,
+                                            stderr=subprocess.STDOUT)
         _live.add(self)
         self._finalizer = weakref.finalize(self, _kill_leftovers, self.process, self.ram_path,
                                            self.run_dir)
