@@ -288,8 +288,10 @@ class VmTracer:
             regs = FastRegs(event.raw)
             handler = ctx.breakpoints.get(regs.rip)
             if handler is None:
-                ctx.loss.add("unknown_breakpoint")
-                log.debug("breakpoint event at unknown rip %#x (gpa %#x)", regs.rip, event.gpa)
+                # Not ours: the guest's own int3 (text patching, debuggers). CONTINUE
+                # re-injects it, so the guest handles it as if nobody watched.
+                ctx.loss.add("guest_int3")
+                log.debug("guest int3 at %#x (gpa %#x)", regs.rip, event.gpa)
                 return
             handler(event, regs)
         elif isinstance(event, MsrEvent):

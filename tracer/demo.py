@@ -532,3 +532,6 @@ def demo(duration: float, out_dir: Path, kernel: str, vcpus: int, top: int,
     else:
         click.echo(render_summary(summary), nl=False)
     sys.stdout.flush()
+    if not summary["by_kind"].get("syscall"):
+        raise DemoError("the trace holds no system calls (see the losses and notes above); "
+                        f"details in {out / SUMMARY_FILE}")
