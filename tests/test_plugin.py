@@ -8,7 +8,7 @@ test's handler decides otherwise) and records what it saw.
 """
 from __future__ import annotations
 
-import collections
+import hashlib
 import os
 import socket
 import struct
@@ -36,6 +36,7 @@ KASLR_ALIGN = 2 << 20
 KERNEL_HALF = 0xFFFF800000000000
 AT_FDCWD_32 = 0xFFFFFF9C
 EVENT_WAIT = 60.0  # generous: TCG on a loaded 2-core machine
+SECRET = "plugin-test-cookie"  # the plugin checks the introspector's SHA-1 of it
 
 # What the plugin implements (docs/qemu-kvmi-plugin.md); everything else must be refused.
 SUPPORTED_COMMANDS = {
@@ -60,7 +61,7 @@ class Lab:
     def __init__(self, kernel: str, vcpus: int) -> None:
         self.dir = tempfile.mkdtemp(prefix="vmitrace-plugin-test-")
         self.socket_path = os.path.join(self.dir, "kvmi.sock")
-        self.listener = Listener("unix:" + self.socket_path)
+        self.listener = Listener("unix:" + self.socket_path, secret=SECRET.encode())
         self.vcpus = vcpus
         self.events: list[Any] = []
         self.cv = threading.Condition()
@@ -73,7 +74,7 @@ class Lab:
             # A reply timeout far beyond any test wait: a guest that resumes after an
             # introspector vanished did so because the plugin noticed, not by timing out.
             plugin_options={"socket": self.socket_path, "hold": True, "reconnect": True,
-                            "reply_timeout_ms": 600000})
+                            "reply_timeout_ms": 600000, "cookie": SECRET})
         self.guest.start()
         self.attach(boot=True)
         self.guest.wait_ready(self.guest.boot_timeout)
@@ -428,8 +429,9 @@ def test_introspector_disconnect_mid_event_leaves_guest_running(lab):
     assert lab.since(after) == []
 
 
-def _raw_host(listen_path: str) -> socket.socket:
-    """Accept one plugin connection on a raw socket and complete the handshake by hand."""
+def _raw_host(listen_path: str, answer: bytes | None = None) -> socket.socket:
+    """Accept one plugin connection on a raw socket and answer its handshake by hand
+    (by default correctly: introspector2qemu with the SHA-1 of the shared secret)."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(listen_path)
     os.chmod(listen_path, 0o600)
@@ -447,7 +449,9 @@ def _raw_host(listen_path: str) -> socket.socket:
         assert chunk
         hello += chunk
     assert struct.unpack_from("<I", hello)[0] == 96
-    conn.sendall(struct.pack("<I20s", 24, bytes(20)))
+    if answer is None:
+        answer = struct.pack("<I20s", 24, hashlib.sha1(SECRET.encode()).digest())
+    conn.sendall(answer)
     return conn
 
 
@@ -466,6 +470,13 @@ def test_malformed_messages_drop_the_connection_and_guest_runs_on(lab):
     lab.pump_thread.join(10)
     lab.listener.close()
 
+    # A wrong cookie hash, or a handshake claiming 4 GiB, is refused at once.
+    for answer in (struct.pack("<I20s", 24, bytes(20)), struct.pack("<I", 0xFFFFFFFF)):
+        conn = _raw_host(lab.socket_path, answer)
+        assert _recv_until_closed(conn) == b""
+        conn.close()
+        lab.run_ok("true")
+
     conn = _raw_host(lab.socket_path)
     # An unknown command is answered -KVM_EOPNOTSUPP and the connection stays up ...
     conn.sendall(struct.pack("<HHI", 0x1234, 0, 7))
@@ -482,7 +493,7 @@ def test_malformed_messages_drop_the_connection_and_guest_runs_on(lab):
     conn.close()
     lab.run_ok("true")
 
-    lab.listener = Listener("unix:" + lab.socket_path)
+    lab.listener = Listener("unix:" + lab.socket_path, secret=SECRET.encode())
     lab.attach()
     assert lab.session.get_version().version == 1
     lab.run_ok("true")
