@@ -44,7 +44,7 @@ VMITRACE_EXPORT int qemu_plugin_version = VMITRACE_QEMU_PLUGIN_API_VERSION;
 
 #define MAX_VCPUS 64
 #define MAX_PENDING_PAUSES 16
-#define MAX_KNOWN_MSRS 64
+#define MAX_KNOWN_MSRS 256
 #define MAX_QUEUED_COMMANDS 64
 #define MAX_HANDSHAKE_BYTES (64 * 1024)
 #define UNHOOK_WAIT_MS 2000
@@ -942,7 +942,8 @@ static void on_attention(unsigned vcpu_index, void *userdata)
     serve_queued_commands(v);
     while (__atomic_load_n(&v->pending_pauses, __ATOMIC_ACQUIRE) > 0) {
         __atomic_sub_fetch(&v->pending_pauses, 1, __ATOMIC_ACQ_REL);
-        send_event(v, KVMI_EVENT_PAUSE_VCPU, read_reg(v, R_RIP), true, NULL, 0, cfg.reply_timeout_ms);
+        send_event(v, KVMI_EVENT_PAUSE_VCPU, read_reg(v, R_RIP), true, NULL, 0,
+                   cfg.reply_timeout_ms);
         serve_queued_commands(v);
     }
 

@@ -68,14 +68,21 @@ def probe_session(session: Session, duration: float, blocking: bool) -> dict[str
     enabled = _enable(session, vcpus, report["events"], True)
     report["enabled_events"] = sorted(event_name(e) for e in enabled)
     counts: dict[str, int] = {}
-    deadline = time.monotonic() + duration
+    report["disconnected"] = False
+    start = time.monotonic()
+    deadline = start + duration
     try:
         while (left := deadline - time.monotonic()) > 0:
-            event = session.next_event(min(left, 0.5))
-            if event is None:
-                continue
-            counts[event.name] = counts.get(event.name, 0) + 1
-            session.reply(event)
+            try:
+                event = session.next_event(min(left, 0.5))
+                if event is None:
+                    continue
+                counts[event.name] = counts.get(event.name, 0) + 1
+                session.reply(event)
+            except ConnectionClosed:  # report what was counted until the host left
+                report["disconnected"] = True
+                duration = time.monotonic() - start
+                break
     finally:
         if not session.closed:
             _enable(session, vcpus, report["events"], False)
@@ -131,9 +138,12 @@ def render_text(report: dict[str, Any]) -> str:
         f"counted     {report['duration']:g} s, {report['delivery']} delivery, enabled: "
         + (" ".join(report["enabled_events"]) or "none"),
     ]
+    if report["disconnected"]:
+        lines.append(f"  the host disconnected after {report['duration']:.1f} s")
     if report["event_counts"]:
         for name, count in report["event_counts"].items():
-            lines.append(f"  {name:<26} {count:8d}  ({count / report['duration']:.0f}/s)")
+            rate = count / report["duration"] if report["duration"] else 0.0
+            lines.append(f"  {name:<26} {count:8d}  ({rate:.0f}/s)")
     else:
         lines.append("  no events")
     return "\n".join(lines)
