@@ -46,6 +46,7 @@ SECURITY_OPTIONS = frozenset({
     "sasl_plain_username", "sasl_plain_password", "sasl_kerberos_name",
     "sasl_kerberos_service_name", "sasl_kerberos_domain_name", "client_id",
 })
+_LOSS_RESERVE = 1 << 20  # journal bytes beyond spill_bytes kept for loss records
 _PROBE = 1  # messages sent from the journal to find out whether the broker is back
 
 
@@ -80,6 +81,7 @@ class KafkaSink:
             linger_ms=linger_ms, batch_size=batch_size, max_block_ms=max_block_ms,
             delivery_timeout_ms=delivery_timeout_ms, request_timeout_ms=request_timeout_ms,
             bootstrap_timeout_ms=max(max_block_ms, 1000), max_request_size=4 << 20,
+            reconnect_backoff_max_ms=2000,
             **{"client_id": "vmitrace", **options})
         self.stats = SinkStats()
         self.spill = SpillJournal(spill_dir or default_spill_dir(bootstrap_servers, topic),
@@ -87,7 +89,7 @@ class KafkaSink:
         # (future, key, class_uid, value, from_journal) in send order
         self._inflight: collections.deque = collections.deque()
         self._journal_inflight = 0
-        self._healthy = False
+        self._failing = False  # the broker has been failing deliveries since the last success
         self._producer: KafkaProducer | None = None
         self._last_connect_attempt = -1e9
         self._last_commit = time.monotonic()
@@ -123,13 +125,16 @@ class KafkaSink:
                     self.last_error = str(exc)
             self._reap()
             self._send_losses()
-            done = not self._inflight and (self.spill.pending == 0 or not self._healthy)
+            done = not self._inflight and (self.spill.pending == 0 or self._failing
+                                           or self._producer is None)
             if done or (deadline is not None and time.monotonic() >= deadline):
                 break
-        # Whatever could not be delivered is made durable in the journal.
+        # Whatever could not be delivered is made durable in the journal, loss reports too.
         stranded = [entry for *entry, _ in self._drain_inflight()]
         if stranded:
-            self._to_journal(stranded, replay=True)
+            self._to_journal(stranded)
+        if self._lost:
+            self._journal_losses()
         self.spill.mark_consumed_if(self._journal_inflight == 0)
         self.spill.commit()
 
@@ -174,17 +179,13 @@ class KafkaSink:
 
     def _submit(self, entries: list[tuple[bytes, int, bytes]]) -> None:
         """Send, or queue behind the journal, or spill when the queue is full."""
-        if self.spill.pending or not self._healthy_enough():
+        if self.spill.pending or self._producer is None or self._failing:
             self._to_journal(entries)
             return
         room = self.queue_records - len(self._inflight)
         sent = self._send(entries[:max(room, 0)], from_journal=False)
         if sent < len(entries):
             self._to_journal(entries[sent:])
-
-    def _healthy_enough(self) -> bool:
-        """Send directly when the producer exists and the broker has not been failing."""
-        return self._producer is not None and (self._healthy or not self._inflight)
 
     def _send(self, entries: list[tuple[bytes, int, bytes]], from_journal: bool) -> int:
         """Hand entries to the producer; returns how many it took."""
@@ -197,7 +198,7 @@ class KafkaSink:
                 future = producer.send(topic, value=value, key=key,
                                        headers=self._header(class_uid))
             except KafkaError as exc:  # metadata unavailable within max_block_ms, ...
-                self._healthy = False
+                self._failing = True
                 self.last_error = str(exc)
                 return index
             inflight.append((future, key, class_uid, value, from_journal))
@@ -205,7 +206,7 @@ class KafkaSink:
                 self._journal_inflight += 1
         return len(entries)
 
-    def _to_journal(self, entries: list[tuple[bytes, int, bytes]], replay: bool = False) -> None:
+    def _to_journal(self, entries: list[tuple[bytes, int, bytes]]) -> None:
         try:
             appended = self.spill.append(entries)
         except OSError as exc:
@@ -230,7 +231,7 @@ class KafkaSink:
         if self._producer is None:
             self._connect()
         if self.spill.pending and self._producer is not None:
-            if self._healthy:
+            if not self._failing:
                 budget = self.queue_records - len(self._inflight)
             else:
                 budget = _PROBE if not self._inflight else 0
@@ -256,9 +257,9 @@ class KafkaSink:
                 self.stats.written += 1
                 if from_journal:
                     self.stats.replayed += 1
-                self._healthy = True
+                self._failing = False
             elif getattr(future.exception, "retriable", False):
-                self._healthy = False
+                self._failing = True
                 self.last_error = str(future.exception)
                 retry.append((key, class_uid, value))
             else:
@@ -279,10 +280,8 @@ class KafkaSink:
                 continue
             yield key, class_uid, value, from_journal
 
-    def _send_losses(self) -> None:
-        """Loss records go out once the broker takes messages directly again."""
-        if not self._lost or not self._healthy or self.spill.pending:
-            return
+    def _loss_entries(self) -> list[tuple[bytes, int, bytes]]:
+        """Loss records for everything counted as lost so far (and the counters reset)."""
         now = time.time_ns()
         records = []
         for (vm_id, counter), count in sorted(self._lost.items()):
@@ -291,10 +290,29 @@ class KafkaSink:
             self._loss_seq += 1
         self._lost.clear()
         self.stats.loss_records += len(records)
-        entries = [self._entry(r) for r in records]
+        return [self._entry(r) for r in records]
+
+    def _send_losses(self) -> None:
+        """Loss records go out once the broker takes messages directly again."""
+        if not self._lost or self._failing or self._producer is None or self.spill.pending:
+            return
+        entries = self._loss_entries()
         sent = self._send(entries, from_journal=False)
         if sent < len(entries):
-            self._to_journal(entries[sent:])
+            self._journal_losses(entries[sent:])
+
+    def _journal_losses(self, entries: list[tuple[bytes, int, bytes]] | None = None) -> None:
+        """Keep loss reports with the journal (in a reserve beyond its size limit), so a
+        later sink on the same spill_dir delivers them."""
+        entries = entries if entries is not None else self._loss_entries()
+        try:
+            kept = self.spill.append(entries, reserve=_LOSS_RESERVE)
+        except OSError as exc:
+            kept = 0
+            self.last_error = f"spill journal: {exc}"
+        if kept < len(entries):
+            self.stats.errors += 1
+            self.last_error = "loss records could not be kept: the journal reserve is full"
 
     def _connect(self) -> None:
         if time.monotonic() - self._last_connect_attempt < self.reconnect_seconds:

@@ -124,11 +124,17 @@ def to_ocsf(record: dict[str, Any]) -> dict[str, Any]:
             event["size"] = r["length"]
             used.add("length")
     elif class_uid == 4001:
-        for prefix, side in (("remote", "dst_endpoint"), ("local", "src_endpoint")):
-            endpoint = _endpoint(r.get(f"{prefix}_addr"), r.get(f"{prefix}_port"))
-            if endpoint:
-                event[side] = endpoint
-                used.update((f"{prefix}_addr", f"{prefix}_port"))
+        # The VM is one end (instance_uid); the peer is the other. The initiator is the
+        # source: the VM for connect, the peer for accept.
+        local = {"instance_uid": r["vm_id"], **_endpoint(r.get("local_addr"), r.get("local_port"))}
+        remote = _endpoint(r.get("remote_addr"), r.get("remote_port"))
+        used.update(("local_addr", "local_port", "remote_addr", "remote_port"))
+        if r.get("action") in ("accept", "accept4") and remote:
+            event["src_endpoint"], event["dst_endpoint"] = remote, local
+        else:
+            event["src_endpoint"] = local
+            if remote:
+                event["dst_endpoint"] = remote
     elif class_uid == 0 and r["kind"] == "loss":
         event["count"] = r.get("count", 0)
         event["end_time"] = time_ns // 1_000_000
@@ -219,13 +225,15 @@ def _kernel(r: dict[str, Any]) -> dict[str, Any]:
     return {"name": name, "type_id": _KERNEL_OTHER, "type": kind}
 
 
-def _endpoint(addr: str | None, port: int | None) -> dict[str, Any] | None:
+def _endpoint(addr: str | None, port: int | None) -> dict[str, Any]:
+    """An OCSF network endpoint: `ip` for an IP address, `name` for anything else (an
+    AF_UNIX path)."""
     endpoint: dict[str, Any] = {}
     if addr is not None:
         try:
             endpoint["ip"] = str(ipaddress.ip_address(addr))
         except ValueError:
-            return None  # e.g. an AF_UNIX path: stays in unmapped
+            endpoint["name"] = addr
     if port is not None:
         endpoint["port"] = port
-    return endpoint or None
+    return endpoint

@@ -87,15 +87,15 @@ class SpillJournal:
             os.fsync(self._file.fileno())
         return position
 
-    def append(self, entries: list[Entry]) -> int:
-        """Append as many entries as fit under max_bytes; return how many were appended."""
+    def append(self, entries: list[Entry], reserve: int = 0) -> int:
+        """Append as many entries as fit under max_bytes (+ reserve); return how many."""
         chunks = []
         added = 0
         end = self._end
         for key, class_uid, value in entries:
             payload = _PAYLOAD.pack(len(key), class_uid) + key + value
             frame_size = _FRAME.size + len(payload)
-            if end + frame_size > self.max_bytes:
+            if end + frame_size > self.max_bytes + reserve:
                 break
             chunks.append(_FRAME.pack(len(payload), zlib.crc32(payload)))
             chunks.append(payload)

@@ -1,7 +1,8 @@
 """A real single-node Apache Kafka broker (KRaft) for the tests, and its pytest fixture.
 
 The jars come from scripts/setup.d/30-kafka.sh ($VMITRACE_CACHE/kafka/<version>/libs). The
-broker listens on 127.0.0.1 on free ports, keeps its log dir in a temporary directory, and can
+broker listens on 127.0.0.1 on free ports (PLAINTEXT at `bootstrap`, and SASL_PLAINTEXT with
+mechanism PLAIN at `sasl_bootstrap` for user SASL_USER / SASL_PASSWORD), keeps its log dir in a temporary directory, and can
 be stopped and started again on the same ports and data (to test a broker outage).
 
 Use in a test module:  `from support.kafka import kafka_broker  # noqa: F401` (session fixture).
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+SASL_USER = "vmitrace"
+SASL_PASSWORD = "test-secret"
 KAFKA_VERSION = os.environ.get("VMITRACE_KAFKA_VERSION", "4.3.1")
 CACHE = Path(os.environ.get("VMITRACE_CACHE", Path.home() / ".cache" / "vmitrace"))
 
@@ -62,8 +65,10 @@ class KafkaBroker:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.port = free_port()
+        self.sasl_port = free_port()
         self.controller_port = free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
+        self.sasl_bootstrap = f"127.0.0.1:{self.sasl_port}"
         self.process: subprocess.Popen | None = None
         self._formatted = False
         self.libs = kafka_libs()
@@ -76,11 +81,18 @@ class KafkaBroker:
             "node.id=1",
             f"controller.quorum.bootstrap.servers=127.0.0.1:{self.controller_port}",
             f"listeners=PLAINTEXT://127.0.0.1:{self.port},"
+            f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port},"
             f"CONTROLLER://127.0.0.1:{self.controller_port}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port},"
+            f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}",
             "controller.listener.names=CONTROLLER",
             "inter.broker.listener.name=PLAINTEXT",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,"
+            "CONTROLLER:PLAINTEXT",
+            "sasl.enabled.mechanisms=PLAIN",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config="
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'user_{SASL_USER}="{SASL_PASSWORD}";',
             f"log.dirs={workdir / 'data'}",
             "num.partitions=1",
             "offsets.topic.replication.factor=1",
