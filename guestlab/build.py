@@ -363,6 +363,8 @@ def _build_initramfs(target: Path, busybox_deb: Path, strace_debs: list[Path], s
         cpio.file(guest_path, host_path.read_bytes(), 0o755)
 
     tmp_target = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(tmp_target, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+    # No file name and no time in the gzip header: the same inputs give the same bytes.
+    with open(tmp_target, "wb") as raw, \
+            gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
         gz.write(cpio.finish())
     tmp_target.replace(target)  # atomic: a QEMU starting meanwhile reads the old or the new one
