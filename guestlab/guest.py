@@ -85,7 +85,8 @@ class Guest:
 
     ``plugin_options`` loads the vmitrace KVMI plugin with those key=value arguments, after
     ``ram``, ``name`` and ``uuid`` filled in from this guest; ``kvmi_socket=PATH`` is short for
-    ``plugin_options={"socket": PATH}`` (the introspector's listening socket). ``workload="steady"`` starts the workload driver at boot
+    ``plugin_options={"socket": PATH}`` (the introspector's listening socket).
+    ``workload="steady"`` starts the workload driver at boot
     (output in /tmp/workload.log), with ``workload_period_ms`` between rounds. The run
     directory (serial log, sockets) is removed by stop(); with ``log_dir`` the serial and QEMU
     logs are first copied there as ``<name>-serial.log`` and ``<name>-qemu.log``.
@@ -297,7 +298,8 @@ class Guest:
             self._control = sock
         return self._control
 
-    def run_bytes(self, command: str, timeout: float = 60.0, compress: bool = False) -> tuple[int, bytes]:
+    def run_bytes(self, command: str, timeout: float = 60.0,
+                  compress: bool = False) -> tuple[int, bytes]:
         """Run a shell command in the guest (stdin /dev/null, stdout+stderr captured).
         The guest kills it after ``timeout`` seconds (status 137). ``compress`` gzips the
         output in the guest: worth it for large outputs (the serial line moves ~140 KB/s)."""
