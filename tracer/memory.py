@@ -114,11 +114,12 @@ class SessionSource:
         self._session = session
 
     def read(self, gpa: int, size: int) -> bytes:
+        from tracer.kvmi.errors import CommandError
+
         try:
             data = self._session.read_physical(gpa, size)
-        except (OSError, TimeoutError):
-            raise
-        except Exception as exc:  # the host's KVMI error (e.g. -KVM_EINVAL): not readable
+        except CommandError as exc:  # the host's answer (e.g. -KVM_EINVAL): not readable;
+            # a closed connection or a timeout is not the guest's doing and propagates
             raise UnreadableMemory(gpa, f"host refused: {exc}", physical=True) from exc
         if len(data) != size:
             raise UnreadableMemory(gpa, f"host returned {len(data)} of {size} bytes", physical=True)

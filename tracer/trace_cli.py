@@ -82,15 +82,13 @@ def _profile_from_guest(session: Any) -> Any:
 # -- sinks ------------------------------------------------------------------------------------
 
 def _open_sinks(specs: tuple[str, ...]) -> list[Any]:
-    try:
-        from sinks import open_sink
-    except ImportError as exc:
-        raise TraceError(f"no sink support installed: {exc}") from exc
+    from sinks import SinkError, open_sink
+
     out = []
     for spec in specs or ("jsonl:-",):
         try:
             out.append(open_sink(spec))
-        except (ValueError, OSError) as exc:
+        except (SinkError, ValueError, OSError) as exc:
             for sink in out:
                 sink.close()
             raise TraceError(f"cannot open sink {spec!r}: {exc}") from exc

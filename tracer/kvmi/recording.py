@@ -276,8 +276,8 @@ class ReplayHost:
                                 replied.add(seq)
                                 cv.notify_all()
                         else:
-                            send(self._answer(msg_id, seq, payload))
-                            with cv:
+                            with cv:  # taking a reply and sending it is one step for serve()
+                                send(self._answer(msg_id, seq, payload))
                                 cv.notify_all()
             except (OSError, KvmiError) as exc:
                 self.error = exc
@@ -313,7 +313,7 @@ class ReplayHost:
                         # must not keep the replay open forever
                         if not cv.wait(self.end_grace):
                             break
-                sock.shutdown(socket.SHUT_WR)
+                    sock.shutdown(socket.SHUT_WR)
             reader.join()
         except (OSError, KvmiError, abi.AbiError) as exc:
             self.error = exc
