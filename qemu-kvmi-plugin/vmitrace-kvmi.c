@@ -236,16 +236,10 @@ static GMutex bp_lock;
 static GHashTable *breakpoints; /* uint64_t* gva -> itself */
 static unsigned bp_count;       /* read lock-free at translation time */
 
-/* Translation flushes (qemu_plugin_reset) and replies waiting for them. */
+/* Translation flushes (qemu_plugin_reset): wanted, and one in flight. */
 static GMutex flush_lock;
 static bool flush_wanted;
 static bool reset_inflight;
-struct deferred_reply {
-    unsigned generation; /* connection the command came on */
-    struct kvmi_msg_hdr hdr;
-};
-static GArray *replies_waiting_flush; /* struct deferred_reply, for the next flush */
-static GArray *replies_after_flush;   /* ... and for the one in flight */
 
 static bool write_all(int fd, const void *buf, size_t len)
 {
@@ -951,9 +945,6 @@ static void on_attention(unsigned vcpu_index, void *userdata)
     if (flush_wanted && !reset_inflight) {
         flush_wanted = false;
         reset_inflight = true;
-        g_array_append_vals(replies_after_flush, replies_waiting_flush->data,
-                            replies_waiting_flush->len);
-        g_array_set_size(replies_waiting_flush, 0);
         g_mutex_unlock(&flush_lock);
         qemu_plugin_reset(plugin_id, on_reset_done);
         return;
@@ -1031,32 +1022,25 @@ static void on_reset_done(qemu_plugin_id_t id)
 {
     register_callbacks();
     g_mutex_lock(&flush_lock);
-    GArray *done = replies_after_flush;
-    replies_after_flush = g_array_new(FALSE, FALSE, sizeof(struct deferred_reply));
     reset_inflight = false;
     bool again = flush_wanted;
     g_mutex_unlock(&flush_lock);
-
-    for (guint i = 0; i < done->len; i++) {
-        struct deferred_reply *r = &g_array_index(done, struct deferred_reply, i);
-        send_reply(r->generation, &r->hdr, 0, NULL, 0); /* dropped if that connection is gone */
-    }
-    g_array_free(done, TRUE);
     if (again) {
         set_attention_all();
     }
     debug("translations flushed");
 }
 
-/* Ask for a translation flush; reply (if any) is sent once it is done. */
-static void request_flush(unsigned generation, const struct kvmi_msg_hdr *reply_when_done)
+/*
+ * Ask for a translation flush. QEMU only flushes from a vCPU thread, so the
+ * next vCPU to start a translation block issues it; the flush then happens
+ * before any vCPU runs more than that one block. Callers never wait for it: a
+ * vCPU stopped in an event could not flush until its reply arrives.
+ */
+static void request_flush(void)
 {
     g_mutex_lock(&flush_lock);
     flush_wanted = true;
-    if (reply_when_done) {
-        struct deferred_reply r = { .generation = generation, .hdr = *reply_when_done };
-        g_array_append_val(replies_waiting_flush, r);
-    }
     g_mutex_unlock(&flush_lock);
     set_attention_all();
 }
@@ -1426,7 +1410,7 @@ static void handle_command(unsigned generation, const struct kvmi_msg_hdr *hdr,
         } else {
             memcpy(ram + req.gpa, payload + sizeof(req), req.size);
             /* TCG does not see this write: drop translations of possibly changed code. */
-            request_flush(0, NULL);
+            request_flush();
         }
         break;
     }
@@ -1436,8 +1420,7 @@ static void handle_command(unsigned generation, const struct kvmi_msg_hdr *hdr,
         if (changed < 0) {
             err = changed;
         } else if (changed) {
-            request_flush(generation, hdr); /* replied once the new instrumentation is in place */
-            return;
+            request_flush();
         }
         break;
     }
@@ -1539,16 +1522,13 @@ static void reset_session_state(void)
     }
     __atomic_store_n(&conn.vm_events, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&conn.blocking, true, __ATOMIC_RELEASE);
-    g_mutex_lock(&flush_lock);
-    g_array_set_size(replies_waiting_flush, 0);
-    g_mutex_unlock(&flush_lock);
     g_mutex_lock(&bp_lock);
     bool had_breakpoints = g_hash_table_size(breakpoints) > 0;
     g_hash_table_remove_all(breakpoints);
     __atomic_store_n(&bp_count, 0, __ATOMIC_RELAXED);
     g_mutex_unlock(&bp_lock);
     if (had_breakpoints) {
-        request_flush(0, NULL);
+        request_flush();
     }
 }
 
@@ -1788,8 +1768,6 @@ VMITRACE_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *
     }
     breakpoints = g_hash_table_new_full(g_int64_hash, g_int64_equal, g_free, NULL);
     sites = g_hash_table_new_full(site_hash, site_equal, g_free, NULL);
-    replies_waiting_flush = g_array_new(FALSE, FALSE, sizeof(struct deferred_reply));
-    replies_after_flush = g_array_new(FALSE, FALSE, sizeof(struct deferred_reply));
     attention_board = qemu_plugin_scoreboard_new(sizeof(uint64_t));
     register_callbacks();
     g_thread_unref(g_thread_new("vmitrace-kvmi", connection_thread, NULL));

@@ -296,13 +296,16 @@ def test_cr3_events_page_aligned_while_processes_run(lab):
 
 def test_breakpoint_on_kernel_function_fires_with_plausible_registers(lab):
     s = lab.session
-    target = lab.symbols("do_sys_openat2")["do_sys_openat2"]
+    syms = lab.symbols("do_sys_openat2", "do_filp_open")
+    target, nested = syms["do_sys_openat2"], syms["do_filp_open"]
     path = "/proc/version"
     filenames: dict[int, bytes] = {}
 
     def read_filename(session: Session, event: Any) -> None:
-        # While the vCPU waits for our reply, commands for it are served on it.
+        # While the vCPU waits for our reply, commands for it are served on it, and a
+        # breakpoint set now cannot deadlock against the stopped vCPU.
         if event.event_id == abi.KVMI_EVENT_BREAKPOINT and event.arch.regs.rip == target:
+            session.set_breakpoint(nested)
             gva = event.arch.regs.rsi
             gpa = session.translate_gva(event.vcpu, gva)
             if gpa != 2**64 - 1:
@@ -320,9 +323,14 @@ def test_breakpoint_on_kernel_function_fires_with_plausible_registers(lab):
         lab.run_ok(f"cat {path}")
         hit = lab.wait_for(lambda e: e.seq in filenames and filenames[e.seq] == path.encode(),
                            mark)
+        lab.run_ok(f"cat {path}")
+        inner = lab.wait_for(lambda e: e.event_id == abi.KVMI_EVENT_BREAKPOINT
+                             and e.arch.regs.rip == nested, mark)
     finally:
-        s.clear_breakpoint(target)
         lab.handler = None
+        s.clear_breakpoint(target)
+        s.clear_breakpoint(nested)
+    assert inner.arch.sregs.cs.selector & 3 == 0
     regs, sregs = hit.arch.regs, hit.arch.sregs
     assert regs.rip == target
     assert hit.gpa == s.translate_gva(hit.vcpu, target)
@@ -336,7 +344,8 @@ def test_breakpoint_on_kernel_function_fires_with_plausible_registers(lab):
     # Cleared: the function runs on without events.
     after = lab.mark()
     lab.run_ok(f"cat {path}")
-    assert [e for e in lab.since(after, abi.KVMI_EVENT_BREAKPOINT) if e.arch.regs.rip == target] == []
+    assert [e for e in lab.since(after, abi.KVMI_EVENT_BREAKPOINT)
+            if e.arch.regs.rip in (target, nested)] == []
 
 
 # -- hypercalls, pauses ------------------------------------------------------------------------
