@@ -1,0 +1,185 @@
+"""Collector and monitor pieces without a guest: events are real KVMI wire messages built with
+the protocol's own encoder (the guest cannot be made to, e.g., clear CR0.WP on demand), and
+guest memory is an image built in the test."""
+from __future__ import annotations
+
+import struct
+import threading
+import time
+
+import pytest
+
+from sinks.schema import RecordFactory, records_to_batch
+from test_memory_support import GuestImage
+from tracer.collector import MemorySink, RecordPump, TraceOptions, VmTracer
+from tracer.decode import SyscallDecoder, SyscallInfo
+from tracer.kvmi import abi
+from tracer.kvmi.protocol import build_event, decode_event
+from tracer.monitors.base import FastRegs, Filters, VmContext
+from tracer.monitors.integrity import IntegrityMonitor
+from tracer.monitors.kernel import kernel_cr3_candidates
+from tracer.monitors.syscalls import SetupError, find_call_site
+
+
+def event(event_id: int, vcpu: int = 0, arch: dict | None = None, seq: int = 1, **fields):
+    raw = build_event(seq, vcpu, event_id, arch, **fields)
+    return decode_event(raw, len(raw) - 8, seq)
+
+
+def context(records: list) -> VmContext:
+    return VmContext(session=None, mem=GuestImage().mem, factory=RecordFactory(vm_id="vm-1"),
+                     emit=records.append, filters=Filters(), clock=lambda: 1_000)
+
+
+def test_fast_registers_match_the_full_decode():
+    arch = {"regs": {"rip": 0xFFFFFFFF81000123, "rsp": 0xFFFFC90000123F58, "rdi": 7},
+            "sregs": {"cr3": 0x1234000, "gs": {"base": 0xFFFF888007A00000},
+                      "cs": {"selector": 0x33}},
+            "msrs": {"shadow_gs": 0xFFFF888007C00000}}
+    ev = event(abi.KVMI_EVENT_BREAKPOINT, arch=arch, gpa=0x1000123, insn_len=1)
+    regs = FastRegs(ev.raw)
+    assert (regs.rip, regs.rsp, regs.rdi) == (ev.arch.regs.rip, ev.arch.regs.rsp, 7)
+    assert regs.cr3 == ev.arch.sregs.cr3 and regs.gs_base == ev.arch.sregs.gs.base
+    assert regs.cpl == 3 and regs.kernel_gs == 0xFFFF888007C00000  # user mode: the shadow GS
+
+
+def test_kpti_kernel_half_of_a_user_cr3():
+    assert kernel_cr3_candidates(0x1235000 | 0x5) == [0x1235000, 0x1234000]
+    assert kernel_cr3_candidates(0x1234000) == [0x1234000]
+
+
+def test_find_call_site_in_entry_code():
+    base = 0xFFFFFFFF81C00080
+    target = 0xFFFFFFFF81A43DC0
+    code = bytearray(b"\x90" * 0x100)
+    site = 0xA1
+    rel = target - (base + site + 5)
+    code[site:site + 5] = b"\xE8" + struct.pack("<i", rel)
+    code[0x10:0x15] = b"\xE8" + struct.pack("<i", 0x1000)  # a call elsewhere: ignored
+    assert find_call_site(bytes(code), base, target) == base + site
+    assert find_call_site(bytes(code[:site + 3]), base, target) is None  # cut: never found
+
+
+@pytest.mark.parametrize("cr,bit,name", [(0, 16, "CR0.WP"), (4, 20, "CR4.SMEP"),
+                                         (4, 21, "CR4.SMAP"), (4, 11, "CR4.UMIP")])
+def test_integrity_protection_bit_cleared_and_restored(cr, bit, name):
+    records: list = []
+    mon = IntegrityMonitor(context(records))
+    on = 1 << bit | 1
+    # boot: the bit gets set (arming), other writes keep it: nothing to report
+    mon.on_cr(event(abi.KVMI_EVENT_CR, cr=cr, old_value=1, new_value=on))
+    mon.on_cr(event(abi.KVMI_EVENT_CR, cr=cr, old_value=on, new_value=on | 2))
+    assert records == []
+    mon.on_cr(event(abi.KVMI_EVENT_CR, cr=cr, old_value=on, new_value=1))
+    mon.on_cr(event(abi.KVMI_EVENT_CR, cr=cr, old_value=1, new_value=on))
+    assert [(r["event_type"], r["target"], r["severity_id"]) for r in records] == \
+        [("changed", name, 4), ("restored", name, 4)]
+    assert records[0]["old_value"] == on and records[0]["new_value"] == 1
+    records_to_batch(records)  # schema-valid
+
+
+def test_integrity_bit_clear_before_arming_is_boot_not_attack():
+    records: list = []
+    mon = IntegrityMonitor(context(records))
+    mon.on_cr(event(abi.KVMI_EVENT_CR, vcpu=1, cr=0, old_value=1 << 16, new_value=0))
+    assert records == []
+
+
+def test_integrity_lstar_hook_and_restore():
+    records: list = []
+    mon = IntegrityMonitor(context(records))
+    lstar = 0xFFFFFFFF9E400080
+    mon.set_baseline(0xC0000082, lstar)
+    mon.on_msr(event(abi.KVMI_EVENT_MSR, msr=0xC0000082, old_value=0, new_value=lstar))
+    assert records == []  # another vCPU writing the same entry at bring-up
+    mon.on_msr(event(abi.KVMI_EVENT_MSR, msr=0xC0000082, old_value=lstar, new_value=0xDEAD000))
+    mon.on_msr(event(abi.KVMI_EVENT_MSR, msr=0xC0000082, old_value=0xDEAD000, new_value=lstar))
+    assert [(r["event_type"], r["target"]) for r in records] == \
+        [("changed", "LSTAR"), ("restored", "LSTAR")]
+    assert records[0]["new_value"] == 0xDEAD000
+
+
+def test_pump_counts_drops_instead_of_blocking():
+    class SlowSink(MemorySink):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = threading.Event()
+
+        def write(self, records):
+            self.gate.wait(10)
+            super().write(records)
+
+    sink = SlowSink()
+    pump = RecordPump([sink], queue_size=10, batch_size=1)
+    offered = [pump.offer({"n": i}) for i in range(200)]
+    started = time.monotonic()
+    assert offered.count(False) >= 180  # the queue is full: refused at once
+    assert time.monotonic() - started < 5
+    sink.gate.set()
+    assert pump.sync(10)
+    pump.close()
+    accepted = offered.count(True)
+    assert len(sink.records) == accepted
+
+
+def test_pump_isolates_a_failing_sink():
+    class Broken:
+        def write(self, records):
+            raise OSError("disk full")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            return {"written": 0}
+
+    good = MemorySink()
+    pump = RecordPump([Broken(), good], batch_size=1)
+    pump.offer({"n": 1})
+    assert pump.sync(10)
+    pump.close()
+    assert good.records == [{"n": 1}] and pump.sink_errors >= 1
+
+
+def test_filters():
+    f = Filters(pids=frozenset({7}), comms=frozenset({"wl-file"}))
+    assert f.task_selected(7, 7, "wl-file") and f.task_selected(3, 7, "wl-file")
+    assert not f.task_selected(7, 7, "sh") and not f.task_selected(8, 8, "wl-file")
+    assert Filters(syscalls=frozenset({"openat"})).syscall_selected("openat")
+    assert not Filters(syscalls=frozenset({"openat"})).syscall_selected("read")
+
+
+class NoBreakpointHost:
+    """A KVMI session stand-in for a standard host (named as such): it answers CHECK_COMMAND
+    for the vendor breakpoint command with 'no', as kvmi-v7 kernels do."""
+
+    uuid, name, start_time = "vm-std", "std", 0
+
+    def get_guest_info(self):
+        return type("Info", (), {"vcpu_count": 1})()
+
+    def check_command(self, command_id):
+        return command_id != abi.VMITRACE_SET_BREAKPOINT
+
+
+def test_host_without_instrumentation_breakpoints_is_refused_clearly():
+    from test_trace_support import lab_profile
+    tracer = VmTracer(NoBreakpointHost(), lab_profile("6.1"), RecordPump([MemorySink()]),
+                      TraceOptions())
+    with pytest.raises(SetupError, match="int3 patching .* not implemented"):
+        tracer.start()
+
+
+def test_exec_args_recovered_only_when_unreadable_at_entry():
+    table = {59: SyscallInfo(59, "execve", (("const char *", "filename"),
+                                            ("const char *const *", "argv"),
+                                            ("const char *const *", "envp")))}
+    dec = SyscallDecoder(table)
+    img = GuestImage()
+    call = dec.decode_entry(img.mem, img.cr3, 59, [0x7000_0000, 0x7000_1000, 0])
+    assert call.args[0]["error"] and call.args[1]["error"]
+    dec.replace_exec_args(call, {"path": ("/bin/busybox", False),
+                                 "argv": (["/bin/busybox", "sh"], False),
+                                 "envp": (["X=1"], False)})
+    assert call.typed["path"] == "/bin/busybox" and call.argv == ["/bin/busybox", "sh"]
+    assert call.args[2]["value"] == "NULL"  # NULL envp was decoded fine at entry: kept
