@@ -18,7 +18,7 @@ import pytest
 from guestlab import Guest, GuestError, ensure
 from guestlab import workloads as wl
 from guestlab.guest import READY_MARKER
-from support.lab import LAB_MATRIX, lab_guest  # noqa: F401
+from support.lab import LAB_MATRIX, lab_guest, lab_guest_factory  # noqa: F401
 
 pytestmark = pytest.mark.guest
 
@@ -254,17 +254,17 @@ def test_cli_run_until_interrupted():
 
 # --- the KVMI plugin option ------------------------------------------------------------------------
 
-def test_kvmi_socket_connects_the_plugin_with_this_guests_identity(tmp_path):
+def test_kvmi_socket_connects_the_plugin_with_this_guests_identity(tmp_path, lab_guest_factory):
     from tracer.kvmi import Listener
 
     listener = Listener(f"unix:{tmp_path}/kvmi.sock")
     try:
-        with Guest(kernel="6.1", kvmi_socket=f"{tmp_path}/kvmi.sock") as guest:
-            session = listener.accept(timeout=60)
-            assert session is not None, guest.qemu_log.read_text(errors="replace")
-            assert session.name == guest.name
-            assert str(session.uuid) == str(guest.uuid)
-            assert guest.run("uname -r") == (0, guest.release + "\n")
-            session.close()
+        guest = lab_guest_factory(kernel="6.12", kvmi_socket=f"{tmp_path}/kvmi.sock")
+        session = listener.accept(timeout=60)
+        assert session is not None, guest.qemu_log.read_text(errors="replace")
+        assert session.name == guest.name
+        assert str(session.uuid) == str(guest.uuid)
+        assert guest.run("uname -r") == (0, guest.release + "\n")
+        session.close()
     finally:
         listener.close()
