@@ -1,0 +1,134 @@
+"""The whole tracing pipeline's cost: the lab workload untraced vs traced with full decoding.
+
+One lab guest (QEMU TCG + the vmitrace KVMI plugin, connected) runs the same guest work twice
+in this one run:
+
+  untraced   the plugin is connected but nothing is enabled (no events)
+  traced     the collector is attached: syscall entry/exit breakpoints (blocking delivery),
+             process lifecycle breakpoints, CR/MSR integrity events, hypercalls; every
+             syscall decoded; records go to a null sink (counted, then discarded)
+
+Reported: wall-time ratio traced/untraced (what the guest feels), the collector process's
+CPU time per KVMI event and per syscall (all its threads: session reader, event loop, sink),
+and the load average (the machine is shared; compare ratios, not absolute times).
+
+Usage: .venv/bin/python bench/trace_pipeline.py [--kernel 6.1] [--vcpus 1] [--rounds 5]
+Goal (issue 5): traced <= 1.5x untraced with blocking delivery.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from guestlab.guest import Guest  # noqa: E402
+from tracer.collector import Collector, TraceOptions  # noqa: E402
+from tracer.kvmi.transport import Listener  # noqa: E402
+from tracer.memory import RamFile  # noqa: E402
+from tracer.trace_cli import profile_for_image  # noqa: E402
+
+
+class NullSink:
+    """Counts records and keeps none (the cost of a real sink is measured in bench/sinks.py)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        self.count += len(records)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> dict[str, Any]:
+        return {"written": self.count, "dropped": 0}
+
+
+def guest_work(rounds: int) -> str:
+    """`rounds` passes of every lab workload (file, exec, enoent, tcp, vmcall)."""
+    return (f"i=0; while [ $i -lt {rounds} ]; do /workload once >/dev/null || exit 1; "
+            f"i=$((i+1)); done")
+
+
+def timed(guest: Guest, command: str) -> float:
+    start = time.monotonic()
+    status, output = guest.run(command, timeout=1800)
+    if status != 0:
+        raise SystemExit(f"guest work failed ({status}): {output}")
+    return time.monotonic() - start
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel", default="6.1", choices=["6.1", "6.12"])
+    parser.add_argument("--vcpus", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    from guestlab import build
+    import profiles
+    profile = profiles.load(profile_for_image(build.ensure(args.kernel, refresh=False).vmlinuz))
+    work = guest_work(args.rounds)
+    directory = tempfile.mkdtemp(prefix="vmitrace-bench-")
+    with Listener(f"unix:{directory}/kvmi.sock") as listener:
+        guest = Guest(kernel=args.kernel, vcpus=args.vcpus,
+                      plugin_options={"socket": listener.path})
+        guest.start()
+        try:
+            session = listener.accept(timeout=60)
+            assert session is not None, "plugin did not connect"
+            guest.wait_ready(240)
+            timed(guest, guest_work(1))  # warm the guest's page cache and translations
+            untraced = timed(guest, work)
+
+            sink = NullSink()
+            collector = Collector(lambda s: profile, [sink], TraceOptions(observer_host=None))
+            collector.trace_in_thread(session, RamFile(guest.ram_path))
+            deadline = time.monotonic() + 60
+            while not (collector.tracers and collector.tracers[0].active and
+                       not collector.tracers[0].ctx.install_queue):
+                if time.monotonic() > deadline:
+                    raise SystemExit("collector did not become active")
+                time.sleep(0.1)
+            timed(guest, guest_work(1))  # re-warm after the breakpoints' translation flush
+            tracer = collector.tracers[0]
+            events0, calls0, cpu0 = tracer.ctx.events, tracer.syscalls.calls, cpu_seconds()
+            traced = timed(guest, work)
+            events = tracer.ctx.events - events0
+            calls = tracer.syscalls.calls - calls0
+            cpu = cpu_seconds() - cpu0
+            collector.stop()
+            summary = collector.close()
+        finally:
+            guest.stop()
+    result = {
+        "kernel": args.kernel, "vcpus": args.vcpus, "rounds": args.rounds,
+        "untraced_s": round(untraced, 3), "traced_s": round(traced, 3),
+        "ratio": round(traced / untraced, 3),
+        "events": events, "syscalls": calls, "records": sink.count,
+        "collector_cpu_s": round(cpu, 3),
+        "cpu_us_per_event": round(cpu / events * 1e6, 1) if events else None,
+        "cpu_us_per_syscall": round(cpu / calls * 1e6, 1) if calls else None,
+        "losses": summary["vms"][0]["losses"] if summary["vms"] else {},
+        "loadavg": os.getloadavg(),
+    }
+    print(json.dumps(result, indent=1))
+    print(f"traced/untraced = {result['ratio']}x (goal <= 1.5x with blocking delivery); "
+          f"collector CPU {result['cpu_us_per_event']} us/event", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
