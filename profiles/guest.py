@@ -224,15 +224,49 @@ def _describe(source: Any) -> str:
 
 
 def build_from_guest_cli(*, lab: bool, kernel: str | None, ram: str | None) -> dict:
-    """The `vmitrace profile build --from-guest` paths: a RAM file, or a freshly booted lab guest."""
+    """`vmitrace profile build --from-guest`: from a RAM file / raw dump, or from a lab guest
+    booted with the vmitrace KVMI plugin, read through a KVMI session."""
     if ram:
         return build_from_guest(ram)
     if not lab:
         raise GuestError("--from-guest needs --ram FILE or --lab")
+    import os
+    import shutil
+    import tempfile
+    import threading
+
     import guestlab
+    from tracer.kvmi import abi
+    from tracer.kvmi.transport import Listener
 
     series = kernel or "6.1"
     if series not in guestlab.KERNELS:
         raise GuestError(f"--lab --kernel takes a lab kernel series ({', '.join(guestlab.KERNELS)}), not {series!r}")
-    with guestlab.Guest(kernel=series) as guest:
-        return build_from_guest(str(guest.ram_path))
+    tmp = tempfile.mkdtemp(prefix="vmitrace-profile-")
+    sock = os.path.join(tmp, "kvmi.sock")
+    listener = Listener("unix:" + sock)
+    stop = threading.Event()
+    guest = guestlab.Guest(kernel=series, plugin_options={"socket": sock})
+    try:
+        guest.start()
+        session = listener.accept(timeout=120)
+        if session is None:
+            raise GuestError("the lab guest's KVMI plugin did not connect")
+
+        def answer_events() -> None:  # the introspector must answer every event it gets
+            while not stop.is_set():
+                try:
+                    event = session.next_event(0.2)
+                    if event is not None:
+                        session.reply(event, abi.KVMI_EVENT_ACTION_CONTINUE)
+                except Exception:
+                    return
+
+        threading.Thread(target=answer_events, daemon=True).start()
+        guest.wait_ready(guest.boot_timeout)
+        return build_from_guest(session)
+    finally:
+        stop.set()
+        guest.stop()
+        listener.close()
+        shutil.rmtree(tmp, ignore_errors=True)

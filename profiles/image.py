@@ -151,6 +151,10 @@ def bzimage_payload(image: bytes) -> tuple[str, bytes]:
         raise NotAKernel(f"bzImage boot protocol {version >> 8}.{version & 0xff} is older than 2.08 "
                          "(no payload fields)")
     payload_offset, payload_length = struct.unpack_from("<II", image, 0x248)
+    (syssize,) = struct.unpack_from("<I", image, 0x1F4)  # protected-mode part, 16-byte units
+    expected = (setup_sects + 1) * 512 + syssize * 16
+    if len(image) < expected:
+        raise TruncatedImage(f"truncated bzImage: its header announces {expected} bytes, file has {len(image)}")
     start = (setup_sects + 1) * 512 + payload_offset
     if start + payload_length > len(image):
         raise TruncatedImage(f"truncated bzImage: payload needs {start + payload_length} bytes, "

@@ -62,7 +62,10 @@ def read_json(path: str | os.PathLike[str]) -> dict:
         with open(path, "rb") as f:
             raw = f.read(MAX_ISF_BYTES + 1)
         if raw[:6] == b"\xfd7zXZ\x00":
-            raw = lzma.LZMADecompressor().decompress(raw, MAX_ISF_BYTES)
+            dec = lzma.LZMADecompressor()
+            raw = dec.decompress(raw, MAX_ISF_BYTES)
+            if not dec.eof:
+                raise BadISF(f"{path}: xz data is truncated (or inflates beyond 1 GiB)")
         isf = json.loads(raw)
     except OSError as exc:
         raise BadISF(f"cannot read ISF {path}: {exc.strerror}") from exc

@@ -155,7 +155,9 @@ def _repack(vmlinux_xz_image: bytes, vmlinux: bytes, kind: str) -> bytes:
     payload_offset, _ = struct.unpack_from("<II", image, 0x248)
     start = (setup_sects + 1) * 512 + payload_offset
     struct.pack_into("<I", image, 0x24C, len(payload))
-    return bytes(image[:start]) + payload
+    protected_mode = start + len(payload) - (setup_sects + 1) * 512
+    struct.pack_into("<I", image, 0x1F4, (protected_mode + 15) // 16)  # syssize
+    return bytes(image[:start]) + payload + bytes(-protected_mode % 16)
 
 
 @pytest.mark.parametrize("kind", ["gzip", "lz4"])
