@@ -664,7 +664,8 @@ static uint8_t send_event(struct vcpu *v, uint8_t event_id, uint64_t rip, bool h
             g_mutex_lock(&v->lock);
             continue;
         }
-        if (conn.generation != generation) { /* racy read is fine: rechecked below */
+        /* The reader bumps the generation, then wakes us under v->lock. */
+        if (__atomic_load_n(&conn.generation, __ATOMIC_ACQUIRE) != generation) {
             break;
         }
         if (!g_cond_wait_until(&v->cond, &v->lock, deadline)) {
@@ -1537,7 +1538,7 @@ static void set_connection(int fd)
     g_mutex_lock(&conn.write_lock);
     int old = conn.fd;
     __atomic_store_n(&conn.fd, fd, __ATOMIC_RELEASE);
-    conn.generation++;
+    __atomic_add_fetch(&conn.generation, 1, __ATOMIC_RELEASE);
     g_cond_broadcast(&conn.changed);
     g_mutex_unlock(&conn.write_lock);
     if (old >= 0) {
