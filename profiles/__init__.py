@@ -7,9 +7,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import BadISF, GuestError, NoBTF, NoKallsyms, NotAKernel, ProfileError, TruncatedImage  # noqa: E402
+from .errors import BadISF, CorruptKernel, GuestError, NoBTF, NoKallsyms, NotAKernel, ProfileError, TruncatedImage  # noqa: E402
 
-__all__ = ["BadISF", "GuestError", "NoBTF", "NoKallsyms", "NotAKernel", "ProfileError", "TruncatedImage",
+__all__ = ["BadISF", "CorruptKernel", "GuestError", "NoBTF", "NoKallsyms", "NotAKernel", "ProfileError", "TruncatedImage",
            "build_from_image", "build_from_guest", "load", "LinuxProfile"]
 
 

@@ -53,6 +53,14 @@ def btf_size(blob: bytes) -> int:
 
 
 def parse(blob: bytes) -> Btf:
+    """Parse a BTF blob; anything malformed raises NoBTF (guest memory may be hostile)."""
+    try:
+        return _parse(blob)
+    except (struct.error, IndexError) as exc:
+        raise NoBTF(f"BTF is malformed: {exc}") from exc
+
+
+def _parse(blob: bytes) -> Btf:
     size = btf_size(blob)
     if len(blob) < size:
         raise NoBTF(f"BTF truncated: header announces {size} bytes, {len(blob)} present")
@@ -222,18 +230,16 @@ class IsfTypes:
         self._desc[tid] = desc
         return desc
 
-    def size_of(self, tid: int) -> int:
-        for _ in range(64):
-            t = self._type(self._strip(tid))
-            if t is None:
-                return 0
-            if t.kind in (INT, FLOAT, STRUCT, UNION, ENUM, ENUM64):
-                return t.size_or_type
-            if t.kind == PTR:
-                return 8
-            if t.kind == ARRAY:
-                return t.extra[2] * self.size_of(t.extra[0])
+    def size_of(self, tid: int, depth: int = 0) -> int:
+        t = self._type(self._strip(tid))
+        if t is None or depth > 64:
             return 0
+        if t.kind in (INT, FLOAT, STRUCT, UNION, ENUM, ENUM64):
+            return t.size_or_type
+        if t.kind == PTR:
+            return 8
+        if t.kind == ARRAY:
+            return t.extra[2] * self.size_of(t.extra[0], depth + 1)
         return 0
 
     def _member(self, m_name: str, m_type: int, bit_off: int, bitfield_size: int) -> dict:

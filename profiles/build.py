@@ -8,10 +8,11 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import struct
 from typing import Any
 
 from . import __version__, btf, isf, kallsyms, syscalls
-from .errors import NoBTF, NotAKernel
+from .errors import CorruptKernel, NoBTF, NotAKernel
 from .image import KernelMemory, read_image
 
 # Global variables volatility3's Linux plugins read by symbol, and the C type each has.
@@ -72,6 +73,13 @@ def _syscall_layout(types: btf.IsfTypes) -> dict[str, int] | None:
 
 def build_from_memory(km: KernelMemory, provenance: dict[str, Any]) -> dict:
     """The ISF of the kernel in `km` (see profiles.isf for the embedded vmitrace records)."""
+    try:
+        return _build(km, provenance)
+    except (IndexError, struct.error) as exc:
+        raise CorruptKernel(f"kernel data refers outside the kernel image: {exc}") from exc
+
+
+def _build(km: KernelMemory, provenance: dict[str, Any]) -> dict:
     tables, symbol_list = kallsyms.find_tables(km)
     symbols = _pick_symbols(symbol_list)
     if "linux_banner" not in symbols:

@@ -53,6 +53,9 @@ def build_cmd(kernel: str | None, output: str | None, from_guest: bool, lab: boo
     except ProfileError as exc:
         _fail(exc)
         return
+    except OSError as exc:
+        click.echo(f"error: cannot write the profile: {exc}", err=True)
+        sys.exit(2)
     prov = isf.embedded(result, "provenance")
     click.echo(f"wrote {path}: {prov['banner'].strip()}")
 

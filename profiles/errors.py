@@ -26,5 +26,9 @@ class BadISF(ProfileError):
     """An ISF file is unreadable, of a format version volatility3 2.28 rejects, or invalid."""
 
 
+class CorruptKernel(ProfileError):
+    """Kernel data points outside itself or contradicts itself (corrupt or hostile image/memory)."""
+
+
 class GuestError(ProfileError):
     """The kernel could not be located or read in guest memory."""

@@ -124,7 +124,7 @@ def _find_names(buf: bytes, markers_pos: int, markers: list[int]) -> tuple[int, 
             if x - gap < 0:
                 continue
             (n,) = struct.unpack_from("<I", buf, x - gap)
-            if not ((m - 1) * 256 < n <= m * 256):
+            if not ((m - 1) * 256 < n <= m * 256) or n > MAX_SYMS:
                 continue
             if _skip_entries(buf, x, 256, markers_pos) != x + markers[1]:
                 continue
@@ -178,6 +178,13 @@ def _find_offsets(km: KernelMemory, buf: bytes, names_pos: int, n: int, index_po
 
 def find_tables(km: KernelMemory) -> tuple[KallsymsTables, list[Symbol]]:
     """Locate and decode the kallsyms tables of `km`; symbols carry link-time addresses."""
+    try:
+        return _find_tables(km)
+    except (struct.error, IndexError, ValueError) as exc:
+        raise NoKallsyms(f"kallsyms tables are inconsistent: {exc}") from exc
+
+
+def _find_tables(km: KernelMemory) -> tuple[KallsymsTables, list[Symbol]]:
     buf = km.data if isinstance(km.data, (bytes, bytearray)) else bytes(km.data)
     table_pos, index_pos, tokens = _find_token_table(buf)
     markers_pos, markers = _find_markers(buf, table_pos)
