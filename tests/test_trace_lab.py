@@ -161,3 +161,15 @@ def test_no_integrity_alarm_and_few_unpaired(lab):
     assert unpaired / paired < 0.001, dict(losses)
     assert losses["monitor_error"] == 0 and losses["unreadable_entry"] == 0, dict(losses)
     assert losses["dropped_records"] == 0
+
+
+def test_restarted_syscall(lab):
+    out = lab.run("sleep 2 & p=$!; echo vmitrace-pid $p; sleep 0.5; kill -STOP $p; "
+                  "kill -CONT $p; wait $p")
+    pid = int(out.split("vmitrace-pid ")[1].split()[0])
+    calls = [r for r in syscalls_of(lab.records(), pid) if "sleep" in r["action"] or
+             r["action"] == "restart_syscall"]
+    assert [r["action"] for r in calls] == ["clock_nanosleep", "restart_syscall"], calls
+    interrupted, resumed = calls
+    assert interrupted["extra"]["restarted"] == "true" and "ret" not in interrupted
+    assert resumed["ret"] == 0

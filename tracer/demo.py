@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -77,6 +78,15 @@ def load_dataset(dataset_dir: str | Path, columns: Iterable[str] = _COLUMNS) -> 
     exact = {pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype(),
              pa.uint32(): pd.UInt32Dtype(), pa.uint64(): pd.UInt64Dtype()}
     return dataset.to_table(columns=names).to_pandas(types_mapper=exact.get)
+
+
+def duckdb_command(query: str) -> str:
+    """A shell command running `query` with DuckDB's Python package (installed by setup.sh)."""
+    # Double quotes keep the SQL readable; anything the shell would expand inside them falls
+    # back to full quoting.
+    quoted = shlex.quote(query) if re.search(r'["$`\\!]', query) else f'"{query}"'
+    return (f"{shlex.quote(sys.executable)} -c "
+            f"'import duckdb, sys; duckdb.sql(sys.argv[1]).show()' {quoted}")
 
 
 def duckdb_query(dataset_dir: str | Path) -> str:
@@ -227,8 +237,10 @@ def _process_tree(procs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                     "exit_codes": {str(k): v for k, v in sorted(exits.items())},
                     "children": (fold(kids, depth + 1, seen | set(members))
                                  if depth < MAX_TREE_DEPTH else [])}
+            node["subtree_syscalls"] = node["syscalls"] + sum(
+                child["subtree_syscalls"] for child in node["children"])
             nodes.append(node)
-        nodes.sort(key=lambda n: (-n["syscalls"], n["name"]))
+        nodes.sort(key=lambda n: (-n["subtree_syscalls"], n["name"]))
         return nodes
 
     return fold(children.get(None, []), 0, frozenset())
@@ -369,8 +381,10 @@ def render_summary(summary: dict[str, Any]) -> str:
         out += ["", f"Dataset:   {summary['dataset']}",
                 f"Recording: {summary['recording']}",
                 f"Replay:    {summary['replay_command']}",
-                "DuckDB (paste into `duckdb`, or duckdb.sql(...).show() in Python):",
-                f"  {summary['duckdb_query']}"]
+                "DuckDB query (paste into the `duckdb` shell or duckdb.sql(...) in Python):",
+                f"  {summary['duckdb_query']}",
+                "or run it from the shell:",
+                f"  {summary['duckdb_command']}"]
     return "\n".join(out) + "\n"
 
 
@@ -449,7 +463,9 @@ def run_trace(kernel: str, vcpus: int, duration: float, dataset: Path, recording
                 guest.wait_ready(guest.boot_timeout)
             except GuestError as exc:
                 raise DemoError(f"lab guest: {exc}") from exc
-            say(f"step 4/4: tracing {guest.name} ({guest.release}) for {duration:g} s")
+            say(f"  {guest.name} ({guest.release}) is up after {guest.boot_seconds or 0:.0f} s "
+                f"(boot traced: {collector.pump.written} records)")
+            say(f"step 4/4: tracing the steady workload for {duration:g} s")
             start = time.monotonic()
             next_report = start + PROGRESS_EVERY_S
             while not stop_requested.is_set() and time.monotonic() - start < duration:
@@ -523,6 +539,7 @@ def demo(duration: float, out_dir: Path, kernel: str, vcpus: int, top: int,
         "replay_command": f"vmitrace replay {recording} --profile {result['profile']} "
                           "--sink jsonl:-",
         "duckdb_query": duckdb_query(dataset),
+        "duckdb_command": duckdb_command(duckdb_query(dataset)),
         "collector": {"records": result["records"], "sinks": result["sinks"],
                       "vms": result["vms"]},
     })

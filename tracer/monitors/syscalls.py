@@ -47,6 +47,7 @@ class SetupError(Exception):
 
 @dataclass(slots=True)
 class Pending:
+    name: str
     call: DecodedCall | None  # None: filtered out, paired only to keep the books right
     info: Any
     time_ns: int
@@ -126,7 +127,7 @@ class SyscallMonitor:
             if old.call is not None:
                 self._emit(old.call, old.info, old.time_ns, old.vcpu, old.user_ip, old.cr3,
                            event_type="enter")
-        self.pending[task] = Pending(call, info, now, event.vcpu, pt[k.R_IP], cr3)
+        self.pending[task] = Pending(name, call, info, now, event.vcpu, pt[k.R_IP], cr3)
 
     def on_exit(self, event: Any, regs: FastRegs) -> None:
         ctx = self.ctx
@@ -148,9 +149,13 @@ class SyscallMonitor:
             return
         self.calls += 1
         call = pending.call
-        if call is None:
-            return
         ret = pt[k.R_AX]
+        if call is None:  # filtered out; lifecycle and caches still follow it
+            if pending.name in EXECS and ret == 0:
+                self._after_exec(cr3, task, None)
+            elif pending.name in CHANGES_TASK:
+                ctx.tasks.forget(task)
+            return
         restarted = pt[k.R_IP] == (pending.user_ip - 2) & 0xFFFF_FFFF_FFFF_FFFF and \
             ret in (call.nr, NR_RESTART_SYSCALL)
         if restarted:
@@ -161,16 +166,9 @@ class SyscallMonitor:
         self.decoder.decode_exit(ctx.mem, cr3, call, ret)
         info = pending.info
         if call.name in EXECS and call.ret == 0:
-            ctx.tasks.forget(task)
-            try:
-                info = ctx.tasks.info(cr3, task, user_cr3=cr3)
-                if any(a["error"] for a in call.args):
-                    self.decoder.replace_exec_args(call, ctx.tasks.exec_strings(cr3, task))
-            except UnreadableMemory:
-                ctx.loss.add("unreadable_task")
+            info = self._after_exec(cr3, task, call) or info
             self._emit(call, info, pending.time_ns, pending.vcpu, pending.user_ip, cr3,
                        event_type="call", exit_vcpu=event.vcpu)
-            self._emit_exec(info, call)
             return
         if call.name in CHANGES_TASK:
             ctx.tasks.forget(task)
@@ -196,8 +194,21 @@ class SyscallMonitor:
             syscall_nr=call.nr, args=list(call.raw_args), ret=call.ret, errno=call.errno,
             decoded_args=call.args, argv=call.argv, extra=extra or None, **call.typed)
 
-    def _emit_exec(self, info: Any, call: DecodedCall) -> None:
-        fields = process_fields(info)
-        self.ctx.record(KIND_PROCESS, "exec", action="exec", **fields,
-                        argv=info.argv or call.argv, path=call.typed.get("path"),
-                        parent_process_uid=info.parent_process_uid)
+    def _after_exec(self, cr3: int, task: int, call: DecodedCall | None) -> Any:
+        """A task replaced its image: refresh what is known of it, complete the execve's
+        unreadable arguments from the new stack, emit the exec lifecycle record."""
+        ctx = self.ctx
+        ctx.tasks.forget(task)
+        try:
+            info = ctx.tasks.info(cr3, task, user_cr3=cr3)
+            recovered = ctx.tasks.exec_strings(cr3, task)
+        except UnreadableMemory:
+            ctx.loss.add("unreadable_task")
+            return None
+        if call is not None and any(a["error"] for a in call.args):
+            self.decoder.replace_exec_args(call, recovered)
+        if ctx.filters.task_selected(info.pid, info.tid, info.comm):
+            path = recovered.get("path", (None, False))[0]
+            ctx.record(KIND_PROCESS, "exec", action="exec", **process_fields(info),
+                       argv=info.argv, path=path, parent_process_uid=info.parent_process_uid)
+        return info
