@@ -487,7 +487,10 @@ def test_malformed_messages_drop_the_connection_and_guest_runs_on(lab):
         lab.run_ok("true")
 
     conn = _raw_host(lab.socket_path)
-    # An unknown command is answered -KVM_EOPNOTSUPP and the connection stays up ...
+    # A reply to an event nobody waits for is discarded; the connection stays up ...
+    conn.sendall(struct.pack("<HHI", abi.KVMI_EVENT_REPLY, 16, 12345)
+                 + struct.pack("<HHI", 0, 0, 0) + struct.pack("<BBHI", 0, abi.KVMI_EVENT_CR, 0, 0))
+    # ... an unknown command is answered -KVM_EOPNOTSUPP and the connection stays up ...
     conn.sendall(struct.pack("<HHI", 0x1234, 0, 7))
     reply = conn.recv(16)
     assert struct.unpack("<HHIiI", reply) == (0x1234, 8, 7, -95, 0)
