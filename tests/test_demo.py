@@ -152,6 +152,10 @@ def test_dataset_is_readable_by_duckdb(run: DemoRun, summary: dict[str, Any]) ->
                         "GROUP BY ALL ORDER BY n DESC LIMIT 1")
     assert 1 <= len(rows) <= 20 and rows[0][2] == busiest[0][2]
     assert all(calls >= failed for _, _, calls, failed in rows)
+    shell = subprocess.run(summary["duckdb_command"], shell=True, capture_output=True, text=True,
+                           timeout=120)
+    assert shell.returncode == 0, shell.stderr
+    assert busiest[0][0] in shell.stdout and busiest[0][1] in shell.stdout
     # The summary agrees with an independent reader.
     per_action = dict(_sql(run, "SELECT action, count(*) FROM events WHERE kind = 'syscall' "
                                 "GROUP BY action"))
