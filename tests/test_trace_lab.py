@@ -151,7 +151,7 @@ def test_matches_strace_name_for_name_and_value_for_value(lab):
 
 
 def test_no_integrity_alarm_and_few_unpaired(lab):
-    lab.run(f"timeout 20 {wl.WORKLOAD_DRIVER} steady 200 >/dev/null; true", timeout=60)
+    lab.run(f"timeout 30 {wl.WORKLOAD_DRIVER} steady 200 >/dev/null; true", timeout=90)
     records = lab.records()
     assert not [r for r in records if r["kind"] == "integrity"]
     losses = lab.tracer.ctx.loss.counts
@@ -173,3 +173,12 @@ def test_restarted_syscall(lab):
     interrupted, resumed = calls
     assert interrupted["extra"]["restarted"] == "true" and "ret" not in interrupted
     assert resumed["ret"] == 0
+
+
+def test_orphan_is_reparented(lab):
+    out = lab.run("sh -c 'sleep 1 & echo vmitrace-pid $! $$'; sleep 2")
+    pid, first_parent = map(int, out.split("vmitrace-pid ")[1].split()[:2])
+    life = [r for r in lab.records() if r["kind"] == "process" and r["pid"] == pid]
+    assert life[0]["event_type"] == "start" and life[0]["ppid"] == first_parent
+    assert life[-1]["event_type"] == "exit" and life[-1]["exit_code"] == 0
+    assert life[-1]["ppid"] != first_parent  # re-parented when its shell exited

@@ -35,7 +35,8 @@ RECORDING_FILE = "session.kvmirec"
 SUMMARY_FILE = "summary.json"
 PROGRESS_EVERY_S = 10.0
 MAX_TREE_DEPTH = 8                 # the rendered process tree is bounded in depth and width
-MAX_TREE_CHILDREN = 12
+MAX_TREE_CHILDREN = 12             # ... when rendered as text
+MAX_JSON_CHILDREN = 100            # ... in the JSON summary (the rest is counted in "more")
 MAX_LABEL = 48                     # comm/path strings come from the guest: bound what we print
 WRITE_FLAGS = re.compile(r"\b(?:O_WRONLY|O_RDWR|O_CREAT|O_TRUNC|O_APPEND)\b")
 OPEN_CALLS = ("open", "openat", "openat2", "creat")
@@ -157,7 +158,7 @@ def _top_syscalls(syscalls: Any, top: int) -> list[dict[str, Any]]:
         rows.append({"syscall": _none(action), "calls": int(calls),
                      "failed": int(group["errno"].notna().sum()),
                      "processes": int(group["process_uid"].nunique()),
-                     "top_comms": {str(c): int(n) for c, n in top_comms.items()}})
+                     "top_comms": {_short(c, 24): int(n) for c, n in top_comms.items()}})
     return rows
 
 
@@ -241,6 +242,8 @@ def _process_tree(procs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 child["subtree_syscalls"] for child in node["children"])
             nodes.append(node)
         nodes.sort(key=lambda n: (-n["subtree_syscalls"], n["name"]))
+        if len(nodes) > MAX_JSON_CHILDREN:
+            nodes[MAX_JSON_CHILDREN - 1:] = [{"more": len(nodes) - MAX_JSON_CHILDREN + 1}]
         return nodes
 
     return fold(children.get(None, []), 0, frozenset())
@@ -293,9 +296,9 @@ def _integrity(rows: Any) -> list[dict[str, Any]]:
                    "detail"]].itertuples(index=False):
         old, new = _none(r.old_value), _none(r.new_value)
         out.append({"time": r.time.isoformat(), "event": r.event_type,
-                    "target": _none(r.target) or _none(r.reg_name),
+                    "target": _short(_none(r.target) or _none(r.reg_name), 64),
                     "old": None if old is None else hex(old),
-                    "new": None if new is None else hex(new), "detail": _none(r.detail)})
+                    "new": None if new is None else hex(new), "detail": _short(_none(r.detail), 200)})
     return out
 
 
@@ -337,7 +340,8 @@ def _tree_lines(nodes: list[dict[str, Any]], prefix: str = "") -> list[str]:
                      f"{node['syscalls']} syscalls{exits}{detail}")
         lines += _tree_lines(node["children"], prefix + ("   " if last else "│  "))
     if len(nodes) > MAX_TREE_CHILDREN:
-        lines.append(f"{prefix}└─ … {len(nodes) - MAX_TREE_CHILDREN} more")
+        hidden = sum(node.get("more", 1) for node in nodes[MAX_TREE_CHILDREN:])
+        lines.append(f"{prefix}└─ … {hidden} more")
     return lines
 
 
@@ -416,6 +420,7 @@ def run_trace(kernel: str, vcpus: int, duration: float, dataset: Path, recording
     from guestlab.guest import Guest, GuestError
     from sinks import open_sink
     from tracer.collector import Collector, TraceOptions
+    from tracer.kvmi.errors import KvmiError
     from tracer.kvmi.recording import RecordingWriter
     from tracer.kvmi.transport import Listener
     from tracer.trace_cli import profile_for_image
@@ -438,8 +443,11 @@ def run_trace(kernel: str, vcpus: int, duration: float, dataset: Path, recording
     sink = open_sink(f"parquet:{dataset}")
     collector = Collector(lambda session: profile, [sink], options)
     stop_requested = threading.Event()
+    tracing = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
+        if not tracing.is_set():  # still building or booting: abort (cleanup in `finally`)
+            raise KeyboardInterrupt
         say(f"{signal.Signals(signum).name}: stopping early; the summary covers what was traced")
         stop_requested.set()
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -461,11 +469,12 @@ def run_trace(kernel: str, vcpus: int, duration: float, dataset: Path, recording
                 # holds everything `vmitrace replay` needs.
                 collector.trace_in_thread(session, None)
                 guest.wait_ready(guest.boot_timeout)
-            except GuestError as exc:
+            except (GuestError, KvmiError, OSError) as exc:
                 raise DemoError(f"lab guest: {exc}") from exc
             say(f"  {guest.name} ({guest.release}) is up after {guest.boot_seconds or 0:.0f} s "
                 f"(boot traced: {collector.pump.written} records)")
             say(f"step 4/4: tracing the steady workload for {duration:g} s")
+            tracing.set()
             start = time.monotonic()
             next_report = start + PROGRESS_EVERY_S
             while not stop_requested.is_set() and time.monotonic() - start < duration:

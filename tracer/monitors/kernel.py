@@ -168,6 +168,7 @@ class TaskInfo:
     argv: list[str] | None = None
     process_uid: str | None = None
     parent_process_uid: str | None = None
+    parent_task: int | None = None
     missing: set[str] = field(default_factory=set)
 
 
@@ -200,6 +201,11 @@ class TaskReader:
         if cached is not None:
             if cached.missing and user_cr3 is not None:
                 self._fill_process(cached, cr3, user_cr3)
+            # Orphans are re-parented (to init or a subreaper) without any event of theirs:
+            # one read tells whether the parent changed.
+            if self.mem.read_u64(cr3, task + self.layout.task["real_parent"]) != \
+                    cached.parent_task:
+                self._read_parent(cached, cr3)
             return cached
         info = self._read(cr3, task, user_cr3)
         if len(self.cache) >= self.max_cached:
@@ -215,14 +221,6 @@ class TaskReader:
         comm = mem.read_virtual(cr3, task + t["comm"], TASK_COMM_LEN).split(b"\0", 1)[0]
         flags = mem.read_u32(cr3, task + t["flags"]) if "flags" in t else 0
         start = mem.read_u64(cr3, task + t["start_time"]) if "start_time" in t else None
-        ppid = parent_start = None
-        try:
-            parent = mem.read_u64(cr3, task + t["real_parent"])
-            ppid = mem.read_int(cr3, parent + t["tgid"], 4, signed=True)
-            if "start_time" in t:
-                parent_start = self._leader_start(cr3, parent)
-        except UnreadableMemory:
-            self.unreadable += 1
         uid = gid = None
         if "cred" in t and "uid" in self.layout.cred:
             try:
@@ -231,7 +229,7 @@ class TaskReader:
                 gid = mem.read_u32(cr3, cred + self.layout.cred["gid"])
             except UnreadableMemory:
                 self.unreadable += 1
-        info = TaskInfo(task=task, pid=pid, tid=tid, ppid=ppid, uid=uid, gid=gid, start_ns=start,
+        info = TaskInfo(task=task, pid=pid, tid=tid, ppid=None, uid=uid, gid=gid, start_ns=start,
                         comm=comm.decode("utf-8", "backslashreplace"),
                         kthread=bool(flags & PF_KTHREAD))
         # process_uid identifies the thread group: its leader's start time, not the thread's
@@ -240,15 +238,23 @@ class TaskReader:
             leader_start = self._group_leader_start(cr3, task, start)
         if leader_start is not None:
             info.process_uid = f"{self.vm_id}/{pid}/{leader_start}"
-        if parent_start is not None and ppid is not None:
-            info.parent_process_uid = f"{self.vm_id}/{ppid}/{parent_start}"
+        self._read_parent(info, cr3)
         info.missing = {"exe", "cmdline"} if not info.kthread else set()
         if user_cr3 is not None and info.missing:
             self._fill_process(info, cr3, user_cr3)
         return info
 
-    def _leader_start(self, cr3: int, task: int) -> int | None:
-        return self._group_leader_start(cr3, task, None)
+    def _read_parent(self, info: TaskInfo, cr3: int) -> None:
+        t = self.layout.task
+        try:
+            parent = self.mem.read_u64(cr3, info.task + t["real_parent"])
+            info.ppid = self.mem.read_int(cr3, parent + t["tgid"], 4, signed=True)
+            info.parent_task = parent
+            if "start_time" in t:
+                start = self._group_leader_start(cr3, parent, None)
+                info.parent_process_uid = f"{self.vm_id}/{info.ppid}/{start}"
+        except UnreadableMemory:
+            self.unreadable += 1
 
     def _group_leader_start(self, cr3: int, task: int, default: int | None) -> int | None:
         off = self.layout.task.get("group_leader")
