@@ -219,5 +219,16 @@ def test_out_dir_not_made_by_the_demo_is_refused(tmp_path: Path) -> None:
     assert proc.stdout == ""
 
 
-if __name__ == "__main__":  # pragma: no cover - manual runs
+def test_rerun_replaces_only_the_demo_files(tmp_path: Path) -> None:
+    from tracer.demo import prepare_out_dir
+
+    out = tmp_path / "out"
+    prepare_out_dir(out)
+    (out / "dataset" / "vm_id=x").mkdir(parents=True)
+    (out / "session.kvmirec").write_bytes(b"old")
+    (out / "summary.json").write_text("{}")
+    (out / "mine.txt").write_text("kept")
+    prepare_out_dir(out)
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "mine.txt"]
+  # pragma: no cover - manual runs
     sys.exit(pytest.main([__file__, "-x", "-q", *sys.argv[1:]]))
