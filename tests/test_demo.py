@@ -230,5 +230,3 @@ def test_rerun_replaces_only_the_demo_files(tmp_path: Path) -> None:
     (out / "mine.txt").write_text("kept")
     prepare_out_dir(out)
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "mine.txt"]
-  # pragma: no cover - manual runs
-    sys.exit(pytest.main([__file__, "-x", "-q", *sys.argv[1:]]))
