@@ -86,3 +86,35 @@ def test_replay_missing_profile_option():
     proc = subprocess.run([VMITRACE, "replay", "/nonexistent.kvmirec"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2
+
+
+@pytest.mark.guest
+def test_trace_listen_with_profile_built_from_the_guest(tmp_path):
+    """A KVMI host that connects on its own (not --lab), profile 'auto' built from its memory."""
+    from guestlab.guest import Guest
+
+    out = tmp_path / "listen.jsonl"
+    sock = tmp_path / "kvmi.sock"
+    proc = subprocess.Popen([VMITRACE, "trace", "--listen", f"unix:{sock}", "--profile", "auto",
+                             "--duration", "60", "--comm", wl.WORKLOAD_COMMS["enoent"],
+                             "--sink", f"jsonl:{out}?format=raw"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        with Guest(kernel="6.12", vcpus=1, plugin_options={"socket": str(sock)}) as guest:
+            for _ in range(60):  # until the collector has its profile and breakpoints
+                guest.run(wl.WORKLOAD_BINARIES["enoent"])
+                if out.exists() and b'"openat"' in out.read_bytes():
+                    break
+                time.sleep(1)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    failed = [r for r in records if r["kind"] == "syscall" and r["action"] == "openat"]
+    assert failed and all(r["path"] == wl.ENOENT_PATH and r["errno"] == "ENOENT" for r in failed)
