@@ -35,7 +35,9 @@ class Sink(Protocol):
     def write(self, records: list[dict[str, Any]]) -> None:
         """Accept records (schema v1 dicts). Raises sinks.schema.RecordError for a record that
         does not conform (nothing of that call is accepted) and SinkError when storage fails
-        (the lost records are counted)."""
+        (the lost records are counted). `write([])` does the time-based housekeeping only
+        (Parquet: write an old buffer, roll old files; Kafka: reap acknowledgements, replay
+        the journal): call it when idle so that buffered records do not wait for the next."""
 
     def flush(self) -> None:
         """Make everything accepted so far durable and visible to readers."""

@@ -140,7 +140,7 @@ class KafkaSink:
 
     def close(self, timeout: float | None = None) -> dict[str, int]:
         if self._closed:
-            return self.stats.as_dict()
+            return self.stats_dict()
         try:
             self.flush(timeout)
         finally:
@@ -154,6 +154,7 @@ class KafkaSink:
         return self.stats_dict()
 
     def stats_dict(self) -> dict[str, int]:
+        """SinkStats plus `spill_pending` (entries waiting in the journal) and `in_flight`."""
         stats = self.stats.as_dict()
         stats["spill_pending"] = self.spill.pending
         stats["in_flight"] = len(self._inflight)

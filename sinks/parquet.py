@@ -32,7 +32,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -273,7 +273,7 @@ class ParquetSink:
         self.stats.files += 1
 
     def _fail(self, key: tuple[str, int], vm_id: str, data_rows: int, carried: int,
-              exc: OSError):
+              exc: OSError) -> NoReturn:
         """A storage error: drop the partition's temporary file, count its rows, raise."""
         open_file = self._files.get(key)
         lost = dict(open_file.data_rows_by_vm) if open_file else {}

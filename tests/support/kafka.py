@@ -64,6 +64,7 @@ class KafkaBroker:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.sasl_port = free_port()
         self.controller_port = free_port()
