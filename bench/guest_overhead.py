@@ -13,7 +13,7 @@ busybox, opens, reads and writes) is timed in each configuration, all in this on
 
 Each configuration reports the wall-time ratio of the medians (what the guest feels), of the
 fastest runs ("best": the least disturbed by other load), and the CPU-time
-ratio (QEMU plus the introspector process; on a loaded machine the scheduler can make a
+ratio (QEMU plus the introspector process, and QEMU alone; on a loaded machine the scheduler can make a
 guest that often sleeps in event waits look faster in wall time than a pure CPU hog).
 
 Usage: .venv/bin/python bench/guest_overhead.py [--kernel 6.1] [--rounds 300] [--repeat 3]
@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -57,18 +57,18 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def time_once(guest: guestlab.Guest, rounds: int) -> tuple[float, float]:
-    """Wall seconds of the guest work, and the CPU seconds QEMU plus this process (the
+def time_once(guest: guestlab.Guest, rounds: int) -> tuple[float, float, float]:
+    """Wall seconds of the guest work, and the CPU seconds QEMU and this process (the
     introspector) spent meanwhile: the cost that machine load cannot hide."""
     assert guest.pid is not None
-    cpu0 = process_cpu_seconds(guest.pid) + sum(os.times()[:2])
+    qemu0, own0 = process_cpu_seconds(guest.pid), sum(os.times()[:2])
     start = time.monotonic()
     status, output = guest.run(workload(rounds), timeout=600)
     elapsed = time.monotonic() - start
-    cpu = process_cpu_seconds(guest.pid) + sum(os.times()[:2]) - cpu0
+    qemu, own = process_cpu_seconds(guest.pid) - qemu0, sum(os.times()[:2]) - own0
     if status != 0:
         raise RuntimeError(f"guest work failed: {status} {output!r}")
-    return elapsed, cpu
+    return elapsed, qemu, own
 
 
 class Responder:
@@ -126,6 +126,7 @@ def run(kernel: str, rounds: int, repeat: int) -> dict[str, Any]:
     that load from elsewhere on the machine hits all of them alike."""
     times: dict[str, list[float]] = {name: [] for name in CONFIGS}
     cpu: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    qemu_cpu: dict[str, list[float]] = {name: [] for name in CONFIGS}
     events: dict[str, dict[str, int]] = {name: {} for name in CONFIGS}
     workdir = tempfile.mkdtemp(prefix="vmitrace-bench-")
     path = os.path.join(workdir, "kvmi.sock")
@@ -148,9 +149,10 @@ def run(kernel: str, rounds: int, repeat: int) -> dict[str, Any]:
         for _ in range(repeat):
             for name in CONFIGS:
                 if name == "untraced":
-                    wall, used = time_once(plain, rounds)
+                    wall, qemu, own = time_once(plain, rounds)
                     times[name].append(wall)
-                    cpu[name].append(used)
+                    cpu[name].append(qemu + own)
+                    qemu_cpu[name].append(qemu)
                     continue
                 configure(session, name, syscall_entry)
                 # A changed breakpoint set flushes QEMU's translations: re-warm first, so
@@ -158,9 +160,10 @@ def run(kernel: str, rounds: int, repeat: int) -> dict[str, Any]:
                 time_once(traced, max(1, rounds // 5))
                 time.sleep(0.2)
                 responder.take_counts()
-                wall, used = time_once(traced, rounds)
+                wall, qemu, own = time_once(traced, rounds)
                 times[name].append(wall)
-                cpu[name].append(used)
+                cpu[name].append(qemu + own)
+                qemu_cpu[name].append(qemu)
                 time.sleep(0.2)  # let the last non-blocking events arrive
                 for k, v in responder.take_counts().items():
                     events[name][k] = events[name].get(k, 0) + v
@@ -173,6 +176,7 @@ def run(kernel: str, rounds: int, repeat: int) -> dict[str, Any]:
                       "best_ratio": min(times[name]) / best_base,
                       "cpu_seconds": cpu[name],
                       "cpu_ratio": statistics.median(cpu[name]) / cpu_base,
+                      "qemu_cpu_ratio": statistics.median(qemu_cpu[name]) / cpu_base,
                       "events": events[name]}
                for name in CONFIGS}
     return {"kernel": kernel, "rounds": rounds, "repeat": repeat,
@@ -189,17 +193,20 @@ def main() -> None:
     results = run(args.kernel, args.rounds, args.repeat)
     print(f"\nratio to untraced (median of runs; load average "
           f"{results['load_average'][0]:.1f} on {os.cpu_count()} CPUs):")
-    print(f"  {'':22s} {'wall':>6s} {'best':>6s} {'cpu':>6s}  events/s")
+    print(f"  {'':22s} {'wall':>6s} {'best':>6s} {'cpu':>6s} {'qemu':>6s}  events/s")
     for name, cfg in results["configs"].items():
         events = sum(cfg["events"].values())
         rate = events / sum(cfg["seconds"]) if events else 0.0
         print(f"  {name:22s} {cfg['ratio']:5.2f}x {cfg['best_ratio']:5.2f}x "
-              f"{cfg['cpu_ratio']:5.2f}x  {rate:8.0f}")
-    goals: dict[str, Callable[[float], bool]] = {
-        "bp syscall blocking": lambda r: r <= 1.5, "bp syscall nonblock": lambda r: r <= 1.2}
-    for name, ok in goals.items():
-        ratio = results["configs"][name]["ratio"]
-        print(f"  goal {name}: {ratio:.2f}x wall -> {'met' if ok(ratio) else 'NOT met'}")
+              f"{cfg['cpu_ratio']:5.2f}x {cfg['qemu_cpu_ratio']:5.2f}x  {rate:8.0f}")
+    # Judged on the worst of the three ratios: under load the median wall ratio alone can
+    # flatter a guest that sleeps in event waits.
+    goals = {"bp syscall blocking": 1.5, "bp syscall nonblock": 1.2}
+    for name, goal in goals.items():
+        cfg = results["configs"][name]
+        worst = max(cfg["ratio"], cfg["best_ratio"], cfg["cpu_ratio"])
+        print(f"  goal {name} <= {goal}x: worst ratio {worst:.2f}x -> "
+              f"{'met' if worst <= goal else 'NOT met'}")
     if args.json:
         print(json.dumps(results, indent=2))
 

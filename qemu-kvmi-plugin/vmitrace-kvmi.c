@@ -47,6 +47,7 @@ VMITRACE_EXPORT int qemu_plugin_version = VMITRACE_QEMU_PLUGIN_API_VERSION;
 #define MAX_KNOWN_MSRS 256
 #define MAX_QUEUED_COMMANDS 64
 #define MAX_HANDSHAKE_BYTES (64 * 1024)
+#define MAX_SITES 100000 /* instrumented instructions remembered between flushes */
 #define UNHOOK_WAIT_MS 2000
 
 /* MSRs that QEMU exposes as registers, and architectural bits used below. */
@@ -725,8 +726,12 @@ static guint site_hash(gconstpointer p)
 
 static gboolean site_equal(gconstpointer a, gconstpointer b)
 {
-    return memcmp(a, b, sizeof(struct site)) == 0;
+    const struct site *x = a, *y = b;
+    return x->gva == y->gva && x->kind == y->kind && x->len == y->len && x->cr == y->cr &&
+           x->src == y->src;
 }
+
+static void request_flush(void);
 
 static struct site *intern_site(struct site key)
 {
@@ -735,6 +740,9 @@ static struct site *intern_site(struct site key)
     if (!s) {
         s = g_memdup2(&key, sizeof(key));
         g_hash_table_add(sites, s);
+        if (g_hash_table_size(sites) == MAX_SITES) {
+            request_flush(); /* which frees them all (on_reset_done) */
+        }
     }
     g_mutex_unlock(&sites_lock);
     return s;
@@ -1021,6 +1029,10 @@ static void register_callbacks(void)
 /* Called in QEMU's exclusive context after the translation cache was flushed. */
 static void on_reset_done(qemu_plugin_id_t id)
 {
+    /* No translation refers to a site any more, and no vCPU is in a callback. */
+    g_mutex_lock(&sites_lock);
+    g_hash_table_remove_all(sites);
+    g_mutex_unlock(&sites_lock);
     register_callbacks();
     g_mutex_lock(&flush_lock);
     reset_inflight = false;
