@@ -76,7 +76,11 @@ def main() -> None:
     parser.add_argument("--kernel", default="6.1", choices=["6.1", "6.12"])
     parser.add_argument("--vcpus", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--switch-interval", type=float, default=None,
+                        help="sys.setswitchinterval for this process (GIL hand-off latency)")
     args = parser.parse_args()
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
 
     from guestlab import build
     import profiles

@@ -139,18 +139,33 @@ def test_pointer_array_bounded_and_terminated():
     assert img.mem.read_pointer_array(img.cr3, USER, 2) == ([0x10, 0x20], True)
 
 
-def test_kernel_translations_are_cached_until_invalidated():
+IMAGE = 0xFFFF_FFFF_8100_0000
+VMALLOC = 0xFFFF_C900_0000_0000
+
+
+@pytest.mark.parametrize("gva", [IMAGE, KERNEL])
+def test_stable_kernel_translations_are_cached_until_invalidated(gva):
     img = GuestImage()
-    img.map_4k(KERNEL, 0x500000)
+    img.map_4k(gva, 0x500000)
     mem = img.mem
-    assert mem.translate(img.cr3, KERNEL) == 0x500000
+    mem.set_direct_map(KERNEL, 1 << 30)
+    assert mem.translate(img.cr3, gva) == 0x500000
     walks = mem.walks
-    assert mem.translate(img.cr3, KERNEL + 8) == 0x500008
+    assert mem.translate(img.cr3, gva + 8) == 0x500008
     assert mem.walks == walks  # served from the cache
-    img.map_4k(KERNEL, 0x501000)  # remap behind the cache's back
-    assert mem.translate(img.cr3, KERNEL) == 0x500000  # stale until told
-    mem.invalidate(img.cr3)
-    assert mem.translate(img.cr3, KERNEL) == 0x501000
+    img.map_4k(gva, 0x501000)  # remap behind the cache's back
+    assert mem.translate(img.cr3, gva) == 0x500000  # stale until told
+    mem.invalidate()
+    assert mem.translate(img.cr3, gva) == 0x501000
+
+
+def test_vmalloc_translations_are_never_cached():
+    img = GuestImage()  # kernel stacks live in vmalloc space and are remapped when reused
+    img.mem.set_direct_map(KERNEL, 1 << 30)
+    img.map_4k(VMALLOC, 0x500000)
+    assert img.mem.translate(img.cr3, VMALLOC) == 0x500000
+    img.map_4k(VMALLOC, 0x501000)
+    assert img.mem.translate(img.cr3, VMALLOC) == 0x501000
 
 
 def test_user_translations_are_never_cached():

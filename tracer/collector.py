@@ -27,7 +27,8 @@ from tracer.memory import GuestMemory, PhysicalSource, RamFile, SessionSource, U
 from tracer.monitors.base import MSR_LSTAR, FastRegs, Filters, VmContext
 from tracer.monitors.hypercall import HypercallMonitor
 from tracer.monitors.integrity import IntegrityMonitor
-from tracer.monitors.kernel import KernelLayout, LayoutError, TaskReader, kernel_cr3_candidates
+from tracer.monitors.kernel import (KernelLayout, LayoutError, TaskReader, direct_map_base,
+                                    kernel_cr3_candidates)
 from tracer.monitors.process import ProcessMonitor
 from tracer.monitors.syscalls import SetupError, SyscallMonitor
 
@@ -254,6 +255,11 @@ class VmTracer:
         kernel_cr3 = layout.kernel_cr3 or kernel_cr3_candidates(cr3)[-1]
         self.ctx.layout = layout
         self.ctx.tasks = TaskReader(layout, self.mem, self.ctx.vm_id)
+        ram_size = self._ram_size()
+        if ram_size:
+            base = direct_map_base(layout, self.mem, kernel_cr3)
+            if base >> 47 == 0x1FFFF:
+                self.mem.set_direct_map(base, ram_size)
         self.integrity.set_baseline(MSR_LSTAR, lstar)
         if self.options.syscalls:
             self.syscalls.install(kernel_cr3)
@@ -264,6 +270,16 @@ class VmTracer:
                 self.notes.append(f"kernel lacks {missing}: no process start/exit records")
         self.active = True
         log.info("tracing VM %s: KASLR slide %#x", self.ctx.vm_id, layout.slide)
+
+    def _ram_size(self) -> int | None:
+        """Bytes of guest RAM (bounds the direct map whose translations may be cached)."""
+        size = getattr(self.mem.source, "size", None)
+        if size:
+            return int(size) + (1 << 32)  # RAM above the PCI hole sits at 4 GiB and up
+        try:
+            return (self.session.get_max_gfn() + 1) << 12
+        except (kerr.KvmiError, AttributeError):
+            return None  # unknown: direct-map reads are walked every time (correct, slower)
 
     def _install_queued(self) -> None:
         """Send queued breakpoints from a helper thread (see VmContext.add_breakpoint)."""

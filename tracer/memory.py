@@ -155,19 +155,25 @@ def is_kernel_address(gva: int) -> bool:
     return gva >> 47 == 0x1FFFF
 
 
+KERNEL_IMAGE_START = 0xFFFF_FFFF_8000_0000  # __START_KERNEL_map: kernel text, data, bss
+
+
 class GuestMemory:
     """Virtual and physical reads over one guest's physical memory (4-level paging).
 
-    Translations of kernel-half addresses are cached per CR3 (kernel mappings are stable and
-    every hot path reads kernel data); user-half translations are never cached because user
-    page tables change under mmap/munmap without any CR3 write. `invalidate()` drops the cache
-    (the collector calls it on CR3 writes to a CR3 it has not seen live, and on demand).
+    Only translations that cannot change while the kernel runs are cached, and shared by all
+    address spaces (every page table maps them alike): the kernel image (from __START_KERNEL_map) and, once `set_direct_map` has told where it is,
+    the direct map of physical memory (task structs, slab objects). vmalloc space (kernel
+    stacks, modules) is remapped when freed and reused, and user page tables change under
+    mmap/munmap without any CR3 write: those are walked on every read. `invalidate()` drops
+    the cache.
     """
 
     def __init__(self, source: PhysicalSource, cache_entries: int = 4096) -> None:
         self.source = source
-        self._cache: dict[tuple[int, int], int] = {}
+        self._cache: dict[int, int] = {}  # virtual page -> physical page
         self._cache_entries = cache_entries
+        self._direct_map = (0, 0)
         self._read_u64 = getattr(source, "read_u64", None) or self._read_u64_generic
         self.walks = 0
         self.cache_hits = 0
@@ -182,30 +188,29 @@ class GuestMemory:
         return _U64.unpack(self.source.read(gpa, 8))[0]
 
     # -- translation ------------------------------------------------------------------------
-    def invalidate(self, cr3: int | None = None) -> None:
-        """Forget cached translations (all, or those made under one CR3)."""
-        if cr3 is None:
-            self._cache.clear()
-            return
-        root = cr3 & _ADDR_MASK
-        for key in [k for k in self._cache if k[0] == root]:
-            del self._cache[key]
+    def set_direct_map(self, start: int, size: int) -> None:
+        """Also cache translations in [start, start+size): the kernel's direct map of RAM."""
+        self._direct_map = (start, start + size)
+
+    def invalidate(self) -> None:
+        """Forget every cached translation."""
+        self._cache.clear()
 
     def translate(self, cr3: int, gva: int) -> int:
         """Guest-physical address of `gva` under page tables rooted at `cr3`."""
         root = cr3 & _ADDR_MASK  # drops PCID (bits 0..11) and the no-flush bit 63
         page = gva & PAGE_MASK
-        kernel = is_kernel_address(gva)
-        if kernel:
-            hit = self._cache.get((root, page))
+        stable = gva >= KERNEL_IMAGE_START or self._direct_map[0] <= gva < self._direct_map[1]
+        if stable:
+            hit = self._cache.get(page)
             if hit is not None:
                 self.cache_hits += 1
                 return hit | (gva & (PAGE_SIZE - 1))
         gpa = self._walk(root, gva)
-        if kernel:
+        if stable:
             if len(self._cache) >= self._cache_entries:
                 self._cache.clear()  # small and simple: start over rather than track recency
-            self._cache[(root, page)] = gpa & PAGE_MASK
+            self._cache[page] = gpa & PAGE_MASK
         return gpa
 
     def _walk(self, root: int, gva: int) -> int:

@@ -54,7 +54,8 @@ class KernelLayout:
     kernel_cr3: int | None = None  # a CR3 that maps kernel data (learned from kernel-mode events)
 
     REQUIRED_SYMBOLS = ("entry_SYSCALL_64", "do_syscall_64")
-    OPTIONAL_SYMBOLS = ("linux_banner", "ret_from_fork", "do_exit", "do_group_exit")
+    OPTIONAL_SYMBOLS = ("linux_banner", "ret_from_fork", "do_exit", "do_group_exit",
+                        "page_offset_base")
 
     @classmethod
     def from_profile(cls, profile: Any) -> "KernelLayout":
@@ -141,6 +142,15 @@ class KernelLayout:
                 raise LayoutError(f"cannot read linux_banner to confirm the slide: {errors}")
         self.slide = slide
         return slide
+
+
+DEFAULT_PAGE_OFFSET = 0xFFFF_8880_0000_0000  # x86-64 4-level, without memory randomization
+
+
+def direct_map_base(layout: KernelLayout, mem: GuestMemory, cr3: int) -> int:
+    """Start of the kernel's direct map of RAM (randomized under KASLR: page_offset_base)."""
+    where = layout.address("page_offset_base")
+    return mem.read_u64(cr3, where) if where is not None else DEFAULT_PAGE_OFFSET
 
 
 def kernel_cr3_candidates(cr3: int) -> list[int]:
