@@ -170,6 +170,9 @@ struct vcpu {
     GByteArray *regbuf;
     /* Actual minus translated address of the running block (see on_site_block). */
     uint64_t rip_delta;
+    /* While in an event: its rip (the rip register is stale inside a block). */
+    bool in_event;
+    uint64_t event_rip;
 
     /* Introspector-controlled, per connection (read lock-free). */
     uint32_t events;   /* bit per enabled vCPU event */
@@ -563,7 +566,8 @@ static void serve_get_registers(struct vcpu *v, struct queued_command *qc)
     uint8_t mode;
     int err = 0;
 
-    fill_registers(v, read_reg(v, R_RIP), &mode, &rpl->regs, &rpl->sregs);
+    fill_registers(v, v->in_event ? v->event_rip : read_reg(v, R_RIP), &mode, &rpl->regs,
+                   &rpl->sregs);
     rpl->mode = mode;
     rpl->nmsrs = req->nmsrs;
     for (unsigned i = 0; i < req->nmsrs; i++) {
@@ -657,6 +661,8 @@ static uint8_t send_event(struct vcpu *v, uint8_t event_id, uint64_t rip, bool h
     }
 
     gint64 deadline = deadline_after(timeout_ms);
+    v->in_event = true;
+    v->event_rip = rip;
     g_mutex_lock(&v->lock);
     while (!v->replied) {
         if (!g_queue_is_empty(&v->commands)) {
@@ -677,6 +683,7 @@ static uint8_t send_event(struct vcpu *v, uint8_t event_id, uint64_t rip, bool h
     action = v->reply_action;
     v->waiting = false;
     g_mutex_unlock(&v->lock);
+    v->in_event = false;
 
     if (!replied) {
         if (current_generation() == generation) {

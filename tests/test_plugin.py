@@ -300,12 +300,15 @@ def test_breakpoint_on_kernel_function_fires_with_plausible_registers(lab):
     target, nested = syms["do_sys_openat2"], syms["do_filp_open"]
     path = "/proc/version"
     filenames: dict[int, bytes] = {}
+    live_regs: dict[int, Any] = {}
 
     def read_filename(session: Session, event: Any) -> None:
         # While the vCPU waits for our reply, commands for it are served on it, and a
         # breakpoint set now cannot deadlock against the stopped vCPU.
         if event.event_id == abi.KVMI_EVENT_BREAKPOINT and event.arch.regs.rip == target:
             session.set_breakpoint(nested)
+            live = session.get_registers(event.vcpu)
+            live_regs[event.seq] = (live.regs, live.sregs.cr3, live.mode)
             gva = event.arch.regs.rsi
             gpa = session.translate_gva(event.vcpu, gva)
             if gpa != 2**64 - 1:
@@ -340,6 +343,8 @@ def test_breakpoint_on_kernel_function_fires_with_plausible_registers(lab):
     assert regs.rsp >= KERNEL_HALF  # on the kernel stack
     assert sregs.cs.selector & 3 == 0 and hit.arch.mode == 8
     assert sregs.cr3 != 0 and sregs.efer & EFER_LMA
+    # GET_REGISTERS on the stopped vCPU sees exactly the event's state.
+    assert live_regs[hit.seq] == (regs, sregs.cr3, hit.arch.mode)
     assert hit.arch.msrs.lstar == lab.symbols("entry_SYSCALL_64")["entry_SYSCALL_64"]
     # Cleared: the function runs on without events.
     after = lab.mark()
