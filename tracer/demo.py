@@ -12,7 +12,6 @@ Python API: `summarize(dataset_dir) -> dict` (also usable on any vmitrace datase
 from __future__ import annotations
 
 import json
-import logging
 import re
 import shlex
 import shutil
@@ -26,8 +25,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import click
-
-log = logging.getLogger(__name__)
 
 MARKER = ".vmitrace-demo"          # marks an output directory as the demo's own
 DATASET_DIR = "dataset"
@@ -47,7 +44,7 @@ _COLUMNS = ["time", "vm_id", "vm_name", "kind", "event_type", "action", "pid", "
             "exe", "cmdline", "process_uid", "parent_process_uid", "ret", "errno", "path",
             "flags", "family", "remote_addr", "remote_port", "local_addr", "local_port",
             "exit_code", "target", "reg_name", "old_value", "new_value", "detail",
-            "hypercall_nr", "counter", "count", "severity_id"]
+            "hypercall_nr", "counter", "count"]
 
 
 class DemoError(click.ClickException):
