@@ -11,6 +11,7 @@ Python API: `summarize(dataset_dir) -> dict` (also usable on any vmitrace datase
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shlex
@@ -384,7 +385,8 @@ def render_summary(summary: dict[str, Any]) -> str:
                 f"Replay:    {summary['replay_command']}",
                 "DuckDB query (paste into the `duckdb` shell or duckdb.sql(...) in Python):",
                 f"  {summary['duckdb_query']}",
-                "or run it from the shell:",
+                "or run it from the shell" + ("" if importlib.util.find_spec("duckdb")
+                                              else " (after `pip install duckdb`)") + ":",
                 f"  {summary['duckdb_command']}"]
     return "\n".join(out) + "\n"
 
