@@ -183,3 +183,33 @@ def test_exec_args_recovered_only_when_unreadable_at_entry():
                                  "envp": (["X=1"], False)})
     assert call.typed["path"] == "/bin/busybox" and call.argv == ["/bin/busybox", "sh"]
     assert call.args[2]["value"] == "NULL"  # NULL envp was decoded fine at entry: kept
+
+
+def test_loss_records_carry_deltas_per_interval():
+    records: list = []
+    ctx = context(records)
+    ctx.loss.add("unpaired_exit", 3)
+    ctx.emit_losses()
+    ctx.loss.add("unpaired_exit", 2)
+    ctx.loss.add("dropped_records")
+    ctx.emit_losses(final=True)
+    ctx.emit_losses()  # nothing new: nothing emitted
+    assert [(r["counter"], r["count"], r.get("detail")) for r in records] == \
+        [("unpaired_exit", 3, None), ("dropped_records", 1, "final"), ("unpaired_exit", 2, "final")]
+    records_to_batch(records)
+
+
+def test_raw_hypervisor_event_records_when_asked():
+    from test_trace_support import lab_profile
+    sink = MemorySink()
+    pump = RecordPump([sink])
+    tracer = VmTracer(NoBreakpointHost(), lab_profile("6.1"), pump,
+                      TraceOptions(hv_events=True, integrity=False))
+    tracer.handle(event(abi.KVMI_EVENT_CR, vcpu=1, cr=4, old_value=0x10, new_value=0x30))
+    tracer.handle(event(abi.KVMI_EVENT_MSR, msr=0x176, old_value=0, new_value=0xFFFF0000))
+    pump.sync()
+    pump.close()
+    assert [(r["kind"], r["event_type"], r["reg_nr"], r["new_value"]) for r in sink.records] == \
+        [("hv_event", "cr", 4, 0x30), ("hv_event", "msr", 0x176, 0xFFFF0000)]
+    assert sink.records[0]["reg_name"] == "CR4" and sink.records[0]["vcpu"] == 1
+    records_to_batch(sink.records)

@@ -528,6 +528,13 @@ class SyscallDecoder:
             elif kind == _PATH:
                 call.typed["path"] = value
 
+    def truncated_values(self, call: DecodedCall) -> int:
+        """Arguments cut by a bound (strings, paths, argv, sockaddrs). Buffer previews are
+        short by design and not counted."""
+        spec = _SPECS.get(call.name, ())
+        return sum(1 for pos, a in enumerate(call.args) if a["truncated"] and
+                   (spec[pos] if pos < len(spec) else None) not in ("buf_in", "buf_out"))
+
     def render_ret(self, call: DecodedCall) -> str:
         if call.ret is None:
             return "?"

@@ -41,9 +41,10 @@ def _arch_offset(path: str) -> int:
 
 _U64 = struct.Struct("<Q")
 _U16 = struct.Struct("<H")
-OFF_RIP = _arch_offset("regs.rip")
-OFF_RSP = _arch_offset("regs.rsp")
-OFF_RDI = _arch_offset("regs.rdi")
+OFF_REGS = _arch_offset("regs")
+_REGS = abi.KVM_REGS.struct
+_REG_INDEX = {f.name: i for i, f in enumerate(abi.KVM_REGS.fields)}
+_I_RIP, _I_RSP, _I_RDI = _REG_INDEX["rip"], _REG_INDEX["rsp"], _REG_INDEX["rdi"]
 OFF_CR3 = _arch_offset("sregs.cr3")
 OFF_GS_BASE = _arch_offset("sregs.gs.base")
 OFF_CS_SEL = _arch_offset("sregs.cs.selector")
@@ -57,9 +58,8 @@ class FastRegs:
     __slots__ = ("rip", "rsp", "rdi", "cr3", "gs_base", "cpl", "shadow_gs")
 
     def __init__(self, raw: bytes) -> None:
-        self.rip = _U64.unpack_from(raw, OFF_RIP)[0]
-        self.rsp = _U64.unpack_from(raw, OFF_RSP)[0]
-        self.rdi = _U64.unpack_from(raw, OFF_RDI)[0]
+        regs = _REGS.unpack_from(raw, OFF_REGS)
+        self.rip, self.rsp, self.rdi = regs[_I_RIP], regs[_I_RSP], regs[_I_RDI]
         self.cr3 = _U64.unpack_from(raw, OFF_CR3)[0]
         self.gs_base = _U64.unpack_from(raw, OFF_GS_BASE)[0]
         self.cpl = _U16.unpack_from(raw, OFF_CS_SEL)[0] & 3

@@ -184,10 +184,12 @@ class SyscallMonitor:
             extra["restarted"] = "true"
         if exit_vcpu is not None and exit_vcpu != vcpu:
             extra["exit_vcpu"] = str(exit_vcpu)
-        if call.args and any(a["error"] for a in call.args):
-            self.ctx.loss.add("unreadable_argument")
-        if any(a["truncated"] for a in call.args):
-            self.ctx.loss.add("truncated_argument")
+        unreadable = sum(1 for a in call.args if a["error"])
+        if unreadable:
+            self.ctx.loss.add("unreadable_argument", unreadable)
+        truncated = self.decoder.truncated_values(call)
+        if truncated:
+            self.ctx.loss.add("truncated_argument", truncated)
         self.ctx.record(
             KIND_SYSCALL, event_type, time_ns, vcpu=vcpu, action=call.name,
             **process_fields(info), cr3=cr3 & 0x000F_FFFF_FFFF_F000, rip=user_ip,
