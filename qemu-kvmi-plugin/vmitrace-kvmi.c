@@ -156,6 +156,14 @@ struct msr_value {
     uint64_t value;
 };
 
+/* A vCPU's registers, captured on its own thread. */
+struct cpu_state {
+    uint8_t mode;
+    struct kvm_regs regs;
+    struct kvm_sregs sregs;
+    uint64_t k_gs_base;
+};
+
 /* A command that needs a vCPU's context, queued to that vCPU. */
 struct queued_command {
     unsigned generation;
@@ -181,11 +189,7 @@ struct vcpu {
     uint8_t msrs_high[0x2000 / 8]; /* MSRs 0xc0000000 .. 0xc0001fff */
     int pending_pauses;
 
-    /* Last known MSR values written by the guest (vCPU thread only). */
-    struct msr_value known_msrs[MAX_KNOWN_MSRS];
-    unsigned n_known_msrs;
-
-    /* Event wait and command queue, under lock. */
+    /* Event wait, command queue, idle snapshot and written MSRs, under lock. */
     GMutex lock;
     GCond cond;
     bool waiting;
@@ -193,6 +197,10 @@ struct vcpu {
     uint32_t wait_seq;
     uint8_t reply_action;
     GQueue commands;
+    bool idle;                  /* halted: idle_state is its current state */
+    struct cpu_state idle_state;
+    struct msr_value known_msrs[MAX_KNOWN_MSRS]; /* last values the guest wrote */
+    unsigned n_known_msrs;
 };
 
 static struct vcpu vcpus[MAX_VCPUS];
@@ -447,7 +455,55 @@ static uint64_t read_reg(struct vcpu *v, enum reg r)
     return value;
 }
 
-static bool known_msr(struct vcpu *v, uint32_t index, uint64_t *value)
+/* Last value the guest wrote to MSR index (PAT: its reset value until written). */
+static bool written_msr(struct vcpu *v, uint32_t index, uint64_t *value)
+{
+    bool found = false;
+    g_mutex_lock(&v->lock);
+    for (unsigned i = 0; i < v->n_known_msrs; i++) {
+        if (v->known_msrs[i].index == index) {
+            *value = v->known_msrs[i].value;
+            found = true;
+            break;
+        }
+    }
+    g_mutex_unlock(&v->lock);
+    if (!found && index == MSR_PAT) {
+        *value = PAT_RESET_VALUE;
+        found = true;
+    }
+    return found;
+}
+
+static void remember_msr(struct vcpu *v, uint32_t index, uint64_t value)
+{
+    g_mutex_lock(&v->lock);
+    unsigned i = 0;
+    while (i < v->n_known_msrs && v->known_msrs[i].index != index) {
+        i++;
+    }
+    if (i < MAX_KNOWN_MSRS) {
+        v->known_msrs[i] = (struct msr_value){ index, value };
+        v->n_known_msrs = MAX(v->n_known_msrs, i + 1);
+    }
+    g_mutex_unlock(&v->lock);
+}
+
+/* An MSR's value in a captured state: live for those QEMU exposes as registers. */
+static bool state_msr(struct vcpu *v, const struct cpu_state *st, uint32_t index,
+                      uint64_t *value)
+{
+    switch (index) {
+    case MSR_EFER: *value = st->sregs.efer; return true;
+    case MSR_FS_BASE: *value = st->sregs.fs.base; return true;
+    case MSR_GS_BASE: *value = st->sregs.gs.base; return true;
+    case MSR_KERNEL_GS_BASE: *value = st->k_gs_base; return true;
+    }
+    return written_msr(v, index, value);
+}
+
+/* The same, read live on the vCPU's thread. */
+static bool live_msr(struct vcpu *v, uint32_t index, uint64_t *value)
 {
     switch (index) {
     case MSR_EFER: *value = read_reg(v, R_EFER); return true;
@@ -455,36 +511,13 @@ static bool known_msr(struct vcpu *v, uint32_t index, uint64_t *value)
     case MSR_GS_BASE: *value = read_reg(v, R_GS_BASE); return true;
     case MSR_KERNEL_GS_BASE: *value = read_reg(v, R_K_GS_BASE); return true;
     }
-    for (unsigned i = 0; i < v->n_known_msrs; i++) {
-        if (v->known_msrs[i].index == index) {
-            *value = v->known_msrs[i].value;
-            return true;
-        }
-    }
-    if (index == MSR_PAT) {
-        *value = PAT_RESET_VALUE;
-        return true;
-    }
-    return false;
+    return written_msr(v, index, value);
 }
 
-static void remember_msr(struct vcpu *v, uint32_t index, uint64_t value)
-{
-    for (unsigned i = 0; i < v->n_known_msrs; i++) {
-        if (v->known_msrs[i].index == index) {
-            v->known_msrs[i].value = value;
-            return;
-        }
-    }
-    if (v->n_known_msrs < MAX_KNOWN_MSRS) {
-        v->known_msrs[v->n_known_msrs++] = (struct msr_value){ index, value };
-    }
-}
-
-static uint64_t msr_or_zero(struct vcpu *v, uint32_t index)
+static uint64_t state_msr_or_zero(struct vcpu *v, const struct cpu_state *st, uint32_t index)
 {
     uint64_t value = 0;
-    known_msr(v, index, &value);
+    state_msr(v, st, index, &value);
     return value;
 }
 
@@ -512,9 +545,12 @@ static void fill_segment(struct kvm_segment *s, uint64_t selector, uint64_t base
 }
 
 /* Full architectural state as QEMU exposes it; rip is the instruction's address. */
-static void fill_registers(struct vcpu *v, uint64_t rip, uint8_t *mode_out,
-                           struct kvm_regs *regs, struct kvm_sregs *sregs)
+static void capture_state(struct vcpu *v, uint64_t rip, struct cpu_state *st)
 {
+    struct kvm_regs *regs = &st->regs;
+    struct kvm_sregs *sregs = &st->sregs;
+
+    memset(st, 0, sizeof(*st));
     for (int r = R_RAX; r <= R_R15; r++) {
         ((uint64_t *)regs)[r] = read_reg(v, (enum reg)r);
     }
@@ -534,59 +570,66 @@ static void fill_registers(struct vcpu *v, uint64_t rip, uint8_t *mode_out,
     fill_segment(&sregs->ss, read_reg(v, R_SS), 0, false, mode);
     fill_segment(&sregs->fs, read_reg(v, R_FS), read_reg(v, R_FS_BASE), false, mode);
     fill_segment(&sregs->gs, read_reg(v, R_GS), read_reg(v, R_GS_BASE), false, mode);
-    *mode_out = mode;
+    st->mode = mode;
+    st->k_gs_base = read_reg(v, R_K_GS_BASE);
 }
 
 static void fill_arch(struct vcpu *v, uint64_t rip, struct kvmi_event_arch *arch)
 {
+    struct cpu_state st;
+
+    capture_state(v, rip, &st);
     memset(arch, 0, sizeof(*arch));
-    fill_registers(v, rip, &arch->mode, &arch->regs, &arch->sregs);
-    arch->msrs.sysenter_cs = msr_or_zero(v, MSR_SYSENTER_CS);
-    arch->msrs.sysenter_esp = msr_or_zero(v, MSR_SYSENTER_ESP);
-    arch->msrs.sysenter_eip = msr_or_zero(v, MSR_SYSENTER_EIP);
-    arch->msrs.efer = arch->sregs.efer;
-    arch->msrs.star = msr_or_zero(v, MSR_STAR);
-    arch->msrs.lstar = msr_or_zero(v, MSR_LSTAR);
-    arch->msrs.cstar = msr_or_zero(v, MSR_CSTAR);
-    arch->msrs.pat = msr_or_zero(v, MSR_PAT);
-    arch->msrs.shadow_gs = read_reg(v, R_K_GS_BASE);
+    arch->mode = st.mode;
+    arch->regs = st.regs;
+    arch->sregs = st.sregs;
+    arch->msrs.sysenter_cs = state_msr_or_zero(v, &st, MSR_SYSENTER_CS);
+    arch->msrs.sysenter_esp = state_msr_or_zero(v, &st, MSR_SYSENTER_ESP);
+    arch->msrs.sysenter_eip = state_msr_or_zero(v, &st, MSR_SYSENTER_EIP);
+    arch->msrs.efer = st.sregs.efer;
+    arch->msrs.star = state_msr_or_zero(v, &st, MSR_STAR);
+    arch->msrs.lstar = state_msr_or_zero(v, &st, MSR_LSTAR);
+    arch->msrs.cstar = state_msr_or_zero(v, &st, MSR_CSTAR);
+    arch->msrs.pat = state_msr_or_zero(v, &st, MSR_PAT);
+    arch->msrs.shadow_gs = st.k_gs_base;
 }
 
 /* --------------------------------------------------- vCPU-context commands */
 
-static void serve_get_registers(struct vcpu *v, struct queued_command *qc)
+/* Answer a vCPU-context command from a captured state (any thread). */
+static void serve_from_state(struct vcpu *v, const struct cpu_state *st, unsigned generation,
+                             const struct kvmi_msg_hdr *hdr, const uint8_t *payload)
 {
-    const struct kvmi_get_registers *req =
-        (const void *)(qc->payload + sizeof(struct kvmi_vcpu_hdr));
+    const uint8_t *body = payload + sizeof(struct kvmi_vcpu_hdr);
+
+    if (hdr->id == KVMI_VCPU_TRANSLATE_GVA) {
+        const struct kvmi_translate_gva *req = (const void *)body;
+        uint64_t gpa = translate_gva(st->sregs.cr0, st->sregs.cr3, st->sregs.cr4,
+                                     st->sregs.efer, req->gva);
+        send_reply(generation, hdr, 0, &gpa, sizeof(gpa));
+        return;
+    }
+    /* KVMI_GET_REGISTERS (sizes were checked when the command arrived) */
+    const struct kvmi_get_registers *req = (const void *)body;
     const uint32_t *idx = (const void *)(req + 1);
     size_t reply_len = sizeof(struct kvmi_get_registers_reply) +
                        (size_t)req->nmsrs * sizeof(struct kvm_msr_entry);
     struct kvmi_get_registers_reply *rpl = g_malloc0(reply_len);
     struct kvm_msr_entry *entries = (void *)(rpl + 1);
-    uint8_t mode;
     int err = 0;
 
-    fill_registers(v, v->in_event ? v->event_rip : read_reg(v, R_RIP), &mode, &rpl->regs,
-                   &rpl->sregs);
-    rpl->mode = mode;
+    rpl->mode = st->mode;
+    rpl->regs = st->regs;
+    rpl->sregs = st->sregs;
     rpl->nmsrs = req->nmsrs;
     for (unsigned i = 0; i < req->nmsrs; i++) {
         entries[i].index = idx[i];
-        if (!known_msr(v, idx[i], &entries[i].data)) {
+        if (!state_msr(v, st, idx[i], &entries[i].data)) {
             err = -KVM_EINVAL; /* an MSR this host cannot read */
         }
     }
-    send_reply(qc->generation, &qc->hdr, err, rpl, reply_len);
+    send_reply(generation, hdr, err, rpl, reply_len);
     g_free(rpl);
-}
-
-static void serve_translate_gva(struct vcpu *v, struct queued_command *qc)
-{
-    const struct kvmi_translate_gva *req =
-        (const void *)(qc->payload + sizeof(struct kvmi_vcpu_hdr));
-    uint64_t gpa = translate_gva(read_reg(v, R_CR0), read_reg(v, R_CR3), read_reg(v, R_CR4),
-                                 read_reg(v, R_EFER), req->gva);
-    send_reply(qc->generation, &qc->hdr, 0, &gpa, sizeof(gpa));
 }
 
 /* Serve commands queued for this vCPU. Called on the vCPU's thread. */
@@ -600,11 +643,10 @@ static void serve_queued_commands(struct vcpu *v)
             return;
         }
         if (qc->generation == current_generation()) {
-            if (qc->hdr.id == KVMI_GET_REGISTERS) {
-                serve_get_registers(v, qc);
-            } else if (qc->hdr.id == KVMI_VCPU_TRANSLATE_GVA) {
-                serve_translate_gva(v, qc);
-            }
+            struct cpu_state st;
+            /* Inside a block QEMU's rip is stale: in an event, use the event's. */
+            capture_state(v, v->in_event ? v->event_rip : read_reg(v, R_RIP), &st);
+            serve_from_state(v, &st, qc->generation, &qc->hdr, qc->payload);
         }
         g_free(qc);
     }
@@ -842,7 +884,7 @@ static void on_wrmsr(struct vcpu *v, const struct site *s)
     uint32_t msr = (uint32_t)read_reg(v, R_RCX);
     uint64_t value = (read_reg(v, R_RDX) << 32) | (read_reg(v, R_RAX) & 0xffffffffull);
     uint64_t old = 0;
-    bool known = known_msr(v, msr, &old);
+    bool known = live_msr(v, msr, &old);
 
     remember_msr(v, msr, value);
     if (!event_enabled(v, KVMI_EVENT_MSR) || !msr_enabled(v, msr) || (known && old == value)) {
@@ -1024,10 +1066,37 @@ static void on_vcpu_init(qemu_plugin_id_t id, unsigned int vcpu_index)
     set_attention(vcpu_index); /* first block: CREATE_VCPU / hold */
 }
 
+/* A halted vCPU cannot serve commands: snapshot its (unchanging) state instead. */
+static void on_vcpu_idle(qemu_plugin_id_t id, unsigned int vcpu_index)
+{
+    struct cpu_state st;
+    struct vcpu *v = &vcpus[vcpu_index % MAX_VCPUS];
+
+    if (!__atomic_load_n(&v->present, __ATOMIC_ACQUIRE)) {
+        return;
+    }
+    capture_state(v, read_reg(v, R_RIP), &st);
+    g_mutex_lock(&v->lock);
+    v->idle_state = st;
+    v->idle = true;
+    g_mutex_unlock(&v->lock);
+    serve_queued_commands(v); /* those that arrived just before it halted */
+}
+
+static void on_vcpu_resume(qemu_plugin_id_t id, unsigned int vcpu_index)
+{
+    struct vcpu *v = &vcpus[vcpu_index % MAX_VCPUS];
+    g_mutex_lock(&v->lock);
+    v->idle = false;
+    g_mutex_unlock(&v->lock);
+}
+
 static void on_qemu_exit(qemu_plugin_id_t id, void *userdata);
 
 static void register_callbacks(void)
 {
+    qemu_plugin_register_vcpu_idle_cb(plugin_id, on_vcpu_idle);
+    qemu_plugin_register_vcpu_resume_cb(plugin_id, on_vcpu_resume);
     qemu_plugin_register_vcpu_init_cb(plugin_id, on_vcpu_init);
     qemu_plugin_register_vcpu_tb_trans_cb(plugin_id, on_tb_translate);
     qemu_plugin_register_atexit_cb(plugin_id, on_qemu_exit, NULL);
@@ -1140,6 +1209,7 @@ static int vcpu_from_payload(const uint8_t *payload, size_t size, size_t body, s
     return 0;
 }
 
+/* Serve a vCPU-context command: now if the vCPU is halted, else on its thread. */
 static int queue_to_vcpu(unsigned generation, struct vcpu *v, const struct kvmi_msg_hdr *hdr,
                          const uint8_t *payload)
 {
@@ -1147,7 +1217,17 @@ static int queue_to_vcpu(unsigned generation, struct vcpu *v, const struct kvmi_
     qc->generation = generation;
     qc->hdr = *hdr;
     memcpy(qc->payload, payload, hdr->size);
+
+    /* One critical section with on_vcpu_idle: a command is either served from the
+     * snapshot here or queued before the vCPU drains its queue when halting. */
     g_mutex_lock(&v->lock);
+    if (v->idle) {
+        struct cpu_state st = v->idle_state; /* unchanged until the vCPU resumes */
+        g_mutex_unlock(&v->lock);
+        serve_from_state(v, &st, generation, hdr, payload);
+        g_free(qc);
+        return 0;
+    }
     if (g_queue_get_length(&v->commands) >= MAX_QUEUED_COMMANDS) {
         g_mutex_unlock(&v->lock);
         g_free(qc);

@@ -245,6 +245,26 @@ def test_lstar_write_at_boot_is_entry_syscall_64_plus_slide(lab):
     assert regs.mode == 8
 
 
+def test_halted_vcpu_answers_from_its_state_at_hlt(lab):
+    # An idle guest's vCPUs sit in the kernel's idle loop after `hlt`: commands for them are
+    # answered from the state captured when they halted, without waiting for a wake-up.
+    s = lab.session
+    halted = []
+    for _ in range(50):
+        for vcpu in range(lab.vcpus):
+            regs = s.get_registers(vcpu)
+            rip = regs.regs.rip
+            gpa = s.translate_gva(vcpu, rip - 1)
+            if rip >= KERNEL_HALF and gpa != 2**64 - 1 and s.read_physical(gpa, 1) == b"\xf4":
+                halted.append((vcpu, regs))
+        if halted:
+            break
+        time.sleep(0.1)
+    assert halted, "no vCPU was ever seen halted"
+    vcpu, regs = halted[0]
+    assert regs.sregs.cs.selector & 3 == 0 and regs.mode == 8
+
+
 def test_get_registers_refuses_msrs_it_cannot_read(lab):
     with pytest.raises(KvmEINVAL):
         lab.session.get_registers(0, msrs=[0x10])  # TSC: never written by the guest
