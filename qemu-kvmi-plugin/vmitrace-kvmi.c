@@ -13,8 +13,9 @@
  * VM-wide commands itself. Commands that need a vCPU's registers are queued
  * to that vCPU and served on its own thread, either while it waits for an
  * event reply or at the start of its next translation block (an inline,
- * per-vCPU "attention" flag makes that check nearly free). Events are sent
- * by the vCPU threads; a vCPU waits for its reply while the others run.
+ * per-vCPU "attention" flag makes that check nearly free); a halted vCPU is
+ * answered from the state captured when it halted. Events are sent by the
+ * vCPU threads; a vCPU waits for its reply while the others run.
  *
  * The plugin never harms the guest: malformed input and a vanished
  * introspector are logged, the connection is dropped and the guest runs on.
@@ -24,7 +25,6 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
-#include <inttypes.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
