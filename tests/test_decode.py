@@ -36,6 +36,14 @@ TABLE = {
     62: SyscallInfo(62, "kill", (("pid_t", "pid"), ("int", "sig"))),
     257: SyscallInfo(257, "openat", (("int", "dfd"), ("const char *", "filename"),
                                      ("int", "flags"), ("umode_t", "mode"))),
+    46: SyscallInfo(46, "sendmsg", (("int", "fd"), ("struct user_msghdr *", "msg"),
+                                    ("unsigned int", "flags"))),
+    47: SyscallInfo(47, "recvmsg", (("int", "fd"), ("struct user_msghdr *", "msg"),
+                                    ("unsigned int", "flags"))),
+    332: SyscallInfo(332, "statx", (("int", "dfd"), ("const char *", "filename"),
+                                    ("unsigned", "flags"), ("unsigned int", "mask"),
+                                    ("struct statx *", "buffer"))),
+    435: SyscallInfo(435, "clone3", (("struct clone_args *", "uargs"), ("size_t", "size"))),
     999: SyscallInfo(999, "madeup", (("int", "a"), ("unsigned long", "b"))),
 }
 U = 0x0000_7FFF_0000_0000
@@ -278,3 +286,39 @@ def test_flag_renderers():
     assert c.file_mode(0o40755) == "S_IFDIR|0755"
     assert c.errno_name(-2) == "ENOENT" and c.errno_name(-4096) is None
     assert c.futex_op(128 | 1) == "FUTEX_WAKE_PRIVATE"
+
+
+def test_clone3_args_struct():
+    img, dec = setup()
+    flags = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000 | 0x80000 | 0x100000 | 0x200000
+    img.write(U, struct.pack("<QQQQQQQQ", flags, 0, 0, 0, 0, 0x7F00_0000, 0x800000, 0x7F80_0000))
+    call = dec.decode_entry(img.mem, img.cr3, 435, [U, 88])
+    value = args_by_name(call)["uargs"]["value"]
+    assert value.startswith("{flags=CLONE_VM|CLONE_FS|CLONE_FILES|CLONE_SIGHAND|CLONE_THREAD|")
+    assert "exit_signal=0" in value and "stack_size=0x800000" in value
+    assert call.typed["flags"].startswith("CLONE_VM|")
+
+
+def test_statx_out():
+    img, dec = setup()
+    img.write(U, b"/etc/passwd\0")
+    call = dec.decode_entry(img.mem, img.cr3, 332, [2**64 - 100, U, 0x100, 0xFFF, U + 0x400])
+    img.write(U + 0x400, struct.pack("<IIQIIIH2xQQ", 0xFFF, 4096, 0, 1, 1000, 100, 0o100600,
+                                     4242, 77))
+    dec.decode_exit(img.mem, img.cr3, call, 0)
+    assert args_by_name(call)["buffer"]["value"] == \
+        "{stx_mode=S_IFREG|0600, stx_size=77, stx_ino=4242, stx_uid=1000, stx_gid=100}"
+    assert args_by_name(call)["flags"]["value"] == "AT_SYMLINK_NOFOLLOW"
+
+
+def test_sendmsg_and_recvmsg_names():
+    img, dec = setup()
+    sa = struct.pack("<H", 2) + struct.pack(">H", 53) + socket.inet_aton("10.0.0.53") + bytes(8)
+    img.write(U + 0x100, sa)
+    img.write(U, struct.pack("<Qi4xQQQQi", U + 0x100, 16, U + 0x200, 1, 0, 0, 0))
+    call = dec.decode_entry(img.mem, img.cr3, 46, [3, U, 0])
+    assert args_by_name(call)["msg"]["value"] == "{msg_name=AF_INET 10.0.0.53:53, msg_iovlen=1}"
+    assert call.typed["remote_port"] == 53
+    r = dec.decode_entry(img.mem, img.cr3, 47, [3, U, 0])
+    dec.decode_exit(img.mem, img.cr3, r, 40)
+    assert r.typed["remote_addr"] == "10.0.0.53"

@@ -78,7 +78,7 @@ _SPECS: dict[str, tuple[str | None, ...]] = {
     "close": (_FD,), "close_range": (_FD, _FD, None),
     "stat": (_PATH, "stat_out"), "lstat": (_PATH, "stat_out"), "fstat": (_FD, "stat_out"),
     "newfstatat": (_DIRFD, _PATH, "stat_out", "at_flags"),
-    "statx": (_DIRFD, _PATH, "at_flags", None, None),
+    "statx": (_DIRFD, _PATH, "at_flags", "hex", "statx_out"),
     "lseek": (_FD, None, "whence"),
     "mmap": ("addr", "size", "prot", "mmap_flags", _FD, None),
     "mprotect": ("addr", "size", "prot"), "pkey_mprotect": ("addr", "size", "prot", None),
@@ -99,6 +99,8 @@ _SPECS: dict[str, tuple[str | None, ...]] = {
     "getsockopt": (_FD, None, None, None, None),
     "execve": (_PATH, "argv", "envp"), "execveat": (_DIRFD, _PATH, "argv", "envp", "at_flags"),
     "clone": ("clone_flags", "addr", "addr", "addr", "addr"),
+    "clone3": ("clone_args", "size"),
+    "sendmsg": (_FD, "msghdr_in", None), "recvmsg": (_FD, "msghdr_out", None),
     "exit": ("exit_code",), "exit_group": ("exit_code",),
     "wait4": ("pid", "wait_status_out", "wait_options", None),
     "waitid": (None, "pid", None, "wait_options", None),
@@ -133,12 +135,17 @@ _RETURNS_FD = frozenset({"open", "openat", "openat2", "creat", "socket", "accept
 # Returns that are addresses (shown in hex).
 _RETURNS_ADDR = frozenset({"mmap", "mremap", "brk", "shmat"})
 # Kinds read at exit (OUT parameters).
-_OUT_KINDS = frozenset({"buf_out", "stat_out", "pipefd_out", "sockaddr_out", "str_out",
+_OUT_KINDS = frozenset({"buf_out", "stat_out", "statx_out", "msghdr_out", "pipefd_out",
+                        "sockaddr_out", "str_out",
                         "wait_status_out"})
 _O_CREAT_OR_TMPFILE = 0o100 | 0o20000000
 _NO_RETRY = frozenset({"execve", "execveat", "exit", "exit_group"})
 
 _STAT = struct.Struct("<QQQIII4xQqqq")  # dev ino nlink mode uid gid rdev size blksize blocks
+_STATX = struct.Struct("<IIQIIIH2xQQ")  # mask blksize attributes nlink uid gid mode ino size
+_CLONE_ARGS = struct.Struct("<QQQQQQQQ")  # flags pidfd child_tid parent_tid exit_signal stack
+#                                           stack_size tls (clone3's struct clone_args, v0)
+_MSGHDR = struct.Struct("<Q i 4x Q Q Q Q i")  # name namelen iov iovlen control controllen flags
 
 
 def _signed(value: int, bits: int) -> int:
@@ -338,6 +345,10 @@ class SyscallDecoder:
             return _arg(arg_name, c_type, str(value))
         if kind == "hex":
             return _arg(arg_name, c_type, hex(value))
+        if kind == "clone_args":
+            return self._clone_args(call, mem, cr3, c_type, arg_name, value)
+        if kind == "msghdr_in":
+            return self._msghdr(call, mem, cr3, c_type, arg_name, value, remote=True)
         if kind == "buf_in":
             return self._buffer(mem, cr3, c_type, arg_name, value, raw[pos + 1])
         if kind == "sockaddr_in":
@@ -406,6 +417,40 @@ class SyscallDecoder:
                         error=f"unreadable at {exc.address:#x}"), {}
         text, info = decode_sockaddr(data)
         return _arg(arg_name, c_type, text, truncated=length > size), info
+
+    def _clone_args(self, call: DecodedCall, mem: GuestMemory | None, cr3: int, c_type: str,
+                    arg_name: str, gva: int) -> dict[str, Any]:
+        if gva == 0 or mem is None:
+            return _arg(arg_name, c_type, _pointer(gva))
+        try:
+            flags, _pidfd, _ctid, _ptid, exit_signal, stack, stack_size, tls = \
+                _CLONE_ARGS.unpack(mem.read_virtual(cr3, gva, _CLONE_ARGS.size))
+        except UnreadableMemory as exc:
+            return _arg(arg_name, c_type, _pointer(gva), error=f"unreadable at {exc.address:#x}")
+        text = c.clone_flags(flags & ~0xFF)
+        call.typed["flags"] = text
+        sig = c.signal_name(exit_signal) if exit_signal else "0"
+        return _arg(arg_name, c_type, f"{{flags={text}, exit_signal={sig}, stack={_pointer(stack)}"
+                                      f", stack_size={stack_size:#x}, tls={_pointer(tls)}}}")
+
+    def _msghdr(self, call: DecodedCall, mem: GuestMemory | None, cr3: int, c_type: str,
+                arg_name: str, gva: int, remote: bool) -> dict[str, Any]:
+        if gva == 0 or mem is None:
+            return _arg(arg_name, c_type, _pointer(gva))
+        try:
+            name, namelen, _iov, iovlen, _control, controllen, _flags = \
+                _MSGHDR.unpack(mem.read_virtual(cr3, gva, _MSGHDR.size))
+        except UnreadableMemory as exc:
+            return _arg(arg_name, c_type, _pointer(gva), error=f"unreadable at {exc.address:#x}")
+        parts = []
+        if name and namelen > 0:
+            addr, info = self._sockaddr(mem, cr3, c_type, arg_name, name, namelen & 0xFFFF_FFFF)
+            parts.append(f"msg_name={addr['value']}")
+            _sockaddr_columns(call.typed, call.name, info, remote=remote)
+        parts.append(f"msg_iovlen={iovlen}")
+        if controllen:
+            parts.append(f"msg_controllen={controllen}")
+        return _arg(arg_name, c_type, "{" + ", ".join(parts) + "}")
 
     def _string_array(self, mem: GuestMemory | None, cr3: int, c_type: str, arg_name: str,
                       gva: int) -> tuple[dict[str, Any], list[str] | None]:
@@ -489,6 +534,13 @@ class SyscallDecoder:
                 _dev, ino, _nlink, mode, uid, gid, _rdev, size, _blksize, _blocks = fields
                 return _arg(arg_name, c_type, f"{{st_mode={c.file_mode(mode)}, st_size={size}, "
                                               f"st_ino={ino}, st_uid={uid}, st_gid={gid}}}")
+            if kind == "statx_out":
+                _mask, _blksize, _attrs, _nlink, uid, gid, mode, ino, size = \
+                    _STATX.unpack(mem.read_virtual(cr3, gva, _STATX.size))
+                return _arg(arg_name, c_type, f"{{stx_mode={c.file_mode(mode)}, stx_size={size}, "
+                                              f"stx_ino={ino}, stx_uid={uid}, stx_gid={gid}}}")
+            if kind == "msghdr_out":
+                return self._msghdr(call, mem, cr3, c_type, arg_name, gva, remote=True)
             if kind == "wait_status_out":
                 status = mem.read_u32(cr3, gva)
                 text = _wait_status(status)
