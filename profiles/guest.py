@@ -236,7 +236,7 @@ def build_from_guest_cli(*, lab: bool, kernel: str | None, ram: str | None) -> d
     import threading
 
     import guestlab
-    from tracer.kvmi import abi
+    from tracer.kvmi.errors import KvmiError
     from tracer.kvmi.transport import Listener
 
     series = kernel or "6.1"
@@ -248,25 +248,36 @@ def build_from_guest_cli(*, lab: bool, kernel: str | None, ram: str | None) -> d
     stop = threading.Event()
     guest = guestlab.Guest(kernel=series, plugin_options={"socket": sock})
     try:
-        guest.start()
-        session = listener.accept(timeout=120)
-        if session is None:
-            raise GuestError("the lab guest's KVMI plugin did not connect")
-
-        def answer_events() -> None:  # the introspector must answer every event it gets
-            while not stop.is_set():
-                try:
-                    event = session.next_event(0.2)
-                    if event is not None:
-                        session.reply(event, abi.KVMI_EVENT_ACTION_CONTINUE)
-                except Exception:
-                    return
-
-        threading.Thread(target=answer_events, daemon=True).start()
-        guest.wait_ready(guest.boot_timeout)
-        return build_from_guest(session)
+        return _build_over_kvmi(guest, listener, stop)
+    except (guestlab.GuestError, guestlab.BuildError, KvmiError) as exc:
+        raise GuestError(f"lab guest {series}: {exc}") from exc
     finally:
         stop.set()
         guest.stop()
         listener.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_over_kvmi(guest: Any, listener: Any, stop: Any) -> dict:
+    """Boot `guest`, accept its plugin's KVMI session, answer its events, build from it."""
+    import threading
+
+    from tracer.kvmi import abi
+
+    guest.start()
+    session = listener.accept(timeout=120)
+    if session is None:
+        raise GuestError("the lab guest's KVMI plugin did not connect")
+
+    def answer_events() -> None:  # the introspector must answer every event it gets
+        while not stop.is_set():
+            try:
+                event = session.next_event(0.2)
+                if event is not None:
+                    session.reply(event, abi.KVMI_EVENT_ACTION_CONTINUE)
+            except Exception:
+                return
+
+    threading.Thread(target=answer_events, daemon=True).start()
+    guest.wait_ready(guest.boot_timeout)
+    return build_from_guest(session)

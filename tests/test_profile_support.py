@@ -6,6 +6,7 @@ decompression with the system's xz/zstd tools and BTF reading with Debian's bpft
 """
 from __future__ import annotations
 
+import atexit
 import re
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 KERNELS = ("6.1", "6.12")
 _WORK = Path(tempfile.mkdtemp(prefix="vmitrace-profile-tests-"))
+atexit.register(shutil.rmtree, _WORK, True)  # unpacked kernels and RAM dumps are large
 
 # Structs whose offsets the acceptance criteria name.
 CHECKED_STRUCTS = ("task_struct", "mm_struct", "files_struct", "fdtable", "file", "path", "dentry",
