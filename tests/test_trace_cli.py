@@ -89,14 +89,15 @@ def test_replay_missing_profile_option():
 
 
 @pytest.mark.guest
-def test_trace_listen_with_profile_built_from_the_guest(tmp_path):
-    """A KVMI host that connects on its own (not --lab), profile 'auto' built from its memory."""
+def test_trace_listen_two_vms_each_with_its_own_profile(tmp_path):
+    """Two KVMI hosts of different kernels connect on their own (not --lab); --profile auto
+    builds each VM's profile from its own memory; records say which VM they come from."""
     from guestlab.guest import Guest
 
     out = tmp_path / "listen.jsonl"
     sock = tmp_path / "kvmi.sock"
     proc = subprocess.Popen([VMITRACE, "trace", "--listen", f"unix:{sock}", "--profile", "auto",
-                             "--duration", "60", "--comm", wl.WORKLOAD_COMMS["enoent"],
+                             "--duration", "90", "--comm", wl.WORKLOAD_COMMS["enoent"],
                              "--sink", f"jsonl:{out}?format=raw"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -104,17 +105,22 @@ def test_trace_listen_with_profile_built_from_the_guest(tmp_path):
         while not sock.exists():
             assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
             time.sleep(0.2)
-        with Guest(kernel="6.12", vcpus=1, plugin_options={"socket": str(sock)}) as guest:
-            for _ in range(60):  # until the collector has its profile and breakpoints
-                guest.run(wl.WORKLOAD_BINARIES["enoent"])
-                if out.exists() and b'"openat"' in out.read_bytes():
-                    break
-                time.sleep(1)
+        with Guest(kernel="6.1", vcpus=1, plugin_options={"socket": str(sock)}) as old, \
+                Guest(kernel="6.12", vcpus=1, plugin_options={"socket": str(sock)}) as new:
+            names = {old.name: old.release, new.name: new.release}
+            time.sleep(15)  # each collector builds its profile and sets its breakpoints
+            for _ in range(3):
+                old.run(wl.WORKLOAD_BINARIES["enoent"])
+                new.run(wl.WORKLOAD_BINARIES["enoent"])
+        proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, stderr
+    assert "SIGTERM: stopping" in stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     failed = [r for r in records if r["kind"] == "syscall" and r["action"] == "openat"]
-    assert failed and all(r["path"] == wl.ENOENT_PATH and r["errno"] == "ENOENT" for r in failed)
+    assert {r["vm_name"] for r in failed} == set(names), stderr
+    assert all(r["path"] == wl.ENOENT_PATH and r["errno"] == "ENOENT" for r in failed)
+    assert len({r["vm_id"] for r in failed}) == 2
