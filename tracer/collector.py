@@ -6,6 +6,30 @@ record order and `seq` are deterministic for a given event stream) and one sink 
 drains a bounded queue into every sink. Monitors never block on sinks: a full queue drops the
 record and counts it (`dropped_records`), and every loss counter is emitted periodically as a
 record of its own (kind "loss") and once more when tracing stops.
+
+Counters (column `counter` of loss records; per VM, emitted as deltas per interval):
+
+  losses      unpaired_entry      an entry whose task entered again before returning
+              unpaired_exit       a return with no recorded entry from a task already seen
+              unreadable_entry / unreadable_exit / unreadable_event
+                                  pt_regs or the current task could not be read: not traced
+              unreadable_argument an argument left flagged (error set) in its record
+              truncated_argument  a string, path, argv or sockaddr cut by its bound
+              unreadable_task / unreadable_task_field
+                                  process attributes missing from records
+              dropped_records     the sink queue was full (sinks too slow)
+              dropped_events      events the KVMI session dropped (non-blocking delivery)
+              monitor_error       a monitor failed on an event (logged with its traceback)
+              breakpoint_install_failed
+  not losses  inflight_at_attach  returns of syscalls entered before tracing began
+              inflight_at_stop    syscalls still in progress when tracing stopped
+              restarted           syscalls the kernel restarts (recorded, then seen again)
+              guest_int3          the guest's own int3 (re-injected to the guest)
+
+Host requirements: the vmitrace instrumentation-breakpoint extension (our QEMU plugin). On
+hosts without it (stock kvmi-v7 kernels) int3 patching through WRITE_PHYSICAL would be needed;
+it is not implemented and `VmTracer.start` refuses such hosts with a clear SetupError.
+Only the 64-bit SYSCALL path is traced (int 0x80 / sysenter compat entries are not).
 """
 from __future__ import annotations
 
