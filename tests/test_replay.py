@@ -49,6 +49,7 @@ def test_replay_is_deterministic_and_matches_live(recorded, tmp_path):
     recording, profile, pid, live = recorded
     first = replay(recording, profile, tmp_path / "a.jsonl")
     second = replay(recording, profile, tmp_path / "b.jsonl")
+    assert second == first
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
     ours = program_calls(first, pid, wl.WORKLOAD_BINARIES["file"])
     theirs = program_calls(live, pid, wl.WORKLOAD_BINARIES["file"])
