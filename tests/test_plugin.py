@@ -8,6 +8,7 @@ test's handler decides otherwise) and records what it saw.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import socket
@@ -530,10 +531,62 @@ def test_malformed_messages_drop_the_connection_and_guest_runs_on(lab):
     conn.close()
     lab.run_ok("true")
 
+    _fuzz_commands(_raw_host(lab.socket_path), lab.vcpus)
+    lab.run_ok("true")
+
     lab.listener = Listener("unix:" + lab.socket_path, secret=SECRET.encode())
     lab.attach()
     assert lab.session.get_version().version == 1
     lab.run_ok("true")
+
+
+def _read_message(conn: socket.socket) -> tuple[int, int, bytes]:
+    head = b""
+    while len(head) < 8:
+        chunk = conn.recv(8 - len(head))
+        assert chunk, "plugin closed the connection"
+        head += chunk
+    msg_id, size, seq = struct.unpack("<HHI", head)
+    body = b""
+    while len(body) < size:
+        chunk = conn.recv(size - len(body))
+        assert chunk, "plugin closed the connection"
+        body += chunk
+    return msg_id, seq, body
+
+
+def _fuzz_commands(conn: socket.socket, vcpus: int, count: int = 1500) -> None:
+    """Random well-framed commands (every id, random payloads): each gets exactly one
+    reply, events raised meanwhile are answered, and the connection stays up.
+    WRITE_PHYSICAL is left out: a random write that happened to be valid would corrupt
+    the guest, which is the introspector's right, not a plugin failure."""
+    import random
+    rng = random.Random(1234)
+    ids = [i for i in range(2, 64) if i != abi.KVMI_WRITE_PHYSICAL] + [
+        abi.VMITRACE_SET_BREAKPOINT, abi.VMITRACE_CLEAR_BREAKPOINT, abi.VMITRACE_SET_DELIVERY,
+        0x7F7F, 0xFFFF]
+    errors: collections.Counter = collections.Counter()
+    for seq in range(1000, 1000 + count):
+        msg_id = rng.choice(ids)
+        size = rng.choice([0, 1, 7, 8, 12, 16, 24, rng.randrange(0, 600)])
+        payload = bytearray(rng.randbytes(size))
+        if size >= 2 and rng.random() < 0.7:
+            struct.pack_into("<H", payload, 0, rng.randrange(vcpus + 1))  # plausible vCPU
+            payload[2:8] = bytes(min(6, size - 2))
+        conn.sendall(struct.pack("<HHI", msg_id, size, seq) + bytes(payload))
+        while True:
+            got_id, got_seq, body = _read_message(conn)
+            if got_id == abi.KVMI_EVENT:
+                vcpu, event_id = struct.unpack_from("<2xHB", body)
+                conn.sendall(struct.pack("<HHI", abi.KVMI_EVENT_REPLY, 16, got_seq)
+                             + struct.pack("<HHI", vcpu, 0, 0)
+                             + struct.pack("<BBHI", abi.KVMI_EVENT_ACTION_CONTINUE, event_id, 0, 0))
+                continue
+            assert (got_id, got_seq) == (msg_id, seq)
+            errors[struct.unpack_from("<i", body)[0]] += 1
+            break
+    conn.close()  # the plugin forgets whatever the random commands enabled
+    assert errors[-22] > 0 and errors[-95] > 0 and errors[0] > 0  # it was really exercised
 
 
 # -- reply timeout, CRASH and UNHOOK (a guest of its own: it ends here) ------------------------
