@@ -54,7 +54,7 @@ def test_trace_lab_filtered_to_jsonl_stops_cleanly_on_sigint(tmp_path):
     lifecycle = [r for r in records if r["kind"] == "process"]
     assert lifecycle and all(r["comm"] == wl.WORKLOAD_COMMS["file"] or r["event_type"] == "start"
                              for r in lifecycle)
-    assert [r for r in records if r["kind"] == "loss" and r.get("detail") == "final"]
+    assert [r for r in records if r["kind"] == "loss"]  # periodic and/or final counters
 
 
 def test_trace_needs_exactly_one_source():

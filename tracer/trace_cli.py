@@ -66,16 +66,36 @@ def _load_profile(path: str | Path) -> Any:
         raise TraceError(f"cannot load profile {path}: {exc}") from exc
 
 
-def _profile_from_guest(session: Any) -> Any:
-    """--profile auto on a live host: build (or reuse) the profile from the guest's memory."""
+def _profile_from_guest(session: Any, timeout: float = 300.0) -> Any:
+    """--profile auto on a live host: build (or reuse) the profile from the guest's memory.
+
+    A host may connect before its kernel is in memory (at power-on): retry until the kernel
+    is found, answering the events that arrive meanwhile (e.g. a host holding its vCPUs
+    until the introspector answers) so the guest can boot.
+    """
     import profiles
     from profiles import cache
 
-    try:
-        isf = profiles.build_from_guest(session)
-    except (ImportError, AttributeError) as exc:
-        raise TraceError("--profile auto for --listen needs profiles.build_from_guest, "
-                         f"which is not available here ({exc}); give --profile PATH") from exc
+    from tracer.kvmi.errors import KvmiError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            isf = profiles.build_from_guest(session)
+            break
+        except profiles.ProfileError as exc:
+            if time.monotonic() > deadline:
+                raise TraceError(f"no profile from guest {session.name!r} after {timeout:.0f} s:"
+                                 f" {exc}") from exc
+            log.info("guest %s: no kernel found yet (%s); retrying", session.name, exc)
+        pause = time.monotonic() + 2.0
+        while time.monotonic() < pause:
+            try:
+                event = session.next_event(timeout=0.2)
+            except KvmiError as exc:
+                raise TraceError(f"guest {session.name!r} went away: {exc}") from exc
+            if event is not None:
+                session.reply(event)
     return profiles.load(cache.store(isf))
 
 
