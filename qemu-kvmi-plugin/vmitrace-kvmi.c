@@ -25,6 +25,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -49,6 +50,9 @@ VMITRACE_EXPORT int qemu_plugin_version = VMITRACE_QEMU_PLUGIN_API_VERSION;
 #define MAX_HANDSHAKE_BYTES (64 * 1024)
 #define MAX_SITES 100000 /* instrumented instructions remembered between flushes */
 #define UNHOOK_WAIT_MS 2000
+/* Non-blocking events are batched: one write wakes the introspector for many. */
+#define BATCH_FLUSH_BYTES (64 * 1024)
+#define BATCH_FLUSH_MS 5
 
 /* MSRs that QEMU exposes as registers, and architectural bits used below. */
 #define MSR_EFER 0xc0000080u
@@ -239,6 +243,8 @@ static struct {
     bool blocking;          /* event delivery mode (vendor extension) */
     uint32_t vm_events;     /* enabled VM events: UNHOOK, CREATE_VCPU */
     bool exiting;
+    GByteArray *batch;      /* non-blocking events not written yet (under write_lock) */
+    gint64 batch_since;     /* monotonic time of the oldest one */
 } conn = { .fd = -1, .blocking = true };
 
 static uint32_t event_seq;
@@ -287,12 +293,36 @@ static bool read_all(int fd, void *buf, size_t len)
     return true;
 }
 
+/* Write the batched events (with write_lock held); false on a write error. */
+static bool flush_batch_locked(void)
+{
+    bool ok = true;
+    if (conn.batch->len && conn.fd >= 0) {
+        ok = write_all(conn.fd, conn.batch->data, conn.batch->len);
+    }
+    g_byte_array_set_size(conn.batch, 0);
+    return ok;
+}
+
+/* Called by the reader thread when no message arrived for BATCH_FLUSH_MS. */
+static void flush_batch(void)
+{
+    g_mutex_lock(&conn.write_lock);
+    if (!flush_batch_locked()) {
+        logmsg("write to introspector failed: %s; dropping the connection", strerror(errno));
+        shutdown(conn.fd, SHUT_RDWR);
+    }
+    g_mutex_unlock(&conn.write_lock);
+}
+
 /*
  * Send one message (header + up to three payload parts) with one write.
- * generation != 0 restricts the send to that connection. On a write error
- * the socket is shut down; the reader thread then cleans up.
+ * generation != 0 restricts the send to that connection. batched: a
+ * non-blocking event, which may wait up to BATCH_FLUSH_MS to go out with
+ * others; anything else first writes what is batched, so order is kept.
+ * On a write error the socket is shut down; the reader thread then cleans up.
  */
-static bool send_message(unsigned generation, uint16_t id, uint32_t seq,
+static bool send_message(unsigned generation, uint16_t id, uint32_t seq, bool batched,
                          const void *a, size_t alen, const void *b, size_t blen,
                          const void *c, size_t clen)
 {
@@ -313,7 +343,19 @@ static bool send_message(unsigned generation, uint16_t id, uint32_t seq,
 
     g_mutex_lock(&conn.write_lock);
     if (conn.fd >= 0 && (generation == 0 || generation == conn.generation)) {
-        ok = write_all(conn.fd, buf, total + 8);
+        if (batched) {
+            gint64 now = g_get_monotonic_time();
+            if (conn.batch->len == 0) {
+                conn.batch_since = now;
+            }
+            g_byte_array_append(conn.batch, buf, total + 8);
+            ok = conn.batch->len < BATCH_FLUSH_BYTES &&
+                 now - conn.batch_since < BATCH_FLUSH_MS * 1000
+                     ? true
+                     : flush_batch_locked();
+        } else {
+            ok = flush_batch_locked() && write_all(conn.fd, buf, total + 8);
+        }
         if (!ok) {
             logmsg("write to introspector failed: %s; dropping the connection", strerror(errno));
             shutdown(conn.fd, SHUT_RDWR);
@@ -331,7 +373,7 @@ static void send_reply(unsigned generation, const struct kvmi_msg_hdr *req, int 
                        const void *data, size_t len)
 {
     struct kvmi_error_code ec = { .err = err };
-    send_message(generation, req->id, req->seq, &ec, sizeof(ec), err ? NULL : data,
+    send_message(generation, req->id, req->seq, false, &ec, sizeof(ec), err ? NULL : data,
                  err ? 0 : len, NULL, 0);
 }
 
@@ -691,8 +733,8 @@ static uint8_t send_event(struct vcpu *v, uint8_t event_id, uint64_t rip, bool h
         v->wait_seq = seq;
         g_mutex_unlock(&v->lock);
     }
-    if (!send_message(generation, KVMI_EVENT, seq, &ev, sizeof(ev), payload, payload_len,
-                      NULL, 0)) {
+    if (!send_message(generation, KVMI_EVENT, seq, !blocking, &ev, sizeof(ev), payload,
+                      payload_len, NULL, 0)) {
         blocking = false;
     }
     if (!blocking) {
@@ -1636,6 +1678,7 @@ static void set_connection(int fd)
 {
     g_mutex_lock(&conn.write_lock);
     int old = conn.fd;
+    g_byte_array_set_size(conn.batch, 0); /* the old connection's */
     __atomic_store_n(&conn.fd, fd, __ATOMIC_RELEASE);
     __atomic_add_fetch(&conn.generation, 1, __ATOMIC_RELEASE);
     g_cond_broadcast(&conn.changed);
@@ -1650,7 +1693,19 @@ static void serve_connection(int fd, unsigned generation)
     uint8_t *payload = g_malloc(KVMI_MSG_SIZE);
     struct kvmi_msg_hdr hdr;
 
-    while (read_all(fd, &hdr, sizeof(hdr))) {
+    for (;;) {
+        struct pollfd pfd = { .fd = fd, .events = POLLIN };
+        int ready = poll(&pfd, 1, BATCH_FLUSH_MS);
+        if (ready == 0) {
+            flush_batch(); /* quiet introspector: push out batched events */
+            continue;
+        }
+        if (ready < 0 && errno == EINTR) {
+            continue;
+        }
+        if (ready < 0 || !read_all(fd, &hdr, sizeof(hdr))) {
+            break;
+        }
         if (hdr.size > KVMI_MSG_SIZE) {
             logmsg("message id %u claims %u bytes (max %d): dropping the connection", hdr.id,
                    hdr.size, KVMI_MSG_SIZE);
@@ -1725,7 +1780,7 @@ static void on_qemu_exit(qemu_plugin_id_t id, void *userdata)
                         (1u << KVMI_EVENT_UNHOOK))) {
         struct kvmi_event ev = { .size = sizeof(ev), .event = KVMI_EVENT_UNHOOK };
         uint32_t seq = __atomic_add_fetch(&event_seq, 1, __ATOMIC_RELAXED);
-        if (send_message(0, KVMI_EVENT, seq, &ev, sizeof(ev), NULL, 0, NULL, 0)) {
+        if (send_message(0, KVMI_EVENT, seq, false, &ev, sizeof(ev), NULL, 0, NULL, 0)) {
             gint64 deadline = deadline_after(MIN(cfg.reply_timeout_ms, UNHOOK_WAIT_MS));
             g_mutex_lock(&conn.write_lock);
             while (conn.fd >= 0 &&
@@ -1736,6 +1791,7 @@ static void on_qemu_exit(qemu_plugin_id_t id, void *userdata)
     }
     g_mutex_lock(&conn.write_lock);
     if (conn.fd >= 0) {
+        flush_batch_locked();
         shutdown(conn.fd, SHUT_RDWR);
     }
     g_mutex_unlock(&conn.write_lock);
@@ -1866,6 +1922,7 @@ VMITRACE_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *
         g_cond_init(&vcpus[i].cond);
         g_queue_init(&vcpus[i].commands);
     }
+    conn.batch = g_byte_array_sized_new(BATCH_FLUSH_BYTES + KVMI_MSG_SIZE + 8);
     breakpoints = g_hash_table_new_full(g_int64_hash, g_int64_equal, g_free, NULL);
     sites = g_hash_table_new_full(site_hash, site_equal, g_free, NULL);
     attention_board = qemu_plugin_scoreboard_new(sizeof(uint64_t));
