@@ -432,6 +432,9 @@ class VmTracer:
         dropped = getattr(s, "dropped_events", 0)
         if dropped:
             self.ctx.loss.add("dropped_events", dropped)
+        close_source = getattr(self.mem.source, "close", None)
+        if close_source is not None:
+            close_source()  # the tracer owns the memory source it was given
         if self.ctx.tasks is not None and self.ctx.tasks.unreadable:
             self.ctx.loss.add("unreadable_task_field", self.ctx.tasks.unreadable)
         self.ctx.emit_losses(final=True)
