@@ -76,9 +76,14 @@ class Lab:
             # introspector vanished did so because the plugin noticed, not by timing out.
             plugin_options={"socket": self.socket_path, "hold": True, "reconnect": True,
                             "reply_timeout_ms": 600000, "cookie": SECRET})
+        self.handler_errors: list[BaseException] = []
         self.guest.start()
-        self.attach(boot=True)
-        self.guest.wait_ready(self.guest.boot_timeout)
+        try:
+            self.attach(boot=True)
+            self.guest.wait_ready(self.guest.boot_timeout)
+        except BaseException:
+            self.close()
+            raise
 
     # -- session and pump -------------------------------------------------------------------
     def attach(self, boot: bool = False) -> Session:
@@ -104,7 +109,13 @@ class Lab:
             action = abi.KVMI_EVENT_ACTION_CONTINUE
             handler = self.handler
             if handler is not None:
-                decided = handler(session, event)
+                try:
+                    decided = handler(session, event)
+                except ConnectionClosed:
+                    return
+                except Exception as exc:  # keep answering: a stuck vCPU would hide it
+                    self.handler_errors.append(exc)
+                    decided = None
                 if decided == -1:  # the handler closed the session instead of replying
                     with self.cv:
                         self.events.append(event)
@@ -138,7 +149,8 @@ class Lab:
                         return e
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError("expected event did not arrive")
+                    raise AssertionError(f"expected event did not arrive (handler errors: "
+                                         f"{self.handler_errors})")
                 self.cv.wait(left)
 
     # -- guest helpers ----------------------------------------------------------------------
@@ -172,6 +184,7 @@ def lab(request):
         yield lab
     finally:
         lab.close()
+    assert not lab.handler_errors, lab.handler_errors
 
 
 # -- handshake and VM-wide commands -----------------------------------------------------------
