@@ -20,6 +20,11 @@
  * The plugin never harms the guest: malformed input and a vanished
  * introspector are logged, the connection is dropped and the guest runs on.
  *
+ * Sections, in order: logging, configuration, registers, vCPU state,
+ * connection (framing, batching), guest memory (page walk), register access,
+ * vCPU-context commands, events, instrumentation (translation callbacks,
+ * attention, flushes), commands (reader thread), connection thread, install.
+ *
  * SPDX-License-Identifier: GPL-2.0-or-later
  */
 #define _GNU_SOURCE
