@@ -309,11 +309,12 @@ static bool flush_batch_locked(void)
     return ok;
 }
 
-/* Called by the reader thread when no message arrived for BATCH_FLUSH_MS. */
-static void flush_batch(void)
+/* Reader thread: write batched events that waited BATCH_FLUSH_MS (or all: max_age 0). */
+static void flush_batch(gint64 max_age_us)
 {
     g_mutex_lock(&conn.write_lock);
-    if (!flush_batch_locked()) {
+    if (conn.batch->len && g_get_monotonic_time() - conn.batch_since >= max_age_us &&
+        !flush_batch_locked()) {
         logmsg("write to introspector failed: %s; dropping the connection", strerror(errno));
         shutdown(conn.fd, SHUT_RDWR);
     }
@@ -1702,7 +1703,7 @@ static void serve_connection(int fd, unsigned generation)
         struct pollfd pfd = { .fd = fd, .events = POLLIN };
         int ready = poll(&pfd, 1, BATCH_FLUSH_MS);
         if (ready == 0) {
-            flush_batch(); /* quiet introspector: push out batched events */
+            flush_batch(0); /* quiet introspector: push out batched events */
             continue;
         }
         if (ready < 0 && errno == EINTR) {
@@ -1725,6 +1726,7 @@ static void serve_connection(int fd, unsigned generation)
         } else {
             handle_command(generation, &hdr, payload);
         }
+        flush_batch(BATCH_FLUSH_MS * 1000); /* a busy introspector must not delay them */
     }
     g_free(payload);
 }
