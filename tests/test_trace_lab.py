@@ -4,6 +4,7 @@ to the right processes, and match strace run inside the same guest."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -178,7 +179,12 @@ def test_restarted_syscall(lab):
 def test_orphan_is_reparented(lab):
     out = lab.run("sh -c 'sleep 1 & echo vmitrace-pid $! $$'; sleep 2")
     pid, first_parent = map(int, out.split("vmitrace-pid ")[1].split()[:2])
-    life = [r for r in lab.records() if r["kind"] == "process" and r["pid"] == pid]
+    deadline = time.monotonic() + 30  # the orphan's exit may come after the command's end
+    while True:
+        life = [r for r in lab.records() if r["kind"] == "process" and r["pid"] == pid]
+        if (life and life[-1]["event_type"] == "exit") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert life[0]["event_type"] == "start" and life[0]["ppid"] == first_parent
     assert life[-1]["event_type"] == "exit" and life[-1]["exit_code"] == 0
     assert life[-1]["ppid"] != first_parent  # re-parented when its shell exited
