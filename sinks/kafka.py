@@ -90,6 +90,8 @@ class KafkaSink:
         self._inflight: collections.deque = collections.deque()
         self._journal_inflight = 0
         self._failing = False  # the broker has been failing deliveries since the last success
+        self._probing = False  # a journal message was sent to test a failing broker
+        self._stale_producer = False  # a probe failed: start over with a new producer
         self._producer: KafkaProducer | None = None
         self._last_connect_attempt = -1e9
         self._last_commit = time.monotonic()
@@ -113,7 +115,9 @@ class KafkaSink:
 
     def flush(self, timeout: float | None = None) -> None:
         """Everything accepted is acknowledged or in the journal on disk when this returns.
-        With the broker reachable the journal is replayed first (up to `timeout` seconds)."""
+        Without a timeout: one round (what is in flight is delivered or fails; the journal is
+        replayed while the broker answers). With a timeout: keeps probing an unreachable
+        broker and replaying the journal until everything is delivered or time is up."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._pump()
@@ -125,14 +129,22 @@ class KafkaSink:
                     self.last_error = str(exc)
             self._reap()
             self._send_losses()
-            done = not self._inflight and (self.spill.pending == 0 or self._failing
-                                           or self._producer is None)
-            if done or (deadline is not None and time.monotonic() >= deadline):
-                break
+            if self._inflight:
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                continue
+            if self.spill.pending == 0 and not self._lost:
+                break  # everything delivered
+            unreachable = self._failing or self._producer is None
+            if unreachable and (deadline is None or time.monotonic() >= deadline):
+                break  # no (more) time to wait for the broker: the journal keeps the rest
+            if unreachable:
+                time.sleep(0.2)  # the next probe or connection attempt
         # Whatever could not be delivered is made durable in the journal, loss reports too.
         stranded = [entry for *entry, _ in self._drain_inflight()]
         if stranded:
             self._to_journal(stranded)
+            self._stale_producer = self._stale_producer or self._failing
         if self._lost:
             self._journal_losses()
         self.spill.mark_consumed_if(self._journal_inflight == 0)
@@ -145,11 +157,7 @@ class KafkaSink:
             self.flush(timeout)
         finally:
             self._closed = True
-            if self._producer is not None:
-                try:
-                    self._producer.close(timeout=5)
-                except KafkaError as exc:
-                    self.last_error = str(exc)
+            self._drop_producer(timeout=5)
             self.spill.close()
         return self.stats_dict()
 
@@ -229,6 +237,11 @@ class KafkaSink:
     def _pump(self) -> None:
         """Reap acknowledgements, reconnect, replay the journal, report losses."""
         self._reap()
+        if self._stale_producer and not self._inflight:
+            # kafka-python may not find a broker that died and came back (it stops
+            # re-bootstrapping); a new producer bootstraps afresh.
+            self._stale_producer = self._probing = False
+            self._drop_producer()
         if self._producer is None:
             self._connect()
         if self.spill.pending and self._producer is not None:
@@ -236,6 +249,7 @@ class KafkaSink:
                 budget = self.queue_records - len(self._inflight)
             else:
                 budget = _PROBE if not self._inflight else 0
+                self._probing = self._probing or budget > 0
             if budget > 0:
                 entries = self.spill.read(budget)
                 sent = self._send(entries, from_journal=True)
@@ -258,9 +272,10 @@ class KafkaSink:
                 self.stats.written += 1
                 if from_journal:
                     self.stats.replayed += 1
-                self._failing = False
+                self._failing = self._probing = False
             elif getattr(future.exception, "retriable", False):
                 self._failing = True
+                self._stale_producer = self._stale_producer or (self._probing and from_journal)
                 self.last_error = str(future.exception)
                 retry.append((key, class_uid, value))
             else:
@@ -314,6 +329,22 @@ class KafkaSink:
         if kept < len(entries):
             self.stats.errors += 1
             self.last_error = "loss records could not be kept: the journal reserve is full"
+
+    def _drop_producer(self, timeout: float = 0) -> None:
+        """Close the producer; what it still holds is in the journal already."""
+        producer, self._producer = self._producer, None
+        if producer is None:
+            return
+        try:
+            producer.close(timeout=timeout)
+        except KafkaError as exc:
+            # kafka-python 3.0's close() gives up when its own flush times out and leaves
+            # its I/O thread running (and retries from __del__): stop that thread here.
+            self.last_error = str(exc)
+            sender = getattr(producer, "_sender", None)
+            if sender is not None:
+                sender.force_close()
+            producer._closed = True
 
     def _connect(self) -> None:
         if time.monotonic() - self._last_connect_attempt < self.reconnect_seconds:

@@ -206,10 +206,8 @@ def test_broker_outage_nothing_lost(kafka_broker, tmp_path):
     after = syscall_records("vm-o", 1000, session=3)
     for i in range(0, len(before), 200):
         sink.write(before[i:i + 200])
-    sink.flush()
-    assert sink.stats.written == 2000
-
-    kafka_broker.stop()
+    # SIGKILL the broker in the middle of the stream, with messages in flight
+    kafka_broker.stop(kill=True)
     try:
         for i in range(0, len(during), 250):
             sink.write(during[i:i + 250])
@@ -236,28 +234,28 @@ def test_broker_outage_nothing_lost(kafka_broker, tmp_path):
 
 
 def test_full_spill_counts_losses_and_reports_them(kafka_broker, tmp_path):
-    spill_dir = tmp_path / "spill"
     records = syscall_records("vm-f", 1500, session=4)
     kafka_broker.create_topic("lossy")
     kafka_broker.stop()
     try:
-        sink = KafkaSink(kafka_broker.bootstrap, "lossy", spill_dir=spill_dir,
+        # No broker when the sink starts: everything goes to the journal until it is full.
+        sink = KafkaSink(kafka_broker.bootstrap, "lossy", spill_dir=tmp_path / "spill",
                          spill_bytes=300_000, max_block_ms=1000, reconnect_seconds=0.5)
         for i in range(0, len(records), 100):
             sink.write(records[i:i + 100])
-        stats = sink.close(timeout=3)
+        sink.flush(timeout=3)
+        stats = sink.stats_dict()
     finally:
         kafka_broker.start()
     assert stats["written"] == 0
     assert stats["dropped"] > 0 and stats["spilled"] > 0
     assert stats["spilled"] + stats["dropped"] == len(records)
-    assert stats["loss_records"] == 1  # kept in the journal for the next sink
+    assert stats["spill_pending"] == stats["spilled"] + 1  # the loss record waits there too
 
-    # A new sink on the same spill directory delivers the journal, loss record included.
-    replay = KafkaSink(kafka_broker.bootstrap, "lossy", spill_dir=spill_dir)
-    assert replay.spill.pending == stats["spilled"] + 1
-    final = replay.close(timeout=120)
+    # The same sink reconnects, replays the journal and reports the loss.
+    final = sink.close(timeout=120)
     assert final["written"] == stats["spilled"] + 1 and final["spill_pending"] == 0
+    assert final["loss_records"] == 1 and final["dropped"] == stats["dropped"]
 
     messages = consume(kafka_broker.bootstrap, "lossy", final["written"])
     events = [orjson.loads(m.value) for m in messages]
@@ -268,6 +266,24 @@ def test_full_spill_counts_losses_and_reports_them(kafka_broker, tmp_path):
     delivered = {e["metadata"]["uid"] for e in events if e["unmapped"]["kind"] != "loss"}
     assert len(delivered) + losses[0]["count"] == len(records)  # every record accounted for
     assert delivered == {r["event_uid"] for r in records[:len(delivered)]}  # oldest kept
+
+
+def test_journal_left_behind_is_delivered_by_the_next_sink(kafka_broker, tmp_path):
+    """A sink that never reached its broker leaves its journal; the next sink opened on the
+    same spill directory delivers it first."""
+    kafka_broker.create_topic("leftover")
+    records = syscall_records("vm-l", 50)
+    nowhere = KafkaSink("127.0.0.1:1", "leftover", spill_dir=tmp_path, max_block_ms=500)
+    nowhere.write(records)
+    assert nowhere.close(timeout=1)["spill_pending"] == 50
+    later = KafkaSink(kafka_broker.bootstrap, "leftover", spill_dir=tmp_path)
+    later.write(syscall_records("vm-l", 5, session=9))
+    stats = later.close(timeout=60)
+    assert stats["written"] == 55 and stats["replayed"] == 55 and stats["spill_pending"] == 0
+    messages = consume(kafka_broker.bootstrap, "leftover", 55)
+    uids = [orjson.loads(m.value)["metadata"]["uid"] for m in messages]
+    assert uids[:50] == [r["event_uid"] for r in records]  # the journal first, in order
+    assert len(uids) == 55
 
 
 def test_spill_journal_recovery(tmp_path):
