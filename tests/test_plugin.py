@@ -420,6 +420,45 @@ def test_vmcall_program_yields_hypercall_with_its_rax(lab):
     assert code_at_rip.get(hit.seq) == workloads.VMCALL_INSN  # rip is the vmcall itself
 
 
+def test_other_vcpus_run_while_one_waits_for_its_reply(lab):
+    if lab.vcpus < 2:
+        pytest.skip("needs a second vCPU")
+    s = lab.session
+    target = lab.symbols("do_sys_openat2")["do_sys_openat2"]
+    others: list[Any] = []
+
+    def hold_until_others_report(session: Session, event: Any) -> None:
+        # This vCPU stays stopped while the pump is here; events the other vCPUs raise
+        # meanwhile pile up in the session's queue.
+        if event.event_id == abi.KVMI_EVENT_BREAKPOINT and not others:
+            deadline = time.monotonic() + EVENT_WAIT
+            while time.monotonic() < deadline and session.pending_events() == 0:
+                time.sleep(0.05)
+            others.append((event.vcpu, session.pending_events()))
+        return None
+
+    lab.run_ok("(i=0; while [ $i -lt 400 ]; do ls / > /dev/null; i=$((i+1)); done) "
+               "> /dev/null 2>&1 &")
+    for vcpu in range(lab.vcpus):
+        s.control_events(vcpu, abi.KVMI_EVENT_CR, True)
+        s.control_cr(vcpu, 3, True)
+        s.control_events(vcpu, abi.KVMI_EVENT_BREAKPOINT, True)
+    lab.handler = hold_until_others_report
+    mark = lab.mark()
+    s.set_breakpoint(target)
+    try:
+        lab.wait_for(lambda e: bool(others), mark)
+    finally:
+        lab.handler = None
+        s.clear_breakpoint(target)
+        for vcpu in range(lab.vcpus):
+            s.control_cr(vcpu, 3, False)
+    held_vcpu, queued = others[0]
+    assert queued > 0
+    later = lab.since(mark)
+    assert any(e.vcpu != held_vcpu for e in later)
+
+
 def test_pause_vcpu_yields_pause_event(lab):
     s = lab.session
     for vcpu in range(lab.vcpus):
