@@ -390,10 +390,12 @@ class VmTracer:
                         self.ctx.loss.add("monitor_error")
                         log.exception("monitor failed on %r", event)
                     s.reply(event)
-                now = self.ctx.clock()
-                if now - self._last_loss_ns >= self.options.loss_interval_s * 1e9:
-                    self._last_loss_ns = now
-                    self.ctx.emit_losses()
+                    # Periodic loss records, paced by event times (not by idle wake-ups) so
+                    # that a replay emits them where the live run did.
+                    now = self.ctx.clock()
+                    if now - self._last_loss_ns >= self.options.loss_interval_s * 1e9:
+                        self._last_loss_ns = now
+                        self.ctx.emit_losses()
         except kerr.ConnectionClosed as exc:
             log.info("VM %s: connection closed (%s)", self.ctx.vm_id, exc)
 
