@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, NoReturn
 
 import orjson
 
@@ -89,7 +89,7 @@ class JsonlSink:
                         pass  # the flush above already reported the failure
         return self.stats.as_dict()
 
-    def _fail(self, count: int, exc: OSError):
+    def _fail(self, count: int, exc: OSError) -> NoReturn:
         self.stats.dropped += count
         self.stats.errors += 1
         reason = os.strerror(exc.errno) if exc.errno else str(exc)

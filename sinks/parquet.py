@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sinks.base import SinkError, SinkStats
-from sinks.schema import DICTIONARY_COLUMNS, SCHEMA, SCHEMA_VERSION, loss_record, records_to_batch
+from sinks.schema import DICTIONARY_COLUMNS, SCHEMA, loss_record, records_to_batch
 
 NS_PER_DAY = 86_400 * 10**9
 _LOSS_COUNTER = "parquet.dropped"
@@ -328,4 +328,4 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-__all__ = ["ParquetSink", "SCHEMA_VERSION", "partition_value"]
+__all__ = ["FILE_SCHEMA", "ParquetSink", "partition_value"]

@@ -21,8 +21,7 @@ import pytest
 from sinks import open_sink
 from sinks.base import SinkError
 from sinks.parquet import ParquetSink
-from sinks.schema import (SCHEMA, SCHEMA_VERSION, RecordError, RecordFactory,
-                          batch_to_records, make_process_uid)
+from sinks.schema import SCHEMA, SCHEMA_VERSION, RecordError, RecordFactory, make_process_uid
 from test_schema import sample_records
 
 DAY_NS = 86_400 * 10**9
