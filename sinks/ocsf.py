@@ -13,6 +13,7 @@ consumers often hold numbers as doubles).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Any
 
@@ -52,6 +53,24 @@ _DEVICE_TYPE_VIRTUAL = 6
 _KERNEL_SYSCALL = 2
 _KERNEL_OTHER = 99
 _FILE_UNKNOWN = 0
+_LOG_NAME = f"vmitrace-v{SCHEMA_VERSION}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _classification(class_uid: int, activity_id: int, severity_id: int) -> dict[str, Any]:
+    """The classification attributes of an event, with their captions."""
+    category_uid = class_uid // 1000
+    return {
+        "class_uid": class_uid,
+        "class_name": CLASS_NAMES.get(class_uid, "Other"),
+        "category_uid": category_uid,
+        "category_name": CATEGORY_NAMES.get(category_uid, "Other"),
+        "activity_id": activity_id,
+        "activity_name": ACTIVITY_NAMES.get(class_uid, {}).get(activity_id, "Other"),
+        "type_uid": class_uid * 100 + activity_id,
+        "severity_id": severity_id,
+        "severity": SEVERITY_NAMES.get(severity_id, "Other"),
+    }
 
 
 def to_ocsf(record: dict[str, Any]) -> dict[str, Any]:
@@ -64,21 +83,10 @@ def to_ocsf(record: dict[str, Any]) -> dict[str, Any]:
         class_uid, activity_id, severity_id = classify(r["kind"], r["event_type"],
                                                        r.get("action"), r.get("errno"))
     time_ns = r["time"]
-    category_uid = class_uid // 1000
-    event: dict[str, Any] = {
-        "class_uid": class_uid,
-        "class_name": CLASS_NAMES.get(class_uid, "Other"),
-        "category_uid": category_uid,
-        "category_name": CATEGORY_NAMES.get(category_uid, "Other"),
-        "activity_id": activity_id,
-        "activity_name": ACTIVITY_NAMES.get(class_uid, {}).get(activity_id, "Other"),
-        "type_uid": class_uid * 100 + activity_id,
-        "severity_id": severity_id,
-        "severity": SEVERITY_NAMES.get(severity_id, "Other"),
-        "time": time_ns // 1_000_000,
-        "metadata": {"version": OCSF_VERSION, "product": PRODUCT, "uid": r["event_uid"],
-                     "sequence": r["seq"], "log_name": f"vmitrace-v{SCHEMA_VERSION}"},
-    }
+    event: dict[str, Any] = _classification(class_uid, activity_id, severity_id).copy()
+    event["time"] = time_ns // 1_000_000
+    event["metadata"] = {"version": OCSF_VERSION, "product": PRODUCT, "uid": r["event_uid"],
+                         "sequence": r["seq"], "log_name": _LOG_NAME}
     unmapped: dict[str, Any] = {"time_ns": time_ns, "kind": r["kind"],
                                 "event_type": r["event_type"]}
     if r.get("message") is not None:
