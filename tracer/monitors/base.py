@@ -1,7 +1,6 @@
 """Shared pieces of the monitors: the per-VM context, fast register access, loss counters."""
 from __future__ import annotations
 
-import logging
 import struct
 import time
 from collections import Counter
@@ -13,7 +12,6 @@ from tracer.kvmi import abi
 from tracer.memory import GuestMemory, UnreadableMemory
 from tracer.monitors.kernel import kernel_cr3_candidates
 
-log = logging.getLogger(__name__)
 
 MSR_STAR = 0xC0000081
 MSR_LSTAR = 0xC0000082

@@ -8,7 +8,6 @@ of another value is a change, a write back to the baseline a restoration.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from sinks.schema import KIND_INTEGRITY
@@ -16,7 +15,6 @@ from tracer.kvmi import errors as kerr
 from tracer.monitors.base import (MSR_CSTAR, MSR_LSTAR, MSR_NAMES, MSR_STAR, MSR_SYSENTER_EIP,
                                   FastRegs, VmContext)
 
-log = logging.getLogger(__name__)
 
 WATCHED_MSRS = (MSR_LSTAR, MSR_CSTAR, MSR_STAR, MSR_SYSENTER_EIP)
 ARMED, CLEARED = "armed", "cleared"

@@ -6,14 +6,12 @@ path only adds integers) and reads guest memory through `GuestMemory` with every
 """
 from __future__ import annotations
 
-import logging
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 from tracer.memory import GuestMemory, UnreadableMemory
 
-log = logging.getLogger(__name__)
 
 PT_REGS = struct.Struct("<21Q")  # r15 r14 r13 r12 bp bx r11 r10 r9 r8 ax cx dx si di orig_ax ip cs flags sp ss
 PT_REGS_SIZE = PT_REGS.size  # 168

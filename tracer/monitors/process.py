@@ -9,15 +9,12 @@
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from sinks.schema import KIND_PROCESS
 from tracer.decode.consts import signal_name
 from tracer.memory import UnreadableMemory
 from tracer.monitors.base import FastRegs, VmContext, process_fields
-
-log = logging.getLogger(__name__)
 
 
 class ProcessMonitor:

@@ -76,7 +76,6 @@ class SyscallMonitor:
         self.entry_site: int | None = None
         self.return_site: int | None = None
         self.calls = 0
-        self.exec_listeners: list[Any] = []
 
     # -- setup ------------------------------------------------------------------------------
     def install(self, kernel_cr3: int) -> None:
