@@ -18,7 +18,8 @@ from sinks import open_sink
 from sinks.kafka import KafkaSink
 from sinks.schema import RecordError
 from sinks.spill import SpillError, SpillJournal
-from support.kafka import SASL_PASSWORD, SASL_USER, kafka_broker  # noqa: F401 (fixture)
+from support.kafka import (SASL_PASSWORD, SASL_USER, kafka_broker,  # noqa: F401 (fixture)
+                           make_certificate)
 from test_schema import sample_records
 from test_schema_ocsf import ocsf_errors
 from test_sink_parquet import syscall_records
@@ -194,6 +195,26 @@ def test_sasl_settings_pass_through(kafka_broker, tmp_path):
     stats = wrong.close(timeout=5)
     assert stats["written"] == 0 and stats["spilled"] == 10 and stats["spill_pending"] == 10
     assert wrong.last_error  # kafka-python reports the refused login as a bootstrap failure
+
+
+def test_tls_settings_pass_through(kafka_broker, tmp_path):
+    """A real TLS listener: the sink verifies the broker against the given CA file; with
+    another CA the handshake fails and nothing is delivered."""
+    kafka_broker.create_topic("tls")
+    spec = (f"kafka:{kafka_broker.ssl_bootstrap}/tls?spill_dir={tmp_path}/ok"
+            f"&security_protocol=SSL&ssl_cafile={kafka_broker.ssl_cafile}")
+    sink = open_sink(spec)
+    sink.write(syscall_records("vm-t", 40))
+    assert sink.close()["written"] == 40
+    assert len(consume(kafka_broker.bootstrap, "tls", 40)) == 40
+
+    _, other_ca = make_certificate(tmp_path, "impostor")
+    untrusting = KafkaSink(kafka_broker.ssl_bootstrap, "tls", spill_dir=tmp_path / "bad",
+                           security_protocol="SSL", ssl_cafile=str(other_ca),
+                           reconnect_seconds=0.2)
+    untrusting.write(syscall_records("vm-t", 10, session=2))
+    stats = untrusting.close(timeout=3)
+    assert stats["written"] == 0 and stats["spill_pending"] == 10
 
 
 def test_broker_outage_nothing_lost(kafka_broker, tmp_path):

@@ -1,8 +1,9 @@
 """A real single-node Apache Kafka broker (KRaft) for the tests, and its pytest fixture.
 
 The jars come from scripts/setup.d/30-kafka.sh ($VMITRACE_CACHE/kafka/<version>/libs). The
-broker listens on 127.0.0.1 on free ports (PLAINTEXT at `bootstrap`, and SASL_PLAINTEXT with
-mechanism PLAIN at `sasl_bootstrap` for user SASL_USER / SASL_PASSWORD), keeps its log dir in a temporary directory, and can
+broker listens on 127.0.0.1 on free ports (PLAINTEXT at `bootstrap`; SASL_PLAINTEXT with
+mechanism PLAIN at `sasl_bootstrap` for user SASL_USER / SASL_PASSWORD; SSL at `ssl_bootstrap`
+with a self-signed certificate for IP 127.0.0.1 made by keytool, its PEM in `ssl_cafile`), keeps its log dir in a temporary directory, and can
 be stopped and started again on the same ports and data (to test a broker outage).
 
 Use in a test module:  `from support.kafka import kafka_broker  # noqa: F401` (session fixture).
@@ -37,6 +38,26 @@ def kafka_libs() -> Path:
     return libs
 
 
+KEYSTORE_PASSWORD = "test-keystore"
+
+
+def make_certificate(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for IP 127.0.0.1 in a PKCS12 keystore, and its PEM (to use
+    as the CA file of a client). keytool comes with the JRE."""
+    keystore, pem = directory / f"{name}.p12", directory / f"{name}.pem"
+    common = ["-keystore", str(keystore), "-storetype", "PKCS12",
+              "-storepass", KEYSTORE_PASSWORD, "-alias", name]
+    for args in (["-genkeypair", "-keyalg", "RSA", "-keysize", "2048", "-validity", "2",
+                  "-dname", "CN=127.0.0.1", "-ext", "SAN=IP:127.0.0.1",
+                  "-keypass", KEYSTORE_PASSWORD],
+                 ["-exportcert", "-rfc", "-file", str(pem)]):
+        result = subprocess.run(["keytool", *args, *common], capture_output=True, text=True,
+                                timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"keytool failed: {result.stdout}{result.stderr}")
+    return keystore, pem
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,29 +88,37 @@ class KafkaBroker:
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.sasl_port = free_port()
+        self.ssl_port = free_port()
         self.controller_port = free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
         self.sasl_bootstrap = f"127.0.0.1:{self.sasl_port}"
+        self.ssl_bootstrap = f"127.0.0.1:{self.ssl_port}"
         self.process: subprocess.Popen | None = None
         self._formatted = False
         self.libs = kafka_libs()
         self.java = shutil.which("java")
         if self.java is None:
             raise RuntimeError("java not found: setup.sh installs openjdk-17-jre-headless")
+        self.keystore, self.ssl_cafile = make_certificate(workdir, "broker")
         self.config = workdir / "server.properties"
         self.config.write_text("\n".join([
             "process.roles=broker,controller",
             "node.id=1",
             f"controller.quorum.bootstrap.servers=127.0.0.1:{self.controller_port}",
             f"listeners=PLAINTEXT://127.0.0.1:{self.port},"
-            f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port},"
+            f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port},SSL://127.0.0.1:{self.ssl_port},"
             f"CONTROLLER://127.0.0.1:{self.controller_port}",
             f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port},"
-            f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}",
+            f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port},SSL://127.0.0.1:{self.ssl_port}",
             "controller.listener.names=CONTROLLER",
             "inter.broker.listener.name=PLAINTEXT",
             "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,"
-            "CONTROLLER:PLAINTEXT",
+            "SSL:SSL,CONTROLLER:PLAINTEXT",
+            "ssl.keystore.type=PKCS12",
+            f"ssl.keystore.location={self.keystore}",
+            f"ssl.keystore.password={KEYSTORE_PASSWORD}",
+            f"ssl.key.password={KEYSTORE_PASSWORD}",
+            "ssl.client.auth=none",
             "sasl.enabled.mechanisms=PLAIN",
             "listener.name.sasl_plaintext.plain.sasl.jaas.config="
             "org.apache.kafka.common.security.plain.PlainLoginModule required "
