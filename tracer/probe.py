@@ -155,7 +155,8 @@ def render_text(report: dict[str, Any]) -> str:
 @click.option("--lab", "lab_kernel", metavar="KERNEL", is_flag=False, flag_value="6.1",
               default=None, help="Boot a lab guest (kernel 6.1 or 6.12) with the vmitrace "
                                  "plugin and probe it.")
-@click.option("--vcpus", default=1, show_default=True, help="vCPUs of the --lab guest.")
+@click.option("--vcpus", default=1, show_default=True, type=click.IntRange(1, 4),
+              help="vCPUs of the --lab guest.")
 @click.option("--duration", default=5.0, show_default=True, type=click.FloatRange(0, 3600),
               help="Seconds to count events for.")
 @click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(0.1),
@@ -205,6 +206,8 @@ def probe(address: str | None, lab_kernel: str | None, vcpus: int, duration: flo
                 report = probe_session(session, duration, blocking)
     except (KvmiError, OSError) as exc:
         raise click.ClickException(f"probe failed: {exc}") from exc
+    except RuntimeError as exc:  # guestlab.GuestError / BuildError: the lab guest failed
+        raise click.ClickException(f"lab guest failed: {exc}") from exc
     finally:
         if guest is not None:
             guest.stop()
