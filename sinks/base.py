@@ -12,10 +12,12 @@ class SinkError(RuntimeError):
 
 @dataclass
 class SinkStats:
-    """Counters of one sink. `written`: records stored (Parquet: in visible files; Kafka:
-    acknowledged by the broker; JSONL: written to the stream). `dropped`: records lost, each
-    also reported in a loss record where the sink can still store one. `spilled`: records put
-    in the Kafka spill journal (`replayed`: sent from it later). `errors`: failed operations."""
+    """Counters of one sink. `written`: records stored (Parquet: in complete, visible files;
+    Kafka: acknowledged by the broker; JSONL: handed to the OS), the sink's own loss records
+    included (`loss_records`: how many loss records of its own it stored (Parquet) or made
+    and sent or kept in the journal (Kafka)). `dropped`: records lost, each also
+    reported in a loss record where the sink can still store one. `spilled`: records put in
+    the Kafka spill journal (`replayed`: sent from it later). `errors`: failed operations."""
 
     written: int = 0
     dropped: int = 0

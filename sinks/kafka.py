@@ -197,7 +197,9 @@ class KafkaSink:
             self._to_journal(entries[sent:])
 
     def _send(self, entries: list[tuple[bytes, int, bytes]], from_journal: bool) -> int:
-        """Hand entries to the producer; returns how many it took."""
+        """Hand entries to the producer; returns how many it took (a message refused for
+        good, e.g. too large, is taken and counted as lost so that it cannot block the
+        journal)."""
         producer = self._producer
         if producer is None:
             return 0
@@ -206,10 +208,14 @@ class KafkaSink:
             try:
                 future = producer.send(topic, value=value, key=key,
                                        headers=self._header(class_uid))
-            except KafkaError as exc:  # metadata unavailable within max_block_ms, ...
-                self._failing = True
+            except KafkaError as exc:
                 self.last_error = str(exc)
-                return index
+                if getattr(exc, "retriable", False):  # metadata unavailable in time, ...
+                    self._failing = True
+                    return index
+                self.stats.errors += 1
+                self._count_loss(key.decode(), "kafka.failed")
+                continue
             inflight.append((future, key, class_uid, value, from_journal))
             if from_journal:
                 self._journal_inflight += 1

@@ -268,7 +268,7 @@ class ParquetSink:
         except OSError as exc:
             self._fail(key, key[0], 0, 0, exc)
         del self._files[key]
-        self.stats.written += sum(open_file.data_rows_by_vm.values())
+        self.stats.written += open_file.rows
         self.stats.loss_records += open_file.rows - sum(open_file.data_rows_by_vm.values())
         self.stats.files += 1
 

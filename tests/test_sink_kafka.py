@@ -217,6 +217,21 @@ def test_tls_settings_pass_through(kafka_broker, tmp_path):
     assert stats["written"] == 0 and stats["spill_pending"] == 10
 
 
+def test_message_refused_for_good_is_counted_and_does_not_block(kafka_broker, tmp_path):
+    kafka_broker.create_topic("poison")
+    records = syscall_records("vm-p", 30)
+    records[10]["extra"] = {"blob": "x" * (5 << 20)}  # beyond the 4 MiB request limit
+    sink = KafkaSink(kafka_broker.bootstrap, "poison", spill_dir=tmp_path)
+    sink.write(records)
+    stats = sink.close(timeout=60)
+    assert stats["written"] == 29 + 1 and stats["dropped"] == 1 and stats["loss_records"] == 1
+    events = [orjson.loads(m.value) for m in consume(kafka_broker.bootstrap, "poison", 30)]
+    [loss] = [e for e in events if e["unmapped"]["kind"] == "loss"]
+    assert loss["unmapped"]["counter"] == "kafka.failed" and loss["count"] == 1
+    delivered = {e["metadata"]["uid"] for e in events} - {loss["metadata"]["uid"]}
+    assert delivered == {r["event_uid"] for i, r in enumerate(records) if i != 10}
+
+
 def test_broker_outage_nothing_lost(kafka_broker, tmp_path):
     kafka_broker.create_topic("outage")
     sink = KafkaSink(kafka_broker.bootstrap, "outage", spill_dir=tmp_path / "spill",
