@@ -41,7 +41,7 @@ def observe(s: Session) -> list:
     s.control_cr(0, 3, False)
     try:  # CR3 events already in flight when tracing stopped
         while (ev := s.next_event(timeout=2)) is not None:
-            seen.append((ev.name, ev.seq, ev.values()))
+            seen.append((ev.name, ev.seq, ev.vcpu, ev.values(), ev.regs.rip, ev.arch.msrs.lstar))
             s.reply(ev)
     except ConnectionClosed:
         pass  # the replay host hangs up at the end of the recording
