@@ -416,13 +416,11 @@ def run_trace(kernel: str, vcpus: int, duration: float, dataset: Path, recording
     seconds with every monitor on into `dataset` (Parquet) and `recording`. Returns the
     collector's result plus the profile path."""
     from guestlab import build
-    from guestlab.guest import Guest, GuestError
     from sinks import open_sink
     from tracer.collector import Collector, TraceOptions
-    from tracer.kvmi.errors import KvmiError
     from tracer.kvmi.recording import RecordingWriter
     from tracer.kvmi.transport import Listener
-    from tracer.trace_cli import profile_for_image
+    from tracer.trace_cli import profile_for_image, start_lab_guest
 
     import profiles
 
@@ -457,19 +455,10 @@ def run_trace(kernel: str, vcpus: int, duration: float, dataset: Path, recording
                             recorder_factory=lambda hs: RecordingWriter(recording, hs))
         with listener:
             say(f"step 3/4: booting the lab guest ({vcpus} vCPU, TCG) with the KVMI plugin")
-            guest = Guest(kernel=kernel, vcpus=vcpus, workload="steady",
-                          plugin_options={"socket": listener.path, "hold": True})
-            try:
-                guest.start()
-                session = listener.accept(timeout=60)
-                if session is None:
-                    raise DemoError("the lab guest's KVMI plugin did not connect within 60 s")
-                # No RAM-file shortcut: every memory read goes over KVMI, so the recording
-                # holds everything `vmitrace replay` needs.
-                collector.trace_in_thread(session, None)
-                guest.wait_ready(guest.boot_timeout)
-            except (GuestError, KvmiError, OSError) as exc:
-                raise DemoError(f"lab guest: {exc}") from exc
+            # No RAM-file shortcut: every memory read goes over KVMI, so the recording holds
+            # everything `vmitrace replay` needs.
+            guest = start_lab_guest(kernel, vcpus, "steady", listener, collector,
+                                    ram_shortcut=False, error=DemoError)
             say(f"  {guest.name} ({guest.release}) is up after {guest.boot_seconds or 0:.0f} s "
                 f"(boot traced: {collector.pump.written} records)")
             say(f"step 4/4: tracing the steady workload for {duration:g} s")

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import click
 
-from tracer.collector import Collector, TraceOptions
-from tracer.monitors.base import Filters
+# tracer.collector and the monitors pull in pyarrow and pandas (the record schema): they are
+# imported inside the commands, so `vmitrace --help` and other commands do not pay for them.
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,11 @@ def _open_sinks(specs: tuple[str, ...]) -> list[Any]:
 
 
 def _options(pids: tuple[int, ...], comms: tuple[str, ...], syscalls: tuple[str, ...],
-             hv_events: bool) -> TraceOptions:
+             hv_events: bool) -> Any:
+    """The collector's TraceOptions for these filters."""
+    from tracer.collector import TraceOptions
+    from tracer.monitors.base import Filters
+
     return TraceOptions(filters=Filters(frozenset(pids), frozenset(comms), frozenset(syscalls)),
                         hv_events=hv_events)
 
@@ -193,11 +197,12 @@ def trace(lab: bool, kernel: str, vcpus: int, workload: str, listen: str | None,
     \b
     Examples:
       vmitrace trace --lab --duration 30 --sink jsonl:/tmp/trace.jsonl
-      vmitrace trace --lab --kernel 6.12 --vcpus 2 --comm wl-file --sink -
+      vmitrace trace --lab --kernel 6.12 --vcpus 2 --comm wl-file --sink jsonl:-
       vmitrace trace --listen unix:/run/vmitrace/kvmi.sock --profile p.json.xz --sink parquet:/data
     """
     if lab == bool(listen):
         raise click.UsageError("give exactly one of --lab or --listen")
+    from tracer.collector import Collector
     from tracer.kvmi.transport import Listener
 
     options = _options(pids, comms, syscalls, hv_events)
@@ -226,8 +231,12 @@ def trace(lab: bool, kernel: str, vcpus: int, workload: str, listen: str | None,
             raise TraceError(f"cannot listen on {address}: {exc}") from exc
         with listener:
             if lab:
-                guest = _start_lab_guest(kernel, vcpus, workload, listener, collector,
-                                         record is not None, tmpdir)
+                # A recorded session must see every memory read so that replay can answer
+                # them; a live one reads guest RAM directly from the shared file (faster).
+                guest = start_lab_guest(kernel, vcpus, workload, listener, collector,
+                                        ram_shortcut=record is None, error=TraceError)
+                click.echo(f"[trace] lab guest {guest.name} ({guest.release}, {vcpus} vCPU) "
+                           "is up", err=True)
                 # with --lab the deadline counts from the moment the guest is up
                 deadline = time.monotonic() + duration if duration else None
                 while not collector.stop_event.is_set() and \
@@ -250,28 +259,36 @@ def trace(lab: bool, kernel: str, vcpus: int, workload: str, listen: str | None,
         sys.exit(1)
 
 
-def _start_lab_guest(kernel: str, vcpus: int, workload: str, listener: Any, collector: Collector,
-                     recording: bool, tmpdir: str | None) -> Any:
-    """Boot a lab guest held at reset until the collector is attached, then let it run."""
+def start_lab_guest(kernel: str, vcpus: int, workload: str, listener: Any, collector: Any,
+                    ram_shortcut: bool, error: type[click.ClickException] = TraceError,
+                    connect_timeout: float = 60.0) -> Any:
+    """Boot a lab guest whose KVMI plugin connects to `listener`, held at reset until
+    `collector` traces its session (so boot is traced), and wait until it is up.
+
+    `ram_shortcut`: read guest RAM from the shared RAM file instead of over KVMI (faster, but a
+    recording then lacks those reads). Failures stop the guest and raise `error` (exit 1).
+    Returns the running guestlab Guest; the caller stops it.
+    """
     from guestlab.guest import Guest, GuestError
+    from tracer.kvmi.errors import KvmiError
     from tracer.memory import RamFile
 
     guest = Guest(kernel=kernel, vcpus=vcpus, workload=workload,
                   plugin_options={"socket": listener.path, "hold": True})
     try:
         guest.start()
-        session = listener.accept(timeout=60)
+        session = listener.accept(timeout=connect_timeout)
         if session is None:
-            raise TraceError("the lab guest's KVMI plugin did not connect within 60 s")
-        # A recorded session must see every memory read so that replay can answer them; a
-        # live one reads guest RAM directly from the shared file (much faster).
-        memory = None if recording else RamFile(guest.ram_path)
-        collector.trace_in_thread(session, memory)
-        guest.wait_ready(180)
-    except (GuestError, OSError) as exc:
+            raise error(f"the lab guest's KVMI plugin did not connect within "
+                        f"{connect_timeout:g} s")
+        collector.trace_in_thread(session, RamFile(guest.ram_path) if ram_shortcut else None)
+        guest.wait_ready(guest.boot_timeout)
+    except (GuestError, KvmiError, OSError) as exc:
         guest.stop()
-        raise TraceError(f"lab guest: {exc}") from exc
-    click.echo(f"[trace] lab guest {guest.name} ({guest.release}, {vcpus} vCPU) is up", err=True)
+        raise error(f"lab guest: {exc}") from exc
+    except BaseException:  # our own error, or Ctrl-C while booting: do not leave QEMU behind
+        guest.stop()
+        raise
     return guest
 
 
@@ -281,13 +298,25 @@ def _start_lab_guest(kernel: str, vcpus: int, workload: str, listener: Any, coll
               help="The profile (ISF) of the recorded guest's kernel.")
 @click.option("--sink", "sink_specs", multiple=True, metavar="SPEC",
               help="jsonl:PATH|-, parquet:DIR, kafka:HOST:PORT/TOPIC (repeatable; default jsonl:-).")
-@click.option("--pid", "pids", type=int, multiple=True)
-@click.option("--comm", "comms", multiple=True)
-@click.option("--syscall", "syscalls", multiple=True)
-@click.option("--hv-events", is_flag=True)
+@click.option("--pid", "pids", type=int, multiple=True, help="Only these pids/tids (repeatable).")
+@click.option("--comm", "comms", multiple=True, help="Only tasks with this comm (repeatable).")
+@click.option("--syscall", "syscalls", multiple=True,
+              help="Only this syscall name (repeatable).")
+@click.option("--hv-events", is_flag=True, help="Also emit raw CR/MSR write events as records.")
 def replay(recording: str, profile_path: str, sink_specs: tuple[str, ...], pids: tuple[int, ...],
            comms: tuple[str, ...], syscalls: tuple[str, ...], hv_events: bool) -> None:
-    """Re-run the collector against a recorded KVMI session (deterministic: same records)."""
+    """Re-run the collector against a recorded KVMI session (deterministic: same records).
+
+    RECORDING is a file written by `vmitrace trace --record` or the demo's session.kvmirec;
+    --profile is the ISF of the recorded guest's kernel (the demo's summary.json names it).
+
+    \b
+    Examples:
+      vmitrace replay vmitrace-demo-out/session.kvmirec --profile PROFILE --sink jsonl:-
+      vmitrace replay lab.kvmirec --profile p.json.xz --sink parquet:/tmp/replayed --comm wl-file
+    """
+    from tracer.collector import Collector
+
     options = _options(pids, comms, syscalls, hv_events)
     options.observer_host = None  # a replay has no live observer; keeps output reproducible
     profile = _load_profile(profile_path)
@@ -303,7 +332,7 @@ def replay(recording: str, profile_path: str, sink_specs: tuple[str, ...], pids:
         sys.exit(1)
 
 
-def run_replay(collector: Collector, recording: str) -> None:
+def run_replay(collector: Any, recording: str) -> None:
     """Serve `recording` through a real socket and trace it with the event-time clock."""
     from tracer.kvmi.recording import RecordingError, RecordingReader, ReplayHost
     from tracer.kvmi.transport import Session
