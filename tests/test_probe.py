@@ -35,9 +35,20 @@ def test_probe_needs_exactly_one_host_source():
     assert runner.invoke(main, ["probe", "--lab", "--listen", "unix:/tmp/x"]).exit_code == 2
 
 
+def test_probe_lab_options_are_those_of_trace_and_demo():
+    """--lab is a flag, the kernel series is --kernel 6.1|6.12, --vcpus is 1..4: bad values are
+    usage errors before anything boots."""
+    runner = CliRunner()
+    for args in (["--lab", "6.12"], ["--lab", "--kernel", "5.10"], ["--lab", "--vcpus", "0"],
+                 ["--lab", "--vcpus", "5"]):
+        result = runner.invoke(main, ["probe", *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert "Usage:" in result.output
+
+
 @pytest.mark.guest
 def test_probe_lab_reports_plugin_capabilities_and_counts(tmp_path):
-    result = CliRunner().invoke(main, ["probe", "--lab", "--duration", "4", "--json"],
+    result = CliRunner().invoke(main, ["probe", "--lab", "--kernel", "6.1", "--duration", "4", "--json"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)

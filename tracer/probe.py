@@ -152,11 +152,12 @@ def render_text(report: dict[str, Any]) -> str:
 @click.command("probe")
 @click.option("--listen", "address", metavar="unix:PATH|vsock:PORT",
               help="Listen here and wait for one KVMI host to connect.")
-@click.option("--lab", "lab_kernel", metavar="KERNEL", is_flag=False, flag_value="6.1",
-              default=None, help="Boot a lab guest (kernel 6.1 or 6.12) with the vmitrace "
-                                 "plugin and probe it.")
+@click.option("--lab", is_flag=True,
+              help="Boot a lab guest with the vmitrace KVMI plugin and probe it.")
+@click.option("--kernel", type=click.Choice(["6.1", "6.12"]), default="6.1", show_default=True,
+              help="With --lab: the lab kernel series.")
 @click.option("--vcpus", default=1, show_default=True, type=click.IntRange(1, 4),
-              help="vCPUs of the --lab guest.")
+              help="With --lab: number of vCPUs.")
 @click.option("--duration", default=5.0, show_default=True, type=click.FloatRange(0, 3600),
               help="Seconds to count events for.")
 @click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(0.1),
@@ -164,7 +165,7 @@ def render_text(report: dict[str, Any]) -> str:
 @click.option("--blocking", is_flag=True,
               help="Keep blocking delivery (default: non-blocking when the host offers it).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def probe(address: str | None, lab_kernel: str | None, vcpus: int, duration: float,
+def probe(address: str | None, lab: bool, kernel: str, vcpus: int, duration: float,
           timeout: float, blocking: bool, as_json: bool) -> None:
     """Handshake, version, supported commands/events and event counts of a KVMI host.
 
@@ -172,31 +173,29 @@ def probe(address: str | None, lab_kernel: str | None, vcpus: int, duration: flo
     Examples:
       vmitrace probe --listen unix:/run/vmitrace/kvmi.sock   # then start QEMU
       vmitrace probe --lab --duration 10                      # boots a lab guest
-      vmitrace probe --lab 6.12 --vcpus 2 --json
+      vmitrace probe --lab --kernel 6.12 --vcpus 2 --json
+
+    Exit status: 0 done, 1 no host connected in time or the probe failed, 2 bad usage.
     """
-    if (address is None) == (lab_kernel is None):
+    if (address is None) == (not lab):
         raise click.UsageError("give exactly one of --listen ADDRESS or --lab")
     guest = None
     workdir = None
-    if lab_kernel is not None:
+    if lab:
         import guestlab  # only needed here, and it pulls in the lab build machinery
 
-        if lab_kernel not in guestlab.KERNELS:
-            raise click.BadParameter(f"unknown lab kernel {lab_kernel!r} "
-                                     f"({', '.join(sorted(guestlab.KERNELS))})",
-                                     param_hint="--lab")
         workdir = tempfile.mkdtemp(prefix="vmitrace-probe-")
         address = "unix:" + os.path.join(workdir, "kvmi.sock")
     try:
         with Listener(address) as listener:
-            if lab_kernel is not None:
-                guest = guestlab.Guest(lab_kernel, vcpus=vcpus, workload="steady",
+            if lab:
+                guest = guestlab.Guest(kernel, vcpus=vcpus, workload="steady",
                                        plugin_options={"socket": listener.path})
                 guest.start()
-                click.echo(f"booting lab guest {guest.name} ({lab_kernel}, {vcpus} vCPU)",
+                click.echo(f"[probe] booting lab guest {guest.name} ({kernel}, {vcpus} vCPU)",
                            err=True)
             else:
-                click.echo(f"waiting for a KVMI host on {address}", err=True)
+                click.echo(f"[probe] waiting for a KVMI host on {address}", err=True)
             session = listener.accept(timeout=timeout)
             if session is None:
                 raise click.ClickException(f"no host connected within {timeout:g} s")
