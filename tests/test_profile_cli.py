@@ -28,10 +28,14 @@ def run(*args: str, env_cache: Path | None = None) -> subprocess.CompletedProces
 
 
 def assert_clean_failure(proc: subprocess.CompletedProcess, *phrases: str) -> None:
-    assert proc.returncode != 0
+    """A failure (exit 1; 2 is for usage errors) with one clear line on stderr."""
+    assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stdout == ""
+    (error,) = [line for line in proc.stderr.splitlines() if not line.startswith("[profile]")]
+    assert error.startswith("Error: "), proc.stderr
     for phrase in phrases:
-        assert phrase in proc.stderr, proc.stderr
+        assert phrase in error, proc.stderr
 
 
 def test_build_and_show(tmp_path: Path) -> None:
@@ -60,6 +64,27 @@ def test_build_into_the_cache_by_default(tmp_path: Path) -> None:
     assert cached.name.startswith(lab_build("6.1").release + "-")
 
 
+def test_build_from_a_lab_series_with_json_summary(tmp_path: Path) -> None:
+    """--kernel 6.1 names the lab kernel series (as everywhere else): its image from the lab
+    cache is used; --json summarizes what was built, with the counts `show` reports."""
+    out = tmp_path / "lab.json.xz"
+    proc = run("profile", "build", "--kernel", "6.1", "-o", str(out), "--no-validate", "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["path"] == str(out.resolve()) and summary["lab_kernel"] == "6.1"
+    assert summary["provenance"]["input"] == str(lab_build("6.1").vmlinuz)
+    assert summary["banner"].startswith(f"Linux version {lab_build('6.1').release} ")
+    assert summary["validated"] is False
+    shown = json.loads(run("profile", "show", str(out), "--json").stdout)
+    assert summary["counts"] == shown["counts"] and shown["counts"]["syscalls_x86_64"] > 300
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    proc = run("profile", "build", "-o", str(tmp_path / "o.json"))
+    assert proc.returncode == 2 and "--kernel" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o.json").exists()
+
+
 def test_not_a_kernel(tmp_path: Path) -> None:
     junk = tmp_path / "notes.txt"
     junk.write_text("hello, this is not a kernel\n" * 100)
@@ -69,8 +94,9 @@ def test_not_a_kernel(tmp_path: Path) -> None:
     empty.write_bytes(b"")
     assert_clean_failure(run("profile", "build", "--kernel", str(empty), "-o", str(tmp_path / "o.json")),
                          "not a Linux kernel")
-    assert_clean_failure(run("profile", "build", "--kernel", str(tmp_path / "missing"), "-o", str(tmp_path / "o.json")),
-                         "cannot read")
+    missing = run("profile", "build", "--kernel", str(tmp_path / "missing"), "-o", str(tmp_path / "o.json"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr  # a bad argument: usage
+    assert "neither a lab kernel series (6.1, 6.12) nor a kernel image file" in missing.stderr
     assert not (tmp_path / "o.json").exists()
 
 
