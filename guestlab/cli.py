@@ -56,8 +56,10 @@ def build_command(kernel: str, as_json: bool) -> None:
 
 
 @lab.command("run")
-@click.option("--kernel", type=click.Choice(list(build.KERNELS)), default="6.1", show_default=True)
-@click.option("--vcpus", type=click.IntRange(1, 4), default=1, show_default=True)
+@click.option("--kernel", type=click.Choice(list(build.KERNELS)), default="6.1", show_default=True,
+              help="The lab kernel series.")
+@click.option("--vcpus", type=click.IntRange(1, 4), default=1, show_default=True,
+              help="Number of vCPUs.")
 @click.option("--memory", "memory_mb", type=click.IntRange(64, 2048), default=512,
               show_default=True, help="Guest RAM in MiB.")
 @click.option("--workload", type=click.Choice(["steady", "once", "none"]), default="none",
