@@ -154,10 +154,9 @@ def bench_jsonl(records: list[dict], workdir: Path, repeat: int) -> dict[str, fl
 
 def bench_kafka(records: list[dict], workdir: Path, repeat: int) -> dict[str, float]:
     from kafka import KafkaProducer
-    from support.kafka import KafkaBroker
+    from support.kafka import start_broker
 
-    broker = KafkaBroker(workdir / "kafka")
-    broker.start()
+    broker = start_broker()
     try:
         rendered = [(r["vm_id"].encode(), r["class_uid"], to_ocsf_json(r)) for r in records]
         settings = dict(bootstrap_servers=[broker.bootstrap], enable_idempotence=True,
@@ -200,6 +199,7 @@ def bench_kafka(records: list[dict], workdir: Path, repeat: int) -> dict[str, fl
                 "KafkaSink": best_of(repeat, len(records), sink)}
     finally:
         broker.stop()
+        shutil.rmtree(broker.workdir, ignore_errors=True)
 
 
 def main() -> None:

@@ -166,8 +166,11 @@ class KafkaBroker:
         deadline = time.monotonic() + timeout
         while not self._ready():
             if self.process.poll() is not None:
-                raise RuntimeError(f"kafka broker exited with {self.process.returncode}; "
-                                   f"see {self.workdir}/stdout.log and broker.log")
+                tail = "".join((self.workdir / name).read_text(errors="replace")[-1500:]
+                               for name in ("stdout.log", "broker.log")
+                               if (self.workdir / name).exists())
+                raise RuntimeError(f"kafka broker exited with {self.process.returncode} "
+                                   f"(logs in {self.workdir}): ...{tail}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"kafka broker not ready within {timeout} s")
@@ -213,14 +216,29 @@ class KafkaBroker:
             admin.close()
 
 
+def start_broker(attempts: int = 2) -> KafkaBroker:
+    """A started broker in a new temporary directory. The free ports are picked before the
+    JVM binds them, so another process on the machine may take one first: then the broker
+    exits at once and it is tried again on other ports (the last failure keeps its logs)."""
+    for attempt in range(1, attempts + 1):
+        broker = KafkaBroker(Path(tempfile.mkdtemp(prefix="vmitrace-kafka-")))
+        try:
+            broker.start()
+        except RuntimeError:
+            broker.stop()
+            if attempt == attempts:
+                raise
+            shutil.rmtree(broker.workdir, ignore_errors=True)
+            continue
+        return broker
+
+
 @pytest.fixture(scope="session")
 def kafka_broker():
     """A running broker for the whole session; stopped (and its data removed) at the end."""
-    workdir = Path(tempfile.mkdtemp(prefix="vmitrace-kafka-"))
-    broker = KafkaBroker(workdir)
+    broker = start_broker()
     try:
-        broker.start()
         yield broker
     finally:
         broker.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(broker.workdir, ignore_errors=True)
