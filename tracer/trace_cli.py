@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -254,6 +255,8 @@ def trace(lab: bool, kernel: str, vcpus: int, workload: str, listen: str | None,
         result = collector.close()
         if guest is not None:
             guest.stop()
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
         _summary(result)
     if result["errors"]:
         sys.exit(1)
