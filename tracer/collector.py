@@ -96,7 +96,8 @@ class RecordPump:
 
     The hot side (`offer`) is a lock-free deque append: no lock hand-off or thread wake-up
     per record while a vCPU waits for its event reply. The sink thread wakes when a batch is
-    due, on `sync`/`close`, or every `flush_interval_s`.
+    due, on `sync`/`close`, or every `flush_interval_s`, and hands the sinks whatever is
+    queued (possibly nothing) each time.
     """
 
     def __init__(self, sinks: Iterable[Any], queue_size: int = 65536, batch_size: int = 4096,
@@ -150,8 +151,9 @@ class RecordPump:
                 if len(batch) >= self.batch_size:
                     self._write(batch)
                     batch = []
-            if batch:
-                self._write(batch)
+            # Also on idle wake-ups: write([]) lets sinks do their time-based housekeeping
+            # (Parquet's time flush, Kafka's journal replay) while a VM is quiet.
+            self._write(batch)
             if stopping:
                 return
 
