@@ -6,18 +6,27 @@ across machines. Rates are per CPU second of this process (time.process_time), s
 shared with other work still reports single-core throughput. Goal (project issue 2):
 >= 200 000 events/s decoded.
 
-    .venv/bin/python bench/kvmi_codec.py [--events 200000] [--repeat 3]
+The last section times blocking-event round trips over a socketpair: a host thread sends one
+BREAKPOINT event and waits for its EVENT_REPLY before sending the next, and the introspector
+side is either a :class:`~tracer.kvmi.transport.Session` (``next_event`` + ``reply``) or a
+bare socket loop that reads the event's bytes and writes a fixed reply (the floor of two
+threads ping-ponging over a unix socket in Python). Those rates are in wall time.
+
+    .venv/bin/python bench/kvmi_codec.py [--events 200000] [--repeat 3] [--round-trips 20000]
 """
 from __future__ import annotations
 
 import argparse
+import socket
 import struct
+import threading
 import time
 import uuid
 
 from tracer.kvmi import abi
 from tracer.kvmi.protocol import (IntrospectorProtocol, build_event, build_handshake,
                                   encode_event_reply)
+from tracer.kvmi.transport import Session
 
 CHUNK = 65536
 
@@ -105,10 +114,86 @@ def bench_encode_baseline(events: list) -> float:
     return len(events) / (time.process_time() - t0)
 
 
+_HDR = struct.Struct("<HHI")  # kvmi_msg_hdr: id, size, seq
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return bytes(buf)
+
+
+def _host(sock: socket.socket, n: int, event: bytes) -> None:
+    """n blocking events, each sent after the reply to the previous one was read."""
+    msg = bytearray(event)
+    try:
+        for k in range(n):
+            struct.pack_into("<I", msg, 4, k + 1)  # seq
+            sock.sendall(msg)
+            _msg_id, size, seq = _HDR.unpack(_recv_exact(sock, _HDR.size))
+            _recv_exact(sock, size)
+            assert seq == k + 1, (seq, k + 1)
+    except (EOFError, OSError):
+        pass
+
+
+def _breakpoint_event() -> bytes:
+    arch = {"mode": 8, "regs": {"rip": 0xFFFFFFFF81000000, "rax": 39}}
+    return build_event(1, 0, abi.KVMI_EVENT_BREAKPOINT, arch, gpa=0x1000000, insn_len=1)
+
+
+def bench_round_trips_session(n: int) -> float:
+    ours, theirs = socket.socketpair()
+    host_thread = threading.Thread(target=lambda: (theirs.sendall(
+        build_handshake(uuid.uuid4(), "bench")), theirs.recv(64)), daemon=True)
+    host_thread.start()
+    s = Session.from_socket(ours, command_timeout=10)
+    host_thread.join()
+    host_thread = threading.Thread(target=_host, args=(theirs, n, _breakpoint_event()),
+                                   daemon=True)
+    t0 = time.perf_counter()
+    host_thread.start()
+    for _ in range(n):
+        ev = s.next_event(timeout=10)
+        assert ev is not None
+        s.reply(ev)
+    host_thread.join()
+    dt = time.perf_counter() - t0
+    s.close()
+    theirs.close()
+    return n / dt
+
+
+def bench_round_trips_baseline(n: int) -> float:
+    """The floor: read exactly one event's bytes, write a prebuilt reply of the right size."""
+    ours, theirs = socket.socketpair()
+    event = _breakpoint_event()
+    reply = _HDR.pack(abi.KVMI_EVENT_REPLY, 16, 0) + bytes(16)
+    host_thread = threading.Thread(target=_host, args=(theirs, n, event), daemon=True)
+    seq_pack = struct.Struct("<I").pack_into
+    out = bytearray(reply)
+    t0 = time.perf_counter()
+    host_thread.start()
+    for k in range(n):
+        _recv_exact(ours, len(event))
+        seq_pack(out, 4, k + 1)
+        ours.sendall(out)
+    host_thread.join()
+    dt = time.perf_counter() - t0
+    ours.close()
+    theirs.close()
+    return n / dt
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--round-trips", type=int, default=20_000)
     args = ap.parse_args()
     n = args.events
     stream = make_stream(n)
@@ -133,6 +218,12 @@ def main() -> None:
     print(f"  event.arch (regs, sregs, msrs) decoded on access {arch:12,.0f} /s")
     print(f"  event.regs alone decoded on access             {regs:12,.0f} /s")
     print(f"  goal >= 200,000 events/s decoded: {'met' if dec >= 200_000 else 'NOT met'}")
+    rt = best(bench_round_trips_session, args.round_trips)
+    rt_base = best(bench_round_trips_baseline, args.round_trips)
+    print(f"  blocking event round trips (Session next_event + reply, wall time) "
+          f"{rt:10,.0f} /s")
+    print(f"  bare socket read + write round trips                            "
+          f"{rt_base:10,.0f} /s   ratio {rt / rt_base:.2f}")
 
 
 if __name__ == "__main__":

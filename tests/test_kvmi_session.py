@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from support.kvmi_peer import (HDR, HostPeer, arch_bytes, breakpoint_payload,
                                cr_payload, event_message, msr_payload)
 from tracer.kvmi import (CrEvent, Listener, Session, abi, errors)
+from tracer.kvmi import transport
 from tracer.kvmi.transport import Registers, parse_address
 
 VM = uuid.UUID("0f0e0d0c-0b0a-0908-0706-050403020100")
@@ -507,3 +508,135 @@ def test_random_garbage_never_hangs_a_session(garbage: bytes) -> None:
     assert s.closed
     s.close()
     peer.close()
+
+
+# -- the event loop's thread reads the socket itself --------------------------------------------
+# Session hands reading to the thread waiting in next_event; these tests make sure that thread
+# really owns reading (a precondition read from Session._read_owner) before the host acts.
+
+def _consumer_reading(s: Session, thread: threading.Thread) -> bool:
+    return s._read_owner is thread
+
+
+@pytest.fixture
+def slow_handoff(monkeypatch):
+    """The reader thread takes reading back only after 30 s away from next_event (not 20 ms),
+    so a loaded machine cannot make it take over before the test's consumer reads."""
+    monkeypatch.setattr(transport, "_IDLE_HANDOFF", 30.0)
+
+
+def test_consumer_reads_a_commands_reply_and_queues_the_event(listener, slow_handoff) -> None:
+    peer, s = connect(listener)
+    peer.send_event(1, 0, abi.KVMI_EVENT_PAUSE_VCPU)
+    assert s.next_event(timeout=5).seq == 1
+    got: list = []
+    consumer = threading.Thread(target=lambda: got.append(s.next_event(timeout=10)), daemon=True)
+    consumer.start()
+    assert _wait_for(lambda: _consumer_reading(s, consumer))
+
+    def host(p: HostPeer, msg_id: int, seq: int, payload: bytes) -> bool:
+        if msg_id == abi.KVMI_GET_GUEST_INFO:  # an event, then the reply, in one write
+            p.send_raw(event_message(2, 1, 4, breakpoint_payload(0x3000, 1))
+                       + HDR.pack(msg_id, 24, seq) + struct.pack("<iI", 0, 0)
+                       + struct.pack("<I12x", 3))
+        return True
+
+    peer.serve(host)
+    assert s.get_guest_info().vcpu_count == 3  # its reply was read by the consumer thread
+    consumer.join(10)
+    assert [e.seq for e in got] == [2] and got[0].gpa == 0x3000
+    assert {e.seq for e in s.unanswered()} == {1, 2}
+    s.close()
+
+
+def test_reader_thread_reads_when_the_event_loop_is_away(listener) -> None:
+    peer, s = connect(listener)
+    peer.send_event(1, 0, abi.KVMI_EVENT_PAUSE_VCPU)
+    first = s.next_event(timeout=5)
+    s.reply(first)
+    for k in range(2, 6):  # nobody in next_event now: the reader thread queues them
+        peer.send_event(k, 0, abi.KVMI_EVENT_PAUSE_VCPU)
+    assert _wait_for(lambda: s.pending_events() == 4)
+    peer.close()
+    assert _wait_for(lambda: s.closed)  # end of stream seen without next_event
+    assert [s.next_event(timeout=1).seq for _ in range(4)] == [2, 3, 4, 5]
+    with pytest.raises(errors.ConnectionClosed):
+        s.next_event(timeout=1)
+    s.close()
+
+
+def test_close_wakes_a_consumer_reading(slow_handoff) -> None:
+    ours, theirs = socket.socketpair()
+    peer = HostPeer(theirs)
+    peer.send_handshake(VM, "closing")
+    s = Session.from_socket(ours, command_timeout=5)
+    peer.read_handshake_answer()
+    peer.send_event(1, 0, abi.KVMI_EVENT_PAUSE_VCPU)
+    assert s.next_event(timeout=5).seq == 1
+    outcome: list = []
+
+    def consume() -> None:
+        try:
+            s.next_event()  # no timeout: only close() ends it
+        except errors.ConnectionClosed as exc:
+            outcome.append(exc)
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    assert _wait_for(lambda: _consumer_reading(s, consumer))
+    s.close()
+    consumer.join(10)
+    assert not consumer.is_alive() and len(outcome) == 1
+    assert peer.at_eof()
+
+
+def test_bad_input_read_by_the_consumer_closes_cleanly(listener, slow_handoff) -> None:
+    peer, s = connect(listener)
+    peer.send_event(1, 0, abi.KVMI_EVENT_PAUSE_VCPU)
+    assert s.next_event(timeout=5).seq == 1
+    errors_seen: list = []
+
+    def consume() -> None:
+        try:
+            while True:
+                errors_seen.append(s.next_event(timeout=10))
+        except errors.ConnectionClosed as exc:
+            errors_seen.append(exc)
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    assert _wait_for(lambda: _consumer_reading(s, consumer))
+    # a valid event, then a header announcing an event bigger than any message
+    peer.send_raw(event_message(2, 0, abi.KVMI_EVENT_PAUSE_VCPU) + HDR.pack(1, 0xFFFF, 3))
+    consumer.join(10)
+    assert [e.seq for e in errors_seen[:-1]] == [2]
+    assert isinstance(errors_seen[-1], errors.ConnectionClosed)
+    assert isinstance(errors_seen[-1].cause, errors.ProtocolError)
+    assert peer.at_eof() and s.closed
+    s.close()
+
+
+def test_consumer_reading_a_burst_respects_the_queue_bound(slow_handoff) -> None:
+    ours, theirs = socket.socketpair()
+    peer = HostPeer(theirs)
+    peer.send_handshake(VM, "burst")
+    s = Session.from_socket(ours, max_queued_events=4, command_timeout=5)
+    peer.read_handshake_answer()
+    peer.send_event(1, 0, abi.KVMI_EVENT_PAUSE_VCPU)
+    assert s.next_event(timeout=5).seq == 1
+    got: list = []
+
+    def consume() -> None:
+        got.append(s.next_event(timeout=10))
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    assert _wait_for(lambda: _consumer_reading(s, consumer))
+    # 20 blocking events in one write: more than twice the queue bound
+    peer.send_raw(b"".join(event_message(k, 0, abi.KVMI_EVENT_PAUSE_VCPU)
+                           for k in range(2, 22)))
+    consumer.join(10)
+    assert got[0].seq == 2
+    seqs = [s.next_event(timeout=5).seq for _ in range(19)]
+    assert seqs == list(range(3, 22)) and not s.closed
+    s.close()

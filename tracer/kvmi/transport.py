@@ -2,10 +2,15 @@
 
 A KVMI host (QEMU, vmitrace's QEMU plugin, or a :class:`~tracer.kvmi.recording.ReplayHost`)
 connects to the introspector's listening socket; one connection is one VM. Each
-:class:`Session` runs one reader thread that demultiplexes the connection: replies wake the
-thread waiting for them, events go to a queue read by :meth:`Session.next_event`. So one thread
-can run the event loop while others issue commands, and events that arrive while a command
-waits are queued, never lost.
+:class:`Session` demultiplexes the connection: replies wake the thread waiting for them, events
+go to a queue read by :meth:`Session.next_event`. So one thread can run the event loop while
+others issue commands, and events that arrive while a command waits are queued, never lost.
+
+One thread at a time owns reading the socket. A thread waiting in ``next_event`` on an empty
+queue reads and decodes itself, so a blocking event costs no thread hand-off; the session's
+reader thread reads while nobody waits for events (or a command waits for its reply and no
+``next_event`` is reading), and takes over when the event loop has been away for
+``_IDLE_HANDOFF`` seconds (so the queue, back-pressure and EOF detection work without it).
 
 Example::
 
@@ -54,6 +59,9 @@ Registers = namedtuple("Registers", "mode regs sregs msrs")
 _PAGE = 4096
 _RECV_SIZE = 65536
 _MAX_READ = 64 << 20  # largest read_physical/write_physical one call accepts
+_MIN_EVENT_MESSAGE = abi.KVMI_MSG_HDR.size + abi.KVMI_EVENT_.size
+#: seconds without a thread in next_event after which the reader thread reads again
+_IDLE_HANDOFF = 0.02
 DEFAULT_COMMAND_TIMEOUT = 10.0
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 
@@ -121,6 +129,16 @@ class Session:
         self._hard_limit = 2 * max_queued_events
         self._outstanding: dict[int, Event] = {}
         self._closed = False
+        # Reading ownership (under _cv): the thread reading the socket, the number of
+        # threads in next_event, and when the last one left.
+        self._read_owner: threading.Thread | None = None
+        self._consumers = 0
+        self._consumer_left = time.monotonic()  # the reader thread starts after a pause
+        # A consumer reads at most this much at once, so it never queues more than
+        # max_queued_events (it reads only when the queue is empty).
+        self._consumer_recv_size = min(_RECV_SIZE, max_queued_events * _MIN_EVENT_MESSAGE)
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
         for direction, ts, raw in handshake_log:
             self._record(direction, raw, ts)
         for msg in initial_messages:  # events the host sent right behind its handshake
@@ -220,49 +238,109 @@ class Session:
         with self._rec_lock:
             self._recorder(direction, time.monotonic_ns() if ts is None else ts, raw)
 
-    # -- reader thread --------------------------------------------------------------------
+    # -- reading ------------------------------------------------------------------------
     def _read_loop(self) -> None:
         error: BaseException | None = None
+        me = threading.current_thread()
         try:
-            while True:
+            while self._take_reading(me):
                 try:
-                    data = self._sock.recv(_RECV_SIZE)
-                except OSError as exc:
-                    if self._closed:
-                        break
-                    raise ConnectionClosed("receive failed", exc) from None
-                if not data:
-                    with self._cv:
+                    try:
+                        data = self._sock.recv(_RECV_SIZE)
+                    except OSError as exc:
                         if self._closed:
                             break
-                        self._proto.receive_eof()
-                    error = ConnectionClosed("host closed the connection")
-                    break
-                bad: ProtocolError | None = None
-                with self._cv:
-                    try:
-                        msgs = self._proto.receive_data(data)
-                    except ProtocolError as exc:
-                        msgs, bad = exc.messages, exc
-                for msg in msgs:  # valid messages before a bad one are still delivered
-                    self._record("in", msg.raw)
-                    if isinstance(msg, Event):
-                        self._dispatch_event(msg)
-                    else:
-                        self._dispatch_reply(msg)
-                if bad is not None:
-                    raise bad
+                        raise ConnectionClosed("receive failed", exc) from None
+                    self._receive(data, may_wait=True)
+                finally:
+                    self._release_reading(consumer=False)
         except (ProtocolError, ConnectionClosed) as exc:
             error = exc
         except Exception as exc:  # a bug or a recorder failure: close, don't hang callers
             log.exception("kvmi reader failed")
             error = exc
         self._shutdown(error)
+        with self._cv:  # a consumer may still be reading: close the socket after it
+            while self._read_owner is not None:
+                self._cv.wait(_IDLE_HANDOFF)
         _close_socket(self._sock)
         close_recorder = getattr(self._recorder, "close", None)
         if close_recorder is not None:  # e.g. a RecordingWriter: flush it with the session
             with self._rec_lock:
                 close_recorder()
+
+    def _take_reading(self, me: threading.Thread) -> bool:
+        """Reader thread: wait until it should read, and own reading; False once closed."""
+        with self._cv:
+            while not self._closed:
+                if self._read_owner is None and (self._waiters or (
+                        self._consumers == 0
+                        and time.monotonic() - self._consumer_left >= _IDLE_HANDOFF)):
+                    self._read_owner = me
+                    return True
+                self._cv.wait(_IDLE_HANDOFF)  # consumers leaving next_event don't notify
+            return False
+
+    def _release_reading(self, consumer: bool) -> None:
+        with self._cv:
+            self._read_owner = None
+            # Wake who may read next: another next_event, or the reader thread for a
+            # waiting command (not on every event: that would wake the reader each time).
+            if self._consumers > consumer or self._waiters or self._closed:
+                self._cv.notify_all()
+
+    def _receive(self, data: bytes, may_wait: bool) -> None:
+        """Decode and dispatch what the owner of reading received (b"": end of stream).
+
+        Raises ProtocolError/ConnectionClosed for the session to close with. ``may_wait``:
+        the reader thread may wait for queue space (back-pressure); a consumer never does.
+        """
+        if not data:
+            with self._cv:
+                if self._closed:
+                    return
+                self._proto.receive_eof()
+            raise ConnectionClosed("host closed the connection")
+        bad: ProtocolError | None = None
+        with self._cv:
+            try:
+                msgs = self._proto.receive_data(data)
+            except ProtocolError as exc:
+                msgs, bad = exc.messages, exc
+        for msg in msgs:  # valid messages before a bad one are still delivered
+            self._record("in", msg.raw)
+            if isinstance(msg, Event):
+                self._dispatch_event(msg, may_wait)
+            else:
+                self._dispatch_reply(msg)
+        if bad is not None:
+            raise bad
+
+    def _read_as_consumer(self, deadline: float | None) -> None:
+        """next_event's thread owns reading: wait for data until ``deadline``, receive it."""
+        try:
+            try:
+                data = self._sock.recv(self._consumer_recv_size, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if deadline is None:
+                    wait_ms = -1
+                else:
+                    wait_ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
+                if not self._poll.poll(wait_ms):
+                    return
+                try:
+                    data = self._sock.recv(self._consumer_recv_size, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    return
+            self._receive(data, may_wait=False)
+        except OSError as exc:
+            if not self._closed:
+                self._shutdown(ConnectionClosed("receive failed", exc))
+        except (ProtocolError, ConnectionClosed) as exc:
+            self._shutdown(exc)
+        except Exception as exc:  # a bug or a recorder failure: close, don't hang callers
+            log.exception("kvmi reader failed")
+            self._shutdown(exc)
 
     def _dispatch_reply(self, reply: CommandReply) -> None:
         with self._cv:
@@ -274,14 +352,15 @@ class Session:
             waiter.reply = reply
             waiter.done.set()
 
-    def _dispatch_event(self, event: Event) -> None:
+    def _dispatch_event(self, event: Event, may_wait: bool = True) -> None:
         with self._cv:
             if not self.blocking:
                 event.blocking = False
             q = self._queue
             # Back-pressure: stop reading while the queue is full and nobody waits for a
             # reply (a waiting command must still get its reply, so then we read on).
-            while len(q) >= self._soft_limit and not self._waiters and not self._closed:
+            while (may_wait and len(q) >= self._soft_limit and not self._waiters
+                   and not self._closed):
                 self._cv.wait()
             if len(q) >= self._hard_limit:
                 if not event.blocking:
@@ -294,7 +373,8 @@ class Session:
                 self._outstanding[event.seq] = event
             self.events_received += 1
             q.append(event)
-            self._cv.notify_all()
+            if may_wait or self._consumers > 1:  # a consumer reading needs no wake-up
+                self._cv.notify_all()
 
     # -- events ---------------------------------------------------------------------------
     def next_event(self, timeout: float | None = None) -> Event | None:
@@ -303,20 +383,43 @@ class Session:
         Raises :class:`ConnectionClosed` once the connection is closed and the queue is empty.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cv:
-            while not self._queue:
-                if self._closed:
-                    raise ConnectionClosed("session closed", self.error)
-                if deadline is None:
-                    self._cv.wait()
-                else:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return None
-                    self._cv.wait(left)
-            event = self._queue.popleft()
-            self._cv.notify_all()
-            return event
+        me = threading.current_thread()
+        cv = self._cv
+        with cv:
+            self._consumers += 1
+        try:
+            while True:
+                with cv:
+                    while True:
+                        if self._queue:
+                            event = self._queue.popleft()
+                            if len(self._queue) + 1 >= self._soft_limit:
+                                cv.notify_all()  # a reader held back by a full queue
+                            return event
+                        if self._closed:
+                            raise ConnectionClosed("session closed", self.error)
+                        if self._read_owner is None:
+                            self._read_owner = me
+                            break
+                        if deadline is None:
+                            cv.wait()
+                        else:
+                            left = deadline - time.monotonic()
+                            if left <= 0:
+                                return None
+                            cv.wait(left)
+                try:
+                    self._read_as_consumer(deadline)
+                finally:
+                    self._release_reading(consumer=True)
+                if deadline is not None and time.monotonic() >= deadline:
+                    with cv:
+                        if not self._queue:
+                            return None
+        finally:
+            with cv:
+                self._consumers -= 1
+                self._consumer_left = time.monotonic()
 
     def reply(self, event: Event, action: int = abi.KVMI_EVENT_ACTION_CONTINUE,
               **reply: Any) -> None:
