@@ -14,6 +14,7 @@ and per syscall (all its threads: session reader, event loop, sink), and the loa
 (the machine is shared; compare ratios, not absolute times).
 
 Usage: .venv/bin/python bench/trace_pipeline.py [--kernel 6.1] [--vcpus 1] [--rounds 5]
+       [--spin-us 0]   (the collector's busy-poll for events, as `vmitrace trace --spin-us`)
 Goal (issue 5): traced <= 1.5x untraced with blocking delivery.
 """
 from __future__ import annotations
@@ -83,6 +84,8 @@ def main() -> None:
     parser.add_argument("--kernel", default="6.1", choices=["6.1", "6.12"])
     parser.add_argument("--vcpus", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--spin-us", type=int, default=0,
+                        help="collector busy-poll before sleeping for an event")
     parser.add_argument("--switch-interval", type=float, default=None,
                         help="sys.setswitchinterval for this process (GIL hand-off latency)")
     args = parser.parse_args()
@@ -108,7 +111,7 @@ def main() -> None:
             qemu_untraced = process_cpu_seconds(guest.pid) - qemu0
 
             sink = NullSink()
-            collector = Collector(lambda s: profile, [sink], TraceOptions(observer_host=None))
+            collector = Collector(lambda s: profile, [sink], TraceOptions(observer_host=None, spin_us=args.spin_us))
             collector.trace_in_thread(session, RamFile(guest.ram_path))
             deadline = time.monotonic() + 60
             while not (collector.tracers and collector.tracers[0].active and
@@ -131,6 +134,7 @@ def main() -> None:
             guest.stop()
     result = {
         "kernel": args.kernel, "vcpus": args.vcpus, "rounds": args.rounds,
+        "spin_us": args.spin_us,
         "untraced_s": round(untraced, 3), "traced_s": round(traced, 3),
         "ratio": round(traced / untraced, 3),
         "qemu_cpu_untraced_s": round(qemu_untraced, 3), "qemu_cpu_traced_s": round(qemu_traced, 3),

@@ -58,6 +58,11 @@ VMITRACE_EXPORT int qemu_plugin_version = VMITRACE_QEMU_PLUGIN_API_VERSION;
 /* Non-blocking events are batched: one write wakes the introspector for many. */
 #define BATCH_FLUSH_BYTES (64 * 1024)
 #define BATCH_FLUSH_MS 5
+/* While vCPUs wait for event replies they read the socket themselves (see
+ * read_as_vcpu); the reader thread stays parked until none has for this long. */
+#define DIRECT_PARK_US 2000
+#define DIRECT_SLICE_MS 1
+#define MAX_SPIN_US 1000
 
 /* MSRs that QEMU exposes as registers, and architectural bits used below. */
 #define MSR_EFER 0xc0000080u
@@ -113,11 +118,13 @@ static struct {
     bool reconnect;
     bool hold;
     unsigned reply_timeout_ms;
+    unsigned spin_us;
     unsigned connect_timeout_ms;
     unsigned hold_timeout_ms;
     const char *cookie;
 } cfg = {
     .reply_timeout_ms = 10000,
+    .spin_us = 100,
     .connect_timeout_ms = 30000,
     .hold_timeout_ms = 60000,
 };
@@ -185,6 +192,7 @@ struct vcpu {
     bool present;
     bool started;
     GByteArray *regbuf;
+    uint8_t *rx; /* message buffer for reading the socket while in an event */
     /* Actual minus translated address of the running block (see on_site_block). */
     uint64_t rip_delta;
     /* While in an event: its rip (the rip register is stale inside a block). */
@@ -252,6 +260,19 @@ static struct {
     gint64 batch_since;     /* monotonic time of the oldest one */
 } conn = { .fd = -1, .blocking = true };
 
+/*
+ * Reading the socket. Normally the reader thread reads it. A vCPU that waits
+ * for an event reply reads it itself instead, so the reply wakes the vCPU
+ * directly: going through the reader thread costs a second wake-up per event,
+ * tens of microseconds on a busy host. While events flow the reader thread
+ * stays parked; a command that arrives meanwhile is served by the next waiting
+ * vCPU, or by the reader within DIRECT_PARK_US of the last wait.
+ */
+static GMutex read_lock;    /* held while one whole message is read and dispatched */
+static int direct_readers;  /* vCPUs waiting for an event reply */
+static gint64 last_direct;  /* when the last one stopped waiting (monotonic us) */
+static bool read_broken;    /* a vCPU found the connection broken: reader, clean up */
+
 static uint32_t event_seq;
 
 /* Instrumentation breakpoints, VM-wide by guest virtual address. */
@@ -281,10 +302,22 @@ static bool write_all(int fd, const void *buf, size_t len)
     return true;
 }
 
-static bool read_all(int fd, void *buf, size_t len)
+/* Read len bytes; with a deadline (monotonic us, 0: none) give up when it passes. */
+static bool read_all(int fd, void *buf, size_t len, gint64 deadline)
 {
     uint8_t *p = buf;
     while (len) {
+        if (deadline) {
+            struct pollfd pfd = { .fd = fd, .events = POLLIN };
+            gint64 left = deadline - g_get_monotonic_time();
+            int ready = left > 0 ? poll(&pfd, 1, (int)((left + 999) / 1000)) : 0;
+            if (ready < 0 && errno == EINTR) {
+                continue;
+            }
+            if (ready <= 0) {
+                return false;
+            }
+        }
         ssize_t n = recv(fd, p, len, 0);
         if (n < 0 && errno == EINTR) {
             continue;
@@ -702,6 +735,9 @@ static void serve_queued_commands(struct vcpu *v)
 
 /* ------------------------------------------------------------------ events */
 
+enum read_result { READ_NOTHING, READ_DONE, READ_BUSY, READ_BROKEN };
+static enum read_result read_as_vcpu(struct vcpu *v, unsigned generation, int wait_ms);
+
 static void crash_vm(unsigned vcpu)
 {
     logmsg("introspector replied CRASH on vCPU %u: stopping the VM", vcpu);
@@ -753,6 +789,7 @@ static uint8_t send_event(struct vcpu *v, uint8_t event_id, uint64_t rip, bool h
     gint64 deadline = deadline_after(timeout_ms);
     v->in_event = true;
     v->event_rip = rip;
+    __atomic_add_fetch(&direct_readers, 1, __ATOMIC_ACQ_REL);
     g_mutex_lock(&v->lock);
     while (!v->replied) {
         if (!g_queue_is_empty(&v->commands)) {
@@ -765,14 +802,28 @@ static uint8_t send_event(struct vcpu *v, uint8_t event_id, uint64_t rip, bool h
         if (__atomic_load_n(&conn.generation, __ATOMIC_ACQUIRE) != generation) {
             break;
         }
-        if (!g_cond_wait_until(&v->cond, &v->lock, deadline)) {
+        gint64 now = g_get_monotonic_time();
+        if (now >= deadline) {
             break;
+        }
+        /* Read the socket ourselves; if another vCPU does, it wakes us. */
+        g_mutex_unlock(&v->lock);
+        enum read_result got = read_as_vcpu(v, generation, DIRECT_SLICE_MS);
+        g_mutex_lock(&v->lock);
+        if (got == READ_BROKEN) {
+            break;
+        }
+        if (got == READ_BUSY && !v->replied && g_queue_is_empty(&v->commands)) {
+            g_cond_wait_until(&v->cond, &v->lock,
+                              MIN(deadline, now + DIRECT_SLICE_MS * 1000));
         }
     }
     bool replied = v->replied;
     action = v->reply_action;
     v->waiting = false;
     g_mutex_unlock(&v->lock);
+    __atomic_store_n(&last_direct, g_get_monotonic_time(), __ATOMIC_RELEASE);
+    __atomic_sub_fetch(&direct_readers, 1, __ATOMIC_ACQ_REL);
     v->in_event = false;
 
     if (!replied) {
@@ -1110,6 +1161,7 @@ static void on_vcpu_init(qemu_plugin_id_t id, unsigned int vcpu_index)
     g_once(&reg_handles_once, lookup_register_handles, NULL);
     struct vcpu *v = &vcpus[vcpu_index];
     v->regbuf = g_byte_array_sized_new(64);
+    v->rx = g_malloc(KVMI_MSG_SIZE);
     __atomic_store_n(&v->present, true, __ATOMIC_RELEASE);
     set_attention(vcpu_index); /* first block: CREATE_VCPU / hold */
 }
@@ -1621,7 +1673,8 @@ static bool handshake(int fd)
 
     memcpy(q2i.uuid, cfg.uuid, sizeof(q2i.uuid));
     memcpy(q2i.name, cfg.name, sizeof(q2i.name));
-    if (!write_all(fd, &q2i, sizeof(q2i)) || !read_all(fd, &struct_size, sizeof(struct_size))) {
+    if (!write_all(fd, &q2i, sizeof(q2i)) ||
+        !read_all(fd, &struct_size, sizeof(struct_size), 0)) {
         logmsg("handshake failed: %s", strerror(errno));
         return false;
     }
@@ -1631,7 +1684,7 @@ static bool handshake(int fd)
     }
     size_t rest = struct_size - sizeof(struct_size);
     uint8_t *tail = g_malloc(rest + 1);
-    bool ok = read_all(fd, tail, rest);
+    bool ok = read_all(fd, tail, rest, 0);
     memcpy(hash, tail, MIN(rest, sizeof(hash)));
     g_free(tail);
     if (!ok) {
@@ -1682,24 +1735,130 @@ static void reset_session_state(void)
 
 static void set_connection(int fd)
 {
+    g_mutex_lock(&read_lock); /* not while a vCPU reads the old socket */
     g_mutex_lock(&conn.write_lock);
     int old = conn.fd;
     g_byte_array_set_size(conn.batch, 0); /* the old connection's */
     __atomic_store_n(&conn.fd, fd, __ATOMIC_RELEASE);
     __atomic_add_fetch(&conn.generation, 1, __ATOMIC_RELEASE);
+    __atomic_store_n(&read_broken, false, __ATOMIC_RELEASE);
     g_cond_broadcast(&conn.changed);
     g_mutex_unlock(&conn.write_lock);
     if (old >= 0) {
         close(old);
     }
+    g_mutex_unlock(&read_lock);
+}
+
+/*
+ * With read_lock held: wait up to wait_ms for a message, then read it whole
+ * and dispatch it. A message that starts must be complete within the reply
+ * timeout, or the peer is considered broken.
+ */
+static enum read_result read_one_message(int fd, unsigned generation, int wait_ms,
+                                         uint8_t *payload)
+{
+    struct pollfd pfd = { .fd = fd, .events = POLLIN };
+    struct kvmi_msg_hdr hdr;
+    int ready = poll(&pfd, 1, wait_ms);
+
+    if (ready == 0 || (ready < 0 && errno == EINTR)) {
+        return READ_NOTHING;
+    }
+    gint64 deadline = deadline_after(cfg.reply_timeout_ms);
+    if (ready < 0 || !read_all(fd, &hdr, sizeof(hdr), deadline)) {
+        return READ_BROKEN; /* also the introspector's orderly close */
+    }
+    if (hdr.size > KVMI_MSG_SIZE) {
+        logmsg("message id %u claims %u bytes (max %d): dropping the connection", hdr.id,
+               hdr.size, KVMI_MSG_SIZE);
+        return READ_BROKEN;
+    }
+    if (!read_all(fd, payload, hdr.size, deadline)) {
+        logmsg("short message (id %u): dropping the connection", hdr.id);
+        return READ_BROKEN;
+    }
+    if (hdr.id == KVMI_EVENT_REPLY) {
+        handle_event_reply(&hdr, payload);
+    } else {
+        handle_command(generation, &hdr, payload);
+    }
+    flush_batch(BATCH_FLUSH_MS * 1000); /* a busy introspector must not delay them */
+    return READ_DONE;
+}
+
+/* Socket is readable within spin_us: poll without sleeping meanwhile. */
+static bool spin_for_input(int fd)
+{
+    gint64 until = g_get_monotonic_time() + cfg.spin_us;
+    struct pollfd pfd = { .fd = fd, .events = POLLIN };
+    do {
+        if (poll(&pfd, 1, 0) != 0) {
+            return true;
+        }
+    } while (g_get_monotonic_time() < until);
+    return false;
+}
+
+/* A vCPU waiting for its reply reads and dispatches one message, unless another
+ * thread is reading (READ_BUSY). Other waiting vCPUs are woken afterwards, so
+ * that one of them takes over reading. */
+static enum read_result read_as_vcpu(struct vcpu *v, unsigned generation, int wait_ms)
+{
+    if (!g_mutex_trylock(&read_lock)) {
+        return READ_BUSY;
+    }
+    enum read_result got = READ_BROKEN;
+    g_mutex_lock(&conn.write_lock);
+    int fd = conn.generation == generation ? conn.fd : -1;
+    g_mutex_unlock(&conn.write_lock);
+    if (fd >= 0) {
+        if (cfg.spin_us) {
+            spin_for_input(fd);
+        }
+        got = read_one_message(fd, generation, wait_ms, v->rx);
+        if (got == READ_BROKEN) {
+            shutdown(fd, SHUT_RDWR); /* the reader thread cleans up */
+            __atomic_store_n(&read_broken, true, __ATOMIC_RELEASE);
+        }
+    }
+    g_mutex_unlock(&read_lock);
+    if (__atomic_load_n(&direct_readers, __ATOMIC_ACQUIRE) > 1) {
+        for (unsigned i = 0; i < MAX_VCPUS; i++) {
+            struct vcpu *o = &vcpus[i];
+            if (o != v && __atomic_load_n(&o->present, __ATOMIC_ACQUIRE)) {
+                g_mutex_lock(&o->lock);
+                if (o->waiting) {
+                    g_cond_signal(&o->cond);
+                }
+                g_mutex_unlock(&o->lock);
+            }
+        }
+    }
+    return got;
+}
+
+/* The reader thread leaves the socket to vCPUs while they wait for replies. */
+static bool reader_parked(void)
+{
+    if (__atomic_load_n(&read_broken, __ATOMIC_ACQUIRE)) {
+        return false;
+    }
+    return __atomic_load_n(&direct_readers, __ATOMIC_ACQUIRE) > 0 ||
+           g_get_monotonic_time() - __atomic_load_n(&last_direct, __ATOMIC_ACQUIRE) <
+               DIRECT_PARK_US;
 }
 
 static void serve_connection(int fd, unsigned generation)
 {
     uint8_t *payload = g_malloc(KVMI_MSG_SIZE);
-    struct kvmi_msg_hdr hdr;
 
     for (;;) {
+        if (reader_parked()) {
+            g_usleep(DIRECT_PARK_US / 2);
+            flush_batch(BATCH_FLUSH_MS * 1000);
+            continue;
+        }
         struct pollfd pfd = { .fd = fd, .events = POLLIN };
         int ready = poll(&pfd, 1, BATCH_FLUSH_MS);
         if (ready == 0) {
@@ -1709,24 +1868,14 @@ static void serve_connection(int fd, unsigned generation)
         if (ready < 0 && errno == EINTR) {
             continue;
         }
-        if (ready < 0 || !read_all(fd, &hdr, sizeof(hdr))) {
+        /* Readable, but a waiting vCPU may take the message first: look again. */
+        g_mutex_lock(&read_lock);
+        enum read_result got = ready < 0 ? READ_BROKEN : read_one_message(fd, generation, 0,
+                                                                          payload);
+        g_mutex_unlock(&read_lock);
+        if (got == READ_BROKEN) {
             break;
         }
-        if (hdr.size > KVMI_MSG_SIZE) {
-            logmsg("message id %u claims %u bytes (max %d): dropping the connection", hdr.id,
-                   hdr.size, KVMI_MSG_SIZE);
-            break;
-        }
-        if (!read_all(fd, payload, hdr.size)) {
-            logmsg("short message (id %u): dropping the connection", hdr.id);
-            break;
-        }
-        if (hdr.id == KVMI_EVENT_REPLY) {
-            handle_event_reply(&hdr, payload);
-        } else {
-            handle_command(generation, &hdr, payload);
-        }
-        flush_batch(BATCH_FLUSH_MS * 1000); /* a busy introspector must not delay them */
     }
     g_free(payload);
 }
@@ -1863,6 +2012,8 @@ static bool parse_args(int argc, char **argv)
             ok = qemu_plugin_bool_parse(key, val, &verbose);
         } else if (!strcmp(key, "reply_timeout_ms")) {
             ok = parse_uint(val, &cfg.reply_timeout_ms) && cfg.reply_timeout_ms > 0;
+        } else if (!strcmp(key, "spin_us")) {
+            ok = parse_uint(val, &cfg.spin_us) && cfg.spin_us <= MAX_SPIN_US;
         } else if (!strcmp(key, "connect_timeout_ms")) {
             ok = parse_uint(val, &cfg.connect_timeout_ms);
         } else if (!strcmp(key, "hold_timeout_ms")) {

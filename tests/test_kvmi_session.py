@@ -640,3 +640,26 @@ def test_consumer_reading_a_burst_respects_the_queue_bound(slow_handoff) -> None
     seqs = [s.next_event(timeout=5).seq for _ in range(19)]
     assert seqs == list(range(3, 22)) and not s.closed
     s.close()
+
+
+def test_spinning_consumer_gets_events_and_times_out(listener, slow_handoff) -> None:
+    """spin_us: next_event busy-polls before sleeping; events that come while it spins and
+    after it gave up and slept are both delivered, and the timeout still ends the wait."""
+    peer, s = connect(listener)
+    s.spin_us = 200_000  # 0.2 s: long enough that the first event lands inside the spin
+    assert s.next_event(timeout=0.05) is None  # the deadline bounds the spin
+    got: list = []
+    consumer = threading.Thread(target=lambda: got.extend(
+        s.next_event(timeout=10) for _ in range(2)), daemon=True)
+    consumer.start()
+    assert _wait_for(lambda: _consumer_reading(s, consumer))
+    peer.send_event(1, 0, abi.KVMI_EVENT_PAUSE_VCPU)  # usually within the spin
+    assert _wait_for(lambda: len(got) == 1)
+    time.sleep(0.5)  # the second wait has spun out and sleeps in poll()
+    peer.send_event(2, 0, abi.KVMI_EVENT_PAUSE_VCPU)
+    consumer.join(10)
+    assert [e.seq for e in got] == [1, 2]
+    for event in got:
+        s.reply(event)
+    assert [peer.recv_message()[1] for _ in range(2)] == [1, 2]
+    s.close()

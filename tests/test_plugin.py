@@ -698,3 +698,45 @@ def _ignore_errors(fn: Callable[..., Any], *args: Any) -> None:
         fn(*args)
     except Exception:  # the VM is stopped under it: that is the point
         pass
+
+
+# -- a vCPU reading the socket itself: a stalled half message (a guest of its own) -------------
+
+def test_message_cut_off_while_vcpu_waits_drops_connection_and_guest_runs_on(tmp_path):
+    """While a vCPU waits for its event reply it reads the socket itself. A message that
+    starts and never completes must not hold it: after reply_timeout_ms the plugin drops the
+    connection and the guest runs on. (spin_us=0: the sleeping wait path; the module's
+    guests use the default busy-poll.)"""
+    path = f"{tmp_path}/kvmi.sock"
+    guest = guestlab.Guest("6.1", vcpus=1, plugin_options={
+        "socket": path, "reply_timeout_ms": 1000, "spin_us": 0, "cookie": SECRET})
+    try:
+        guest.start()
+        conn = _raw_host(path)
+        guest.wait_ready(guest.boot_timeout)
+        status, out = guest.run("grep ' do_sys_openat2$' /proc/kallsyms")
+        assert status == 0
+        target = int(out.split()[0], 16)
+        conn.sendall(struct.pack("<HHI", abi.KVMI_CONTROL_EVENTS, 16, 1)
+                     + struct.pack("<HHI", 0, 0, 0)
+                     + struct.pack("<HBBI", abi.KVMI_EVENT_BREAKPOINT, 1, 0, 0))
+        conn.sendall(struct.pack("<HHI", abi.VMITRACE_SET_BREAKPOINT, 8, 2)
+                     + struct.pack("<Q", target))
+        replies = [_read_message(conn)[:2] for _ in range(2)]
+        assert replies == [(abi.KVMI_CONTROL_EVENTS, 1), (abi.VMITRACE_SET_BREAKPOINT, 2)]
+
+        result: dict[str, Any] = {}
+        run = threading.Thread(target=lambda: result.update(
+            zip(("status", "out"), guest.run("cat /proc/version", 120))), daemon=True)
+        run.start()
+        msg_id, _seq, body = _read_message(conn)
+        assert msg_id == abi.KVMI_EVENT and body[4] == abi.KVMI_EVENT_BREAKPOINT
+        # Half a GET_VERSION reply's worth of command: the header promises 8 bytes, 3 come.
+        conn.sendall(struct.pack("<HHI", abi.KVMI_GET_VERSION, 8, 3) + b"\0\0\0")
+        assert _recv_until_closed(conn) == b""  # dropped (after the reply timeout)
+        run.join(120)
+        assert result.get("status") == 0 and result["out"].startswith("Linux version")
+        assert "dropping the connection" in guest.qemu_log.read_text()
+        conn.close()
+    finally:
+        guest.stop()

@@ -72,6 +72,7 @@ class TraceOptions:
     integrity: bool = True
     hypercalls: bool = True
     hv_events: bool = False       # also emit raw CR/MSR events as records
+    spin_us: int = 0              # Session busy-poll before sleeping for an event (0: off)
     observer_host: str | None = field(default_factory=socket.gethostname)
 
 
@@ -196,6 +197,8 @@ class VmTracer:
         self.profile = profile
         self.pump = pump
         self.options = options
+        if options.spin_us:
+            session.spin_us = options.spin_us
         vm_id = str(getattr(session, "uuid", "vm"))
         factory = RecordFactory(vm_id=vm_id, vm_name=getattr(session, "name", None) or None,
                                 observer_host=options.observer_host,

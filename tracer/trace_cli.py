@@ -117,13 +117,13 @@ def _open_sinks(specs: tuple[str, ...]) -> list[Any]:
 
 
 def _options(pids: tuple[int, ...], comms: tuple[str, ...], syscalls: tuple[str, ...],
-             hv_events: bool) -> Any:
+             hv_events: bool, spin_us: int = 0) -> Any:
     """The collector's TraceOptions for these filters."""
     from tracer.collector import TraceOptions
     from tracer.monitors.base import Filters
 
     return TraceOptions(filters=Filters(frozenset(pids), frozenset(comms), frozenset(syscalls)),
-                        hv_events=hv_events)
+                        hv_events=hv_events, spin_us=spin_us)
 
 
 def _summary(result: dict[str, Any]) -> None:
@@ -189,10 +189,14 @@ def _recorder_factory(path: str | None) -> Any:
 @click.option("--record", "record", type=click.Path(dir_okay=False),
               help="Record the KVMI session(s) to this file for `vmitrace replay`.")
 @click.option("--hv-events", is_flag=True, help="Also emit raw CR/MSR write events as records.")
+@click.option("--spin-us", type=click.IntRange(0, 10_000), default=0, show_default=True,
+              help="Busy-poll this many microseconds for the next event before sleeping: lower "
+                   "guest slow-down under dense events, for a CPU core while they last.")
 def trace(lab: bool, kernel: str, vcpus: int, workload: str, listen: str | None,
           secret_file: str | None, profile_arg: str, duration: float | None,
           pids: tuple[int, ...], comms: tuple[str, ...], syscalls: tuple[str, ...],
-          sink_specs: tuple[str, ...], record: str | None, hv_events: bool) -> None:
+          sink_specs: tuple[str, ...], record: str | None, hv_events: bool,
+          spin_us: int) -> None:
     """Trace system calls, processes, integrity events and hypercalls of VMs over KVMI.
 
     \b
@@ -206,7 +210,7 @@ def trace(lab: bool, kernel: str, vcpus: int, workload: str, listen: str | None,
     from tracer.collector import Collector
     from tracer.kvmi.transport import Listener
 
-    options = _options(pids, comms, syscalls, hv_events)
+    options = _options(pids, comms, syscalls, hv_events, spin_us)
     if profile_arg != "auto":
         fixed = _load_profile(profile_arg)
         profile_for: Callable[[Any], Any] = lambda session: fixed  # noqa: E731
