@@ -395,6 +395,7 @@ class VmTracer:
                         self.ctx.loss.add("monitor_error")
                         log.exception("monitor failed on %r", event)
                     s.reply(event)
+                    self._run_deferred()
                     # Periodic loss records, paced by event times (not by idle wake-ups) so
                     # that a replay emits them where the live run did.
                     now = self.ctx.clock()
@@ -403,6 +404,20 @@ class VmTracer:
                         self.ctx.emit_losses()
         except kerr.ConnectionClosed as exc:
             log.info("VM %s: connection closed (%s)", self.ctx.vm_id, exc)
+
+    def _run_deferred(self) -> None:
+        """The monitors' after-reply work, overlapping the guest's run to its next event."""
+        deferred = self.ctx.deferred
+        while deferred:
+            work = deferred.pop(0)
+            try:
+                work()
+            except UnreadableMemory as exc:
+                self.ctx.loss.add("unreadable_event")
+                log.debug("deferred work: %s", exc)
+            except Exception:  # noqa: BLE001 - a monitor bug must not stop tracing
+                self.ctx.loss.add("monitor_error")
+                log.exception("monitor failed in deferred work")
 
     def _remove_instrumentation(self) -> None:
         if self._installer is not None:
@@ -433,6 +448,7 @@ class VmTracer:
                 except kerr.KvmiError:
                     pass
             s.close()  # the host drops introspection and the guest runs on untouched
+        self._run_deferred()  # an event loop that ended by an error may have left some
         inflight = sum(1 for p in self.syscalls.pending.values() if p.call is not None)
         if inflight:
             self.ctx.loss.add("inflight_at_stop", inflight)

@@ -121,6 +121,13 @@ class VmContext:
         self.tasks: Any = None    # TaskReader once the slide is known
         self.ready_callbacks: list[Callable[[], None]] = []
         self.events = 0
+        # Work a handler leaves for after the event's reply, while the guest runs on: what
+        # needs no guest state that the vCPU could change once released. Run in order,
+        # before the next event is handled.
+        self.deferred: list[Callable[[], None]] = []
+
+    def defer(self, work: Callable[[], None]) -> None:
+        self.deferred.append(work)
 
     def add_breakpoint(self, gva: int, handler: Callable[[Any, FastRegs], None]) -> None:
         """Route hits at `gva` to `handler`; the host is asked by the collector's installer.

@@ -16,11 +16,19 @@ vCPU). exit/exit_group never return (records of event_type "enter"); a new task'
 goes through ret_from_fork, not this site (the process monitor sees it); a syscall the kernel
 restarts comes back with ip rewound by 2 and ax = its number (recorded as restarted, then seen
 again as a fresh entry).
+
+Most of the work is done after the event's reply, while the guest runs (VmContext.defer): at
+an entry only the task and the saved registers are read before the vCPU goes on. The call's
+user memory cannot change meanwhile, since the caller waits in the kernel, unless another
+thread of the process writes it (the same window strace has). Calls that replace or end the
+address space (execve, exit) are decoded before the reply; so are OUT parameters at exit,
+which the caller may reuse as soon as it runs.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sinks.schema import KIND_PROCESS, KIND_SYSCALL
@@ -100,14 +108,28 @@ class SyscallMonitor:
         cr3 = regs.cr3
         try:
             pt = k.read_pt_regs(ctx.mem, cr3, regs.rsp)
-            task = ctx.tasks.current(cr3, regs.gs_base)
+            task = ctx.tasks.current(cr3, regs.gs_base)  # once released, the vCPU may switch
+        except UnreadableMemory as exc:
+            ctx.loss.add("unreadable_entry")
+            log.debug("syscall entry unreadable: %s", exc)
+            return
+        name = self.decoder.name(pt[k.R_ORIG_AX])
+        if name in EXECS or name in NO_RETURN:
+            self._enter(task, pt, name, now, event.vcpu, cr3)
+        else:
+            ctx.defer(partial(self._enter, task, pt, name, now, event.vcpu, cr3))
+
+    def _enter(self, task: int, pt: tuple[int, ...], name: str, now: int, vcpu: int,
+               cr3: int) -> None:
+        """Decode an entry and keep it for its exit."""
+        ctx = self.ctx
+        try:
             info = ctx.tasks.info(cr3, task, user_cr3=cr3)
         except UnreadableMemory as exc:
             ctx.loss.add("unreadable_entry")
             log.debug("syscall entry unreadable: %s", exc)
             return
         nr = pt[k.R_ORIG_AX]
-        name = self.decoder.name(nr)
         self.seen_tasks.add(task)
         selected = ctx.filters.task_selected(info.pid, info.tid, info.comm) and \
             ctx.filters.syscall_selected(name)
@@ -117,7 +139,7 @@ class SyscallMonitor:
             call = self.decoder.decode_entry(ctx.mem, cr3, nr, args)
         if name in NO_RETURN:
             if call is not None:
-                self._emit(call, info, now, event.vcpu, pt[k.R_IP], cr3, event_type="enter")
+                self._emit(call, info, now, vcpu, pt[k.R_IP], cr3, event_type="enter")
             self.pending.pop(task, None)
             return
         old = self.pending.get(task)
@@ -126,7 +148,7 @@ class SyscallMonitor:
             if old.call is not None:
                 self._emit(old.call, old.info, old.time_ns, old.vcpu, old.user_ip, old.cr3,
                            event_type="enter")
-        self.pending[task] = Pending(name, call, info, now, event.vcpu, pt[k.R_IP], cr3)
+        self.pending[task] = Pending(name, call, info, now, vcpu, pt[k.R_IP], cr3)
 
     def on_exit(self, event: Any, regs: FastRegs) -> None:
         ctx = self.ctx
@@ -159,8 +181,8 @@ class SyscallMonitor:
             ret in (call.nr, NR_RESTART_SYSCALL)
         if restarted:
             ctx.loss.add("restarted")  # counted for visibility; the re-entry is traced anew
-            self._emit(call, pending.info, pending.time_ns, pending.vcpu, pending.user_ip,
-                       pending.cr3, event_type="call", restarted=True)
+            ctx.defer(partial(self._emit, call, pending.info, pending.time_ns, pending.vcpu,
+                              pending.user_ip, pending.cr3, event_type="call", restarted=True))
             return
         self.decoder.decode_exit(ctx.mem, cr3, call, ret)
         info = pending.info
@@ -171,8 +193,9 @@ class SyscallMonitor:
             return
         if call.name in CHANGES_TASK:
             ctx.tasks.forget(task)
-        self._emit(call, info, pending.time_ns, pending.vcpu, pending.user_ip, pending.cr3,
-                   event_type="call", exit_vcpu=event.vcpu)
+        ctx.defer(partial(self._emit, call, info, pending.time_ns, pending.vcpu,
+                          pending.user_ip, pending.cr3, event_type="call",
+                          exit_vcpu=event.vcpu))
 
     # -- records ----------------------------------------------------------------------------
     def _emit(self, call: DecodedCall, info: Any, time_ns: int, vcpu: int, user_ip: int,
