@@ -3,6 +3,7 @@ the recording deterministically (byte-identical output twice) and reproduces the
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,15 @@ import pytest
 
 from guestlab import workloads as wl
 from test_trace_support import TracedLab, arg, program_calls
+from tracer.kvmi import abi
 from tracer.kvmi.recording import RecordingReader
 
 pytestmark = pytest.mark.guest
 VMITRACE = str(Path(sys.executable).with_name("vmitrace"))
 VOLATILE = ("time", "observer_host", "interval_start")
+# In a KVMI_EVENT message: 8-byte header, kvmi_event's 8, the arch block's 8, then kvm_regs
+# (16 general registers before rip).
+EVENT_RIP_OFFSET = 8 + 8 + 8 + 16 * 8
 
 
 def stable(record: dict) -> dict:
@@ -71,3 +76,31 @@ def test_replay_of_a_damaged_file_fails_cleanly(recorded, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "cannot replay" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_entry_arguments_are_read_after_the_entry_reply(recorded):
+    """The syscall monitor releases the vCPU before decoding an entry (tracer/monitors/
+    syscalls.py): in the recording, the command reading the file workload's path (its second
+    openat: the page is mapped by then) is sent after the reply to that call's entry event,
+    not before it (the last event replied before the read is at the entry site)."""
+    recording, _, _, _ = recorded
+    path = wl.FILE_PATH.encode() + b"\0"
+    rips: dict[int, int] = {}
+    last_replied_rip: dict[int, int | None] = {}  # read command seq -> rip of last reply
+    last_reply = None
+    path_reads = []
+    for rec in RecordingReader(recording):
+        msg_id, _size, seq = struct.unpack_from("<HHI", rec.raw)
+        if rec.direction == "in" and msg_id == abi.KVMI_EVENT and \
+                rec.raw[12] == abi.KVMI_EVENT_BREAKPOINT:
+            rips[seq] = struct.unpack_from("<Q", rec.raw, EVENT_RIP_OFFSET)[0]
+        elif rec.direction == "out" and msg_id == abi.KVMI_EVENT_REPLY:
+            last_reply = rips.get(seq)
+        elif rec.direction == "out" and msg_id == abi.KVMI_READ_PHYSICAL:
+            last_replied_rip[seq] = last_reply
+        elif rec.direction == "in" and msg_id == abi.KVMI_READ_PHYSICAL and path in rec.raw:
+            path_reads.append(seq)
+    sites = set(rips.values())
+    entry_site = min(r for r in sites if r + 5 in sites)  # `call do_syscall_64`, its return
+    assert len(path_reads) >= 2, "the workload's path was read fewer than twice"
+    assert last_replied_rip[path_reads[-1]] == entry_site
