@@ -415,6 +415,9 @@ class VmTracer:
             except UnreadableMemory as exc:
                 self.ctx.loss.add("unreadable_event")
                 log.debug("deferred work: %s", exc)
+            except kerr.ConnectionClosed as exc:  # memory read through a session now gone
+                self.ctx.loss.add("deferred_after_disconnect")
+                log.debug("deferred work: %s", exc)
             except Exception:  # noqa: BLE001 - a monitor bug must not stop tracing
                 self.ctx.loss.add("monitor_error")
                 log.exception("monitor failed in deferred work")
@@ -435,6 +438,7 @@ class VmTracer:
             return self.summary()
         self.closed = True
         s = self.session
+        self._run_deferred()  # what the last event left, while its memory is readable
         if not getattr(s, "closed", False):
             try:
                 self._remove_instrumentation()
@@ -448,7 +452,6 @@ class VmTracer:
                 except kerr.KvmiError:
                     pass
             s.close()  # the host drops introspection and the guest runs on untouched
-        self._run_deferred()  # an event loop that ended by an error may have left some
         inflight = sum(1 for p in self.syscalls.pending.values() if p.call is not None)
         if inflight:
             self.ctx.loss.add("inflight_at_stop", inflight)
