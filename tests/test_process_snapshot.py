@@ -201,6 +201,11 @@ def test_task_walk_bounds_on_real_memory(lab):
     init_task = lab.tracer.layout.address("init_task")
     cyc, ended = _reader(lab, 8).task_list(cr3)
     assert ended == "cycle" and init_task in cyc and len(cyc) > len(tasks) // 2
+    # A head whose next is init_task's own group_leader pointer (init_task itself, not a
+    # list_head): the "task" it leads to is not its own group leader.
+    layout = lab.tracer.layout
+    assert _reader(lab, layout.task["group_leader"] - layout.task["tasks"]).task_list(cr3) == \
+        ([], "inconsistent")
     # A head in the never-mapped guard hole below the direct map: the first link is unreadable.
     hole = 0xFFFF_8000_0000_1000 - lab.tracer.layout.task["tasks"]
     assert _reader(lab, hole - init_task).task_list(cr3) == ([], "unreadable")
@@ -209,7 +214,7 @@ def test_task_walk_bounds_on_real_memory(lab):
 def test_snapshot_respects_the_pid_filter(lab):
     """Re-attached (the plugin reconnects) with --pid: only that process is listed."""
     lab.detach()
-    pid = next(p for p, q in lab.before.items() if p not in (1, lab.sleeper) and not q.kthread
-               and p in lab.after and lab.after[p].comm == q.comm)
+    # The lab's control channel: a long-lived shell (short-lived commands may be gone by now).
+    pid = next(p for p, q in lab.after.items() if q.comm == "control")
     lab.attach(TraceOptions(filters=Filters(pids=frozenset({pid}))))
     assert set(lab.snapshot()) == {pid}

@@ -18,8 +18,9 @@ Counters (column `counter` of loss records; per VM, emitted as deltas per interv
               unreadable_task / unreadable_task_field
                                   process attributes missing from records (or a task list
                                   link unreadable: the attach snapshot ended there)
-              snapshot_truncated  the attach snapshot's task list walk met a cycle or its
-                                  step limit: processes may be missing from it
+              snapshot_truncated  the attach snapshot's task list walk met a cycle, a link
+                                  to something not a task, or its step limit: processes
+                                  may be missing from it
               dropped_records     the sink queue was full (sinks too slow)
               dropped_events      events the KVMI session dropped (non-blocking delivery)
               monitor_error       a monitor failed on an event (logged with its traceback)

@@ -309,10 +309,13 @@ class TaskReader:
         """The task_structs linked on the kernel's task list after `init_task` (thread-group
         leaders, kernel threads included), and how the walk ended: "complete", "unreadable"
         (a link could not be read), "cycle" (a link led back elsewhere than the head),
-        "limit" (`max_steps` links followed) or "unsupported" (no init_task or
-        task_struct.tasks in the profile). The list changes while the guest runs: a task
-        freed under the walk ends it in one of these ways, never in an unbounded loop."""
+        "inconsistent" (a link led to something that is not a thread-group leader: its
+        `group_leader` is not itself), "limit" (`max_steps` links followed) or "unsupported"
+        (no init_task or task_struct.tasks in the profile). We walk outside the guest's RCU,
+        so a task freed and reused under the walk ends it in one of these ways, never in an
+        unbounded loop nor with garbage taken for tasks."""
         off = self.layout.task.get("tasks")
+        leader_off = self.layout.task.get("group_leader")
         init_task = self.layout.address("init_task")
         if off is None or init_task is None:
             return [], "unsupported"
@@ -323,14 +326,17 @@ class TaskReader:
         for _ in range(max_steps):
             try:
                 link = self.mem.read_u64(cr3, link)  # list_head.next: its first member
+                if link == head:
+                    return tasks, "complete"
+                if link in seen:
+                    return tasks, "cycle"
+                task = link - off
+                if leader_off is not None and self.mem.read_u64(cr3, task + leader_off) != task:
+                    return tasks, "inconsistent"
             except UnreadableMemory:
                 return tasks, "unreadable"
-            if link == head:
-                return tasks, "complete"
-            if link in seen:
-                return tasks, "cycle"
             seen.add(link)
-            tasks.append(link - off)
+            tasks.append(task)
         return tasks, "limit"
 
     def user_cr3(self, cr3: int, task: int) -> int | None:

@@ -46,7 +46,7 @@ class ProcessMonitor:
         if ended == "unreadable":
             ctx.loss.add("unreadable_task")
         elif ended != "complete":
-            ctx.loss.add("snapshot_truncated")  # a cycle or the step limit: tasks may be missing
+            ctx.loss.add("snapshot_truncated")  # cycle, non-task or step limit: tasks missing
         recorded = 0
         for task in tasks:
             try:
