@@ -18,7 +18,8 @@ ECS_VERSION = "8.11.0"
 
 _CATEGORY = {1001: ["file"], 1003: ["host"], 1004: ["host"], 1007: ["process"],
              4001: ["network"], 0: []}
-_PROCESS_TYPES = {"start": ["start"], "exec": ["start", "change"], "exit": ["end"]}
+_PROCESS_TYPES = {"start": ["start"], "exec": ["start", "change"], "exit": ["end"],
+                  "snapshot": ["info"]}
 _FILE_TYPES = {1: ["creation"], 3: ["change"], 4: ["deletion"], 5: ["change"],
                6: ["change"], 8: ["access"], 12: ["change"], 13: ["change"], 14: ["access"]}
 _NETWORK_TYPES = {1: ["connection", "start"], 2: ["connection", "end"], 4: ["connection"],

@@ -3,7 +3,8 @@
 Classes: Kernel Activity 1003 (syscalls in general, kernel.type_id 2 System Call; also
 hypercalls, integrity changes and raw hypervisor events with kernel.type_id 99 Other), File
 System Activity 1001, Network Activity 4001, Memory Activity 1004, Process Activity 1007
-(process start/exec/exit), Base Event 0 (loss counters). Network Activity events declare the
+(process start/exec/exit; 99 Other, activity_name "Snapshot", for processes already running
+at attach), Base Event 0 (loss counters). Network Activity events declare the
 "host" profile (metadata.profiles), which gives them `device` and `actor`. The classification is the record's
 own (class_uid/activity_id, see sinks.schema.classify). OCSF `time` is milliseconds; the
 nanoseconds stay in `unmapped.time_ns`. Every column without an OCSF home is kept in
@@ -38,6 +39,8 @@ ACTIVITY_NAMES = {
     4001: {1: "Open", 2: "Close", 3: "Reset", 4: "Fail", 5: "Refuse", 6: "Traffic",
            7: "Listen"},
 }
+# activity_name of 99 Other, which OCSF leaves to the data source: (kind, event_type) -> name
+OTHER_ACTIVITY_NAMES = {("process", "snapshot"): "Snapshot"}
 SEVERITY_NAMES = {0: "Unknown", 1: "Informational", 2: "Low", 3: "Medium", 4: "High",
                   5: "Critical", 6: "Fatal", 99: "Other"}
 
@@ -84,6 +87,9 @@ def to_ocsf(record: dict[str, Any]) -> dict[str, Any]:
                                                        r.get("action"), r.get("errno"))
     time_ns = r["time"]
     event: dict[str, Any] = _classification(class_uid, activity_id, severity_id).copy()
+    if activity_id == 99:
+        event["activity_name"] = OTHER_ACTIVITY_NAMES.get((r["kind"], r["event_type"]),
+                                                          event["activity_name"])
     event["time"] = time_ns // 1_000_000
     event["metadata"] = {"version": OCSF_VERSION, "product": PRODUCT, "uid": r["event_uid"],
                          "sequence": r["seq"], "log_name": _LOG_NAME}

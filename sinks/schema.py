@@ -36,7 +36,8 @@ EVENT_TYPES: dict[str, tuple[str, ...]] = {
     # "call": entry and return seen; "enter": entry only (exit, exit_group, execve that
     # replaced the image, or a trace that stopped first).
     KIND_SYSCALL: ("call", "enter"),
-    KIND_PROCESS: ("start", "exec", "exit"),
+    # "snapshot": already running when tracing attached (its start was not seen)
+    KIND_PROCESS: ("start", "exec", "exit", "snapshot"),
     KIND_INTEGRITY: ("changed", "restored"),
     KIND_HYPERCALL: ("hypercall",),
     KIND_HV_EVENT: ("cr", "msr", "xsetbv", "breakpoint", "pf", "trap", "descriptor",
@@ -312,7 +313,8 @@ _SYSCALL_CLASSES: dict[str, tuple[int, int]] = {
     "munmap": (CLASS_MEMORY, 3),                                                # Delete Page
     "process_vm_readv": (CLASS_MEMORY, 7), "process_vm_writev": (CLASS_MEMORY, 8),
 }
-_PROCESS_ACTIVITIES = {"start": 1, "exec": 1, "exit": 2}  # Launch, Launch, Terminate
+# Launch, Launch, Terminate; a snapshot saw no launch: OCSF 1.5 has no closer activity
+_PROCESS_ACTIVITIES = {"start": 1, "exec": 1, "exit": 2, "snapshot": ACTIVITY_OTHER}
 
 
 def classify(kind: str, event_type: str, action: str | None = None,

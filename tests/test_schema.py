@@ -129,6 +129,7 @@ def test_classification():
     assert classify("syscall", "call", "connect", "ENETUNREACH") == (4001, 4, 1)
     assert classify("syscall", "call", "mprotect") == (1004, 2, 1)
     assert classify("process", "exit") == (1007, 2, 1)
+    assert classify("process", "snapshot") == (1007, 99, 1)  # no launch was seen
     assert classify("integrity", "changed")[2] == 4
 
 

@@ -67,6 +67,8 @@ def every_class_records() -> list[dict]:
     records.append(f.new("syscall", "call", T0, syscall_nr=450, ret=-38, errno="ENOSYS"))
     records.append(f.new("process", "start", T0, ppid=1, parent_process_uid="vm-ocsf/1/0"))
     records.append(f.new("process", "exit", T0, exit_code=0, **base))
+    records.append(f.new("process", "snapshot", T0, action="snapshot", ppid=1, argv=["sh"],
+                         parent_process_uid="vm-ocsf/1/0", **base))
     records.append(f.new("hv_event", "msr", T0, reg_nr=0xC0000082, reg_name="LSTAR",
                          old_value=0, new_value=2**64 - 1, **base))
     records.append(f.new("hypercall", "hypercall", T0, hypercall_nr=2**64 - 1))
@@ -86,7 +88,16 @@ def test_every_rendered_class_validates_against_ocsf_schema():
     assert {(1001, a) for a in (1, 3, 4, 5, 6, 8, 12, 13, 14)} <= seen
     assert {(4001, a) for a in (1, 2, 4, 5, 7)} <= seen
     assert {(1004, a) for a in (1, 2, 3, 7, 8)} <= seen
-    assert {(1007, 1), (1007, 2), (1003, 4), (1003, 99)} <= seen
+    assert {(1007, 1), (1007, 2), (1007, 99), (1003, 4), (1003, 99)} <= seen
+
+
+def test_process_snapshot_rendering():
+    snapshot = next(r for r in every_class_records() if r["event_type"] == "snapshot")
+    event = to_ocsf(snapshot)
+    assert (event["class_uid"], event["activity_id"], event["type_uid"]) == (1007, 99, 100799)
+    assert event["activity_name"] == "Snapshot"  # OCSF: 99 Other names the source's activity
+    assert event["process"]["pid"] == 7 and event["actor"]["process"]["pid"] == 1
+    assert to_ecs(snapshot)["event"]["type"] == ["info"]
 
 
 def test_ocsf_mapping_details():

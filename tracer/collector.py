@@ -16,7 +16,11 @@ Counters (column `counter` of loss records; per VM, emitted as deltas per interv
               unreadable_argument an argument left flagged (error set) in its record
               truncated_argument  a string, path, argv or sockaddr cut by its bound
               unreadable_task / unreadable_task_field
-                                  process attributes missing from records
+                                  process attributes missing from records (or a task list
+                                  link unreadable: the attach snapshot ended there)
+              snapshot_truncated  the attach snapshot's task list walk met a cycle, a link
+                                  to something not a task, or its step limit: processes
+                                  may be missing from it
               dropped_records     the sink queue was full (sinks too slow)
               dropped_events      events the KVMI session dropped (non-blocking delivery)
               monitor_error       a monitor failed on an event (logged with its traceback)
@@ -297,6 +301,10 @@ class VmTracer:
             self.processes.forget_hooks.append(self._forget_task)
             if missing:
                 self.notes.append(f"kernel lacks {missing}: no process start/exit records")
+            # Processes already running get no start record: list them once, now.
+            if self.processes.snapshot(kernel_cr3) is None:
+                self.notes.append("profile lacks init_task or task_struct.tasks: "
+                                  "no process snapshot at attach")
         self.active = True
         log.info("tracing VM %s: KASLR slide %#x", self.ctx.vm_id, layout.slide)
 

@@ -181,12 +181,12 @@ def _processes(frame: Any) -> dict[str, dict[str, Any]]:
         else:
             if _none(rec.parent_process_uid) is not None:
                 p["parent_process_uid"] = rec.parent_process_uid
-            if rec.event_type == "exec":
+            if rec.event_type in ("exec", "snapshot"):  # the later exec's image wins
                 p["exe"] = _none(rec.exe) or p["exe"]
                 p["cmdline"] = _none(rec.cmdline) or p["cmdline"]
             if rec.event_type == "exit":
                 p["exit_code"] = _none(rec.exit_code)
-    # Processes that started before the trace have no start record: find the parent by ppid
+    # Processes without parent_process_uid (e.g. no snapshot at attach): find the parent by ppid
     # (the latest process with that pid seen before the child; pids are reused).
     by_pid: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for p in procs.values():

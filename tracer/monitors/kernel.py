@@ -22,6 +22,7 @@ TASK_COMM_LEN = 16
 MAX_PATH_DEPTH = 64
 MAX_MOUNT_DEPTH = 16
 MAX_CMDLINE = 4096
+MAX_TASK_WALK = 65536  # links followed on the task list (pid_max's default is 32768)
 KERNEL_PERCPU_LIMIT = 1 << 32  # per-CPU symbols are small section offsets, not addresses
 
 
@@ -53,7 +54,7 @@ class KernelLayout:
 
     REQUIRED_SYMBOLS = ("entry_SYSCALL_64", "do_syscall_64")
     OPTIONAL_SYMBOLS = ("linux_banner", "ret_from_fork", "do_exit", "do_group_exit",
-                        "page_offset_base")
+                        "page_offset_base", "init_task")
 
     @classmethod
     def from_profile(cls, profile: Any) -> "KernelLayout":
@@ -79,10 +80,12 @@ class KernelLayout:
             return out
 
         task = offsets("task_struct", ("pid", "tgid", "real_parent", "comm", "cred",
-                                       "start_time", "mm", "flags", "exit_code", "group_leader"),
+                                       "start_time", "mm", "flags", "exit_code", "group_leader",
+                                       "tasks"),
                        required=("pid", "tgid", "real_parent", "comm"))
         cred = offsets("cred", ("uid", "gid"))
-        mm = offsets("mm_struct", ("exe_file", "arg_start", "arg_end", "env_start", "env_end"))
+        mm = offsets("mm_struct", ("exe_file", "arg_start", "arg_end", "env_start", "env_end",
+                                     "pgd"))
         path = {}
         for key, (s, f) in {"file_f_path": ("file", "f_path"), "path_mnt": ("path", "mnt"),
                             "path_dentry": ("path", "dentry"),
@@ -301,6 +304,52 @@ class TaskReader:
                 info.missing.discard("cmdline")
             except UnreadableMemory:
                 self.unreadable += 1  # arguments page not present yet: try on a later event
+
+    def task_list(self, cr3: int, max_steps: int = MAX_TASK_WALK) -> tuple[list[int], str]:
+        """The task_structs linked on the kernel's task list after `init_task` (thread-group
+        leaders, kernel threads included), and how the walk ended: "complete", "unreadable"
+        (a link could not be read), "cycle" (a link led back elsewhere than the head),
+        "inconsistent" (a link led to something that is not a thread-group leader: its
+        `group_leader` is not itself), "limit" (`max_steps` links followed) or "unsupported"
+        (no init_task or task_struct.tasks in the profile). We walk outside the guest's RCU,
+        so a task freed and reused under the walk ends it in one of these ways, never in an
+        unbounded loop nor with garbage taken for tasks."""
+        off = self.layout.task.get("tasks")
+        leader_off = self.layout.task.get("group_leader")
+        init_task = self.layout.address("init_task")
+        if off is None or init_task is None:
+            return [], "unsupported"
+        head = init_task + off
+        seen = {head}
+        tasks: list[int] = []
+        link = head
+        for _ in range(max_steps):
+            try:
+                link = self.mem.read_u64(cr3, link)  # list_head.next: its first member
+                if link == head:
+                    return tasks, "complete"
+                if link in seen:
+                    return tasks, "cycle"
+                task = link - off
+                if leader_off is not None and self.mem.read_u64(cr3, task + leader_off) != task:
+                    return tasks, "inconsistent"
+            except UnreadableMemory:
+                return tasks, "unreadable"
+            seen.add(link)
+            tasks.append(task)
+        return tasks, "limit"
+
+    def user_cr3(self, cr3: int, task: int) -> int | None:
+        """The CR3 of `task`'s address space: the physical address of `mm->pgd` (a kernel
+        virtual address, translated under `cr3`); None for a task without one (kernel
+        threads). Under KPTI this is the kernel half of the pair, which maps user memory
+        too."""
+        if "mm" not in self.layout.task or "pgd" not in self.layout.mm:
+            return None
+        mm = self.mem.read_u64(cr3, task + self.layout.task["mm"])
+        if mm == 0:
+            return None
+        return self.mem.translate(cr3, self.mem.read_u64(cr3, mm + self.layout.mm["pgd"]))
 
     def exec_strings(self, cr3: int, task: int) -> dict[str, tuple[Any, bool]]:
         """The filename, argv and envp a freshly exec'd task was given, as the kernel copied

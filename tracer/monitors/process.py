@@ -6,6 +6,9 @@
   exe and argv are read then).
 * exit: a breakpoint on `do_exit(code)`, which every exiting task goes through (exit,
   exit_group, fatal signals); the thread-group leader's exit is the process's.
+* snapshot: once, when tracing attaches, one record per process already running (the
+  kernel's task list from `init_task`, kernel threads left out), so that processes started
+  before the attach are known before they exec or exit.
 """
 from __future__ import annotations
 
@@ -32,6 +35,35 @@ class ProcessMonitor:
                 continue
             self.ctx.add_breakpoint(address, handler)
         return missing
+
+    def snapshot(self, cr3: int) -> int | None:
+        """Record every process already running (kernel reads under `cr3`); returns how many
+        were recorded, None if the kernel layout lacks the task list."""
+        ctx = self.ctx
+        tasks, ended = ctx.tasks.task_list(cr3)
+        if ended == "unsupported":
+            return None
+        if ended == "unreadable":
+            ctx.loss.add("unreadable_task")
+        elif ended != "complete":
+            ctx.loss.add("snapshot_truncated")  # cycle, non-task or step limit: tasks missing
+        recorded = 0
+        for task in tasks:
+            try:
+                user_cr3 = ctx.tasks.user_cr3(cr3, task)
+                info = ctx.tasks.info(cr3, task, user_cr3=user_cr3)
+            except UnreadableMemory:
+                ctx.loss.add("unreadable_task")
+                continue
+            if info.kthread or info.tid != info.pid:
+                continue
+            if not ctx.filters.task_selected(info.pid, info.tid, info.comm):
+                continue
+            ctx.record(KIND_PROCESS, "snapshot", action="snapshot", **process_fields(info),
+                       argv=info.argv, parent_process_uid=info.parent_process_uid,
+                       cr3=user_cr3)
+            recorded += 1
+        return recorded
 
     def on_fork_return(self, event: Any, regs: FastRegs) -> None:
         ctx = self.ctx
