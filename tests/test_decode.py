@@ -322,3 +322,87 @@ def test_sendmsg_and_recvmsg_names():
     r = dec.decode_entry(img.mem, img.cr3, 47, [3, U, 0])
     dec.decode_exit(img.mem, img.cr3, r, 40)
     assert r.typed["remote_addr"] == "10.0.0.53"
+
+
+# -- ia32 (`int $0x80`) calls: the i386 ABI table, values cut to 32 bits ---------------------
+L = 0x0060_0000  # a 32-bit caller's address (below 4 GiB)
+
+
+def ia32_setup(limits=None):
+    from profiles.syscalls import i386_abi
+    from tracer.decode import ia32_syscall_table
+    img = GuestImage()
+    img.map_new(L, 8)
+    return img, SyscallDecoder(ia32_syscall_table(i386_abi(), TABLE), limits, compat32=True)
+
+
+def test_ia32_table_names_and_shared_prototypes():
+    _, dec = ia32_setup()
+    assert [dec.name(nr) for nr in (1, 3, 4, 5, 11, 20, 90, 252, 295)] == [
+        "exit", "read", "write", "open", "execve", "getpid", "mmap", "exit_group", "openat"]
+    assert dec.syscalls[4].prototype == TABLE[1].prototype  # write: x86-64's prototype
+    assert dec.syscalls[90].prototype is None  # old_mmap (a struct pointer): raw arguments
+    assert dec.number("restart_syscall") == 0
+
+
+def test_ia32_write_masks_registers_and_decodes_like_x86_64():
+    img, dec = ia32_setup()
+    img.write(L, b"vmitrace int 0x80")
+    high = 0xDEAD_BEEF_0000_0000  # upper register halves a 64-bit caller left: not seen
+    call = dec.decode_entry(img.mem, img.cr3, 4, [high | 3, high | L, high | 17, 0, 0, 0])
+    assert call.name == "write" and call.raw_args == (3, L, 17)
+    assert [a["value"] for a in call.args] == ["3", "vmitrace int 0x80", "17"]
+    assert call.typed == {"fd": 3, "length": 17}
+    dec.decode_exit(img.mem, img.cr3, call, 17)
+    assert call.ret == 17 and call.errno is None
+
+
+def test_ia32_return_values_are_32_bit():
+    img, dec = ia32_setup()
+    call = dec.decode_entry(img.mem, img.cr3, 5, [L, 0, 0, 0, 0, 0])
+    dec.decode_exit(img.mem, img.cr3, call, (-2) & (2**64 - 1))
+    assert call.ret == -2 and call.errno == "ENOENT"
+    call = dec.decode_entry(img.mem, img.cr3, 192, [0] * 6)  # mmap2: an address above 2 GiB
+    dec.decode_exit(img.mem, img.cr3, call, 0xF7F0_0000)
+    assert call.ret == 0xF7F0_0000 and call.errno is None
+
+
+def test_ia32_signed_long_is_32_bit():
+    img, dec = ia32_setup()
+    table = {**dec.syscalls, 999: SyscallInfo(999, "madeup", (("long", "a"), ("int", "b")))}
+    dec = SyscallDecoder(table, compat32=True)
+    call = dec.decode_entry(img.mem, img.cr3, 999, [0xFFFF_FFFF, 0xFFFF_FFFE, 0, 0, 0, 0])
+    assert [a["value"] for a in call.args] == ["-1", "-2"]
+
+
+def test_ia32_execve_reads_32_bit_pointer_arrays():
+    img, dec = ia32_setup()
+    strings = [b"/bin/busybox", b"sh", b"-c", b"exit 42"]
+    ptrs, off = [], 0
+    for s in strings:
+        img.write(L + 0x1000 + off, s + b"\0")
+        ptrs.append(L + 0x1000 + off)
+        off += len(s) + 1
+    img.write(L, b"".join(struct.pack("<I", p) for p in ptrs + [0]))
+    img.write(L + 0x800, bytes(4))
+    call = dec.decode_entry(img.mem, img.cr3, 11, [ptrs[0], L, L + 0x800, 0, 0, 0])
+    assert call.argv == ["/bin/busybox", "sh", "-c", "exit 42"]
+    assert args_by_name(call)["envp"]["value"] == "[]"
+
+
+def test_ia32_pointer_array_without_terminator_is_cut():
+    img, dec = ia32_setup(Limits(max_argv=5))
+    img.write(L + 0x1000, b"x\0")
+    img.write(L, struct.pack("<I", L + 0x1000) * 1024)  # a page full of pointers, no NULL
+    call = dec.decode_entry(img.mem, img.cr3, 11, [L + 0x1000, L, 0, 0, 0, 0])
+    assert call.argv == ["x"] * 5 and args_by_name(call)["argv"]["truncated"]
+
+
+def test_ia32_unknown_prototype_and_number_give_raw_arguments():
+    img, dec = ia32_setup()
+    call = dec.decode_entry(img.mem, img.cr3, 102, [1, L, 0, 0, 0, 1 << 40])  # socketcall
+    assert call.name == "socketcall" and call.raw_args == (1, L, 0, 0, 0, 0)
+    assert [a["value"] for a in call.args] == ["0x1", hex(L), "0x0", "0x0", "0x0", "0x0"]
+    dec.decode_exit(img.mem, img.cr3, call, 0)
+    assert call.ret == 0
+    assert dec.decode_entry(img.mem, img.cr3, 4000, [0] * 6).name == "syscall_4000"

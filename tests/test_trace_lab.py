@@ -141,6 +141,37 @@ def test_vmcall_hypercall_record(lab):
     assert h["extra"]["rbx"] == hex(wl.VMCALL_RBX) and h["extra"]["rsi"] == hex(wl.VMCALL_RSI)
 
 
+def test_int80_32bit_syscalls_of_a_64bit_process(lab):
+    program = wl.WORKLOAD_BINARIES["int80"]
+    pid, ppid, _ = lab.run_pid(program)
+    calls = after_startup(program_calls(lab.records(), pid, program))
+    assert [(r["action"], (r.get("extra") or {}).get("abi")) for r in calls] == [
+        ("getpid", None), ("getpid", "ia32"), ("open", "ia32"), ("write", "ia32"),
+        ("close", "ia32"), ("open", None), ("read", None), ("close", None), ("exit_group", None)]
+    getpid64, getpid32, open32, write32, close32, open64 = calls[:6]
+    assert getpid64["syscall_nr"] == 39 and open64["syscall_nr"] == 2  # x86-64 numbers
+    assert getpid32["syscall_nr"] == wl.I386_NR_GETPID and getpid32["ret"] == pid
+    assert getpid32["args"] == [] and getpid32["decoded_args"] == []
+    assert open32["syscall_nr"] == wl.I386_NR_OPEN
+    assert [(a["name"], a["value"]) for a in open32["decoded_args"]] == [
+        ("filename", wl.INT80_PATH), ("flags", "O_WRONLY|O_CREAT|O_TRUNC"), ("mode", "0600")]
+    assert open32["args"][1:] == [wl.INT80_OPEN_FLAGS, wl.INT80_MODE]
+    assert open32["args"][0] < 1 << 32
+    assert open32["path"] == wl.INT80_PATH and open32["mode"] == wl.INT80_MODE
+    assert open32["ret"] == 3 and open32["fd"] == 3 and "errno" not in open32
+    assert write32["syscall_nr"] == wl.I386_NR_WRITE and write32["fd"] == 3
+    assert arg(write32, "buf")["value"] == wl.INT80_PAYLOAD.decode()
+    assert write32["length"] == write32["ret"] == len(wl.INT80_PAYLOAD)
+    assert close32["syscall_nr"] == wl.I386_NR_CLOSE and close32["fd"] == 3
+    assert close32["ret"] == 0
+    for r in calls[:5]:
+        assert (r["pid"], r["tid"], r["ppid"]) == (pid, pid, ppid)
+        assert r["comm"] == wl.WORKLOAD_COMMS["int80"] and r["exe"] == program
+        assert r["event_type"] == "call"
+    tracer = lab.tracer.syscalls
+    assert set(tracer.ia32_sites) >= {"asm_int80_emulation"}
+
+
 def test_matches_strace_name_for_name_and_value_for_value(lab):
     program = wl.WORKLOAD_BINARIES["tcp"]
     pid, text = strace_output(lab, program)

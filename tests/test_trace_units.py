@@ -17,6 +17,7 @@ from tracer.kvmi import abi
 from tracer.kvmi.protocol import build_event, decode_event
 from tracer.monitors.base import FastRegs, Filters, VmContext
 from tracer.monitors.integrity import IntegrityMonitor
+from tracer.monitors import kernel as k
 from tracer.monitors.kernel import kernel_cr3_candidates
 from tracer.monitors.syscalls import SetupError, find_call_site
 
@@ -58,6 +59,43 @@ def test_find_call_site_in_entry_code():
     code[0x10:0x15] = b"\xE8" + struct.pack("<i", 0x1000)  # a call elsewhere: ignored
     assert find_call_site(bytes(code), base, target) == base + site
     assert find_call_site(bytes(code[:site + 3]), base, target) is None  # cut: never found
+
+
+def test_ia32_entry_sites_installed_where_the_kernel_has_them():
+    """Synthetic entry stubs: int80 and sysenter call their handlers; the 32-bit `syscall`
+    stub calls something else (not found: skipped); entry_INT80_compat is absent."""
+    from tracer.monitors.kernel import KernelLayout
+    from tracer.monitors.syscalls import SyscallMonitor
+    base, handlers = 0xFFFFFFFF81C00000, 0xFFFFFFFF81A00000
+    symbols = {"entry_SYSCALL_64": base, "do_syscall_64": handlers,
+               "asm_int80_emulation": base + 0x1000, "int80_emulation": handlers + 0x100,
+               "entry_SYSENTER_compat": base + 0x2000, "do_SYSENTER_32": handlers + 0x200,
+               "entry_SYSCALL_compat": base + 0x3000, "do_fast_syscall_32": handlers + 0x300}
+    img = GuestImage()
+    img.map_new(base, 4)
+    calls = {"entry_SYSCALL_64": ("do_syscall_64", 0x70),
+             "asm_int80_emulation": ("int80_emulation", 0x21),
+             "entry_SYSENTER_compat": ("do_SYSENTER_32", 0x90),
+             "entry_SYSCALL_compat": ("do_syscall_64", 0x44)}  # a call, not of its handler
+    for stub, (target, offset) in calls.items():
+        site = symbols[stub] + offset
+        img.write(site, b"\xE8" + struct.pack("<i", symbols[target] - (site + 5)))
+    records: list = []
+    ctx = VmContext(session=None, mem=img.mem, factory=RecordFactory(vm_id="vm-1"),
+                    emit=records.append, filters=Filters(), clock=lambda: 1_000)
+    ctx.layout = KernelLayout(banner=None, symbols=symbols, task={}, cred={}, mm={}, path={},
+                              current_offset=0, slide=0)
+    x64 = SyscallDecoder({39: SyscallInfo(39, "getpid", ())})
+    ia32 = SyscallDecoder({20: SyscallInfo(20, "getpid", ())}, compat32=True)
+    monitor = SyscallMonitor(ctx, x64, ia32)
+    monitor.install(img.cr3)
+    int80, sysenter = base + 0x1021, base + 0x2090
+    assert monitor.ia32_sites == {"asm_int80_emulation": int80, "entry_SYSENTER_compat": sysenter}
+    assert sorted(ctx.breakpoints) == [base + 0x70, base + 0x75, int80, int80 + 5,
+                                       sysenter, sysenter + 5]
+    assert ctx.breakpoints[int80 + 5] == monitor.on_exit  # one exit handler pairs every ABI
+    assert ctx.breakpoints[int80].keywords["abi"].nr == k.R_AX  # the int80 stub's number: ax
+    assert ctx.breakpoints[sysenter].keywords["abi"].nr == k.R_ORIG_AX
 
 
 @pytest.mark.parametrize("cr,bit,name", [(0, 16, "CR0.WP"), (4, 20, "CR4.SMEP"),

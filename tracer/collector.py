@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from sinks.schema import KIND_HV_EVENT, RecordFactory
-from tracer.decode import Limits, SyscallDecoder, syscall_table
+from profiles.syscalls import i386_abi
+from tracer.decode import Limits, SyscallDecoder, ia32_syscall_table, syscall_table
 from tracer.kvmi import abi
 from tracer.kvmi import errors as kerr
 from tracer.kvmi.events import (EVENT_CLASSES, BreakpointEvent, CrEvent, HypercallEvent, MsrEvent,
@@ -211,7 +212,9 @@ class VmTracer:
         self.ctx = VmContext(session, self.mem, factory, self._emit, options.filters, clock)
         self.layout = KernelLayout.from_profile(profile)
         self.decoder = SyscallDecoder(syscall_table(profile.syscalls), options.limits)
-        self.syscalls = SyscallMonitor(self.ctx, self.decoder)
+        ia32 = SyscallDecoder(ia32_syscall_table(i386_abi(), self.decoder.syscalls),
+                              options.limits, compat32=True)
+        self.syscalls = SyscallMonitor(self.ctx, self.decoder, ia32)
         self.processes = ProcessMonitor(self.ctx)
         self.integrity = IntegrityMonitor(self.ctx)
         self.hypercalls = HypercallMonitor(self.ctx)

@@ -293,25 +293,28 @@ class GuestMemory:
             addr = (addr + chunk) & 0xFFFF_FFFF_FFFF_FFFF
         return CString(b"".join(parts)[:max_len], truncated=True)
 
-    def read_pointer_array(self, cr3: int, gva: int, max_count: int) -> tuple[list[int], bool]:
-        """A NULL-terminated array of pointers (argv/envp): (pointers, truncated).
+    def read_pointer_array(self, cr3: int, gva: int, max_count: int,
+                           width: int = 8) -> tuple[list[int], bool]:
+        """A NULL-terminated array of pointers (argv/envp) of `width` bytes each (4: a 32-bit
+        caller's): (pointers, truncated).
 
         Raises UnreadableMemory if the array itself becomes unreadable; `truncated` means
         `max_count` pointers were read without meeting the NULL.
         """
+        fmt = "<Q" if width == 8 else "<I"
         pointers: list[int] = []
         addr = gva
         while len(pointers) < max_count:
-            room = (PAGE_SIZE - (addr & (PAGE_SIZE - 1))) // 8 or 1
+            room = (PAGE_SIZE - (addr & (PAGE_SIZE - 1))) // width or 1
             count = min(room, max_count - len(pointers))
-            data = self.read_virtual(cr3, addr, count * 8)
-            for (value,) in struct.iter_unpack("<Q", data):
+            data = self.read_virtual(cr3, addr, count * width)
+            for (value,) in struct.iter_unpack(fmt, data):
                 if value == 0:
                     return pointers, False
                 pointers.append(value)
-            addr += count * 8
+            addr += count * width
         # Exactly max_count pointers: truncated unless the next slot is the NULL.
         try:
-            return pointers, self.read_u64(cr3, addr) != 0
+            return pointers, self.read_virtual(cr3, addr, width) != bytes(width)
         except UnreadableMemory:
             return pointers, True

@@ -28,7 +28,7 @@ SIGILL = 4
 # Where the workloads live inside the guest. `WORKLOAD_DRIVER once` runs them all.
 WORKLOAD_DRIVER = "/workload"
 WORKLOAD_DIR = "/lab"
-WORKLOADS = ("file", "exec", "enoent", "tcp", "vmcall")
+WORKLOADS = ("file", "exec", "enoent", "tcp", "vmcall", "int80")
 # Binary (and so the task's comm) of each workload.
 WORKLOAD_BINARIES = {name: f"{WORKLOAD_DIR}/wl-{name}" for name in WORKLOADS}
 WORKLOAD_COMMS = {name: f"wl-{name}" for name in WORKLOADS}
@@ -78,6 +78,18 @@ VMCALL_RDX = 0x3333
 VMCALL_RSI = 0x4444
 VMCALL_INSN = bytes((0x0F, 0x01, 0xC1))
 
+# int80: a 64-bit process making 32-bit (i386 ABI) system calls with `int $0x80`. Numbers are
+# the i386 ABI's (arch/x86/entry/syscalls/syscall_32.tbl), not x86-64's.
+I386_NR_WRITE = 4
+I386_NR_OPEN = 5
+I386_NR_CLOSE = 6
+I386_NR_GETPID = 20
+INT80_INSN = bytes((0xCD, 0x80))
+INT80_PATH = "/tmp/vmitrace-wl-int80.dat"
+INT80_OPEN_FLAGS = O_WRONLY | O_CREAT | O_TRUNC  # 0x241, the same values in the i386 ABI
+INT80_MODE = 0o600
+INT80_PAYLOAD = b"vmitrace int 0x80"
+
 
 def _c_string(value: str | bytes) -> str:
     raw = value.encode() if isinstance(value, str) else value
@@ -117,6 +129,15 @@ def c_header() -> str:
         f"#define WL_VMCALL_RDX {VMCALL_RDX:#x}UL",
         f"#define WL_VMCALL_RSI {VMCALL_RSI:#x}UL",
         f"#define WL_VMCALL_INSN_LEN {len(VMCALL_INSN)}",
+        f"#define WL_I386_NR_WRITE {I386_NR_WRITE}",
+        f"#define WL_I386_NR_OPEN {I386_NR_OPEN}",
+        f"#define WL_I386_NR_CLOSE {I386_NR_CLOSE}",
+        f"#define WL_I386_NR_GETPID {I386_NR_GETPID}",
+        f"#define WL_INT80_PATH {_c_string(INT80_PATH)}",
+        f"#define WL_INT80_OPEN_FLAGS 0{INT80_OPEN_FLAGS:o}",
+        f"#define WL_INT80_MODE 0{INT80_MODE:o}",
+        f"#define WL_INT80_PAYLOAD {_c_string(INT80_PAYLOAD)}",
+        f"#define WL_INT80_PAYLOAD_LEN {len(INT80_PAYLOAD)}",
         "#define WL_NAMES { " + ", ".join(_c_string(n) for n in WORKLOADS) + ", 0 }",
     ]
     return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
-"""Decoding of x86-64 Linux system calls from raw registers and guest memory.
+"""Decoding of x86-64 Linux system calls from raw registers and guest memory, and of the
+32-bit (ia32, `int $0x80`) ones a 64-bit kernel also serves (`SyscallDecoder(compat32=True)`).
 
 Argument names and C types come from the profile's prototypes (the kernel's own
 syscall_metadata); this module adds the meaning: which integers are fds, flags or enums,
@@ -8,6 +9,12 @@ Guest memory is attacker-controlled: every string, array and buffer is bounded b
 an unreadable page becomes an argument with `error` set, never an exception. IN arguments that
 could not be read at entry (user pages not yet faulted in) are read again at exit, after the
 kernel itself has copied them in - except for execve, whose address space is gone by then.
+
+ia32 calls: numbers and names are the fixed i386 ABI (`profiles/data/syscalls_i386.json`);
+where the i386 call has the x86-64 call's prototype, that prototype (and the decoding by name
+below) is reused with every value cut to 32 bits: arguments, longs, pointers, argv entries.
+The other i386 calls (16-bit uid calls, old_mmap, socketcall, the compat struct layouts)
+keep their raw arguments.
 """
 from __future__ import annotations
 
@@ -39,7 +46,7 @@ class Limits:
 class SyscallInfo:
     nr: int
     name: str
-    prototype: tuple[tuple[str, str], ...]
+    prototype: tuple[tuple[str, str], ...] | None  # None: unknown, raw arguments
 
 
 @dataclass
@@ -216,9 +223,12 @@ def decode_sockaddr(data: bytes) -> tuple[str, dict[str, Any]]:
 class SyscallDecoder:
     """Turns (nr, six raw args) into a DecodedCall at entry and completes it at exit."""
 
-    def __init__(self, syscalls: Mapping[int, SyscallInfo], limits: Limits | None = None) -> None:
+    def __init__(self, syscalls: Mapping[int, SyscallInfo], limits: Limits | None = None,
+                 compat32: bool = False) -> None:
         self.syscalls = dict(syscalls)
         self.limits = limits or Limits()
+        self.compat32 = compat32  # ia32 calls: registers, longs and pointers are 32 bits
+        self.word_bits = 32 if compat32 else 64
         self.counters = Counters()
         self._by_name = {info.name: info for info in self.syscalls.values()}
 
@@ -233,9 +243,11 @@ class SyscallDecoder:
     # -- entry ------------------------------------------------------------------------------
     def decode_entry(self, mem: GuestMemory | None, cr3: int, nr: int,
                      raw_args: Sequence[int]) -> DecodedCall:
+        if self.compat32:
+            raw_args = tuple(v & 0xFFFF_FFFF for v in raw_args)
         info = self.syscalls.get(nr)
-        if info is None:
-            call = DecodedCall(nr, f"syscall_{nr}", tuple(raw_args))
+        if info is None or info.prototype is None:
+            call = DecodedCall(nr, info.name if info else f"syscall_{nr}", tuple(raw_args))
             call.args = [_arg(f"arg{i}", "unsigned long", hex(v)) for i, v in enumerate(raw_args)]
             return call
         call = DecodedCall(nr, info.name, tuple(raw_args[:len(info.prototype)]))
@@ -369,7 +381,7 @@ class SyscallDecoder:
             if "char" in c_type and "const" in c_type:
                 return self._string(mem, cr3, c_type, arg_name, value, self.limits.max_string)
             return _arg(arg_name, c_type, _pointer(value))
-        bits = _int_bits(c_type)
+        bits = min(_int_bits(c_type), self.word_bits)
         if _is_unsigned(c_type):
             return _arg(arg_name, c_type, str(value & ((1 << bits) - 1)))
         return _arg(arg_name, c_type, str(_signed(value, bits)))
@@ -460,7 +472,8 @@ class SyscallDecoder:
             return _arg(arg_name, c_type, _pointer(gva), error="no guest memory"), None
         lim = self.limits
         try:
-            pointers, truncated = mem.read_pointer_array(cr3, gva, lim.max_argv)
+            pointers, truncated = mem.read_pointer_array(cr3, gva, lim.max_argv,
+                                                         self.word_bits // 8)
         except UnreadableMemory as exc:
             self.counters.unreadable += 1
             return _arg(arg_name, c_type, _pointer(gva),
@@ -485,12 +498,14 @@ class SyscallDecoder:
                     ret: int) -> DecodedCall:
         """Complete `call` with its return value (pt_regs->ax) and OUT parameters."""
         ret = _signed(ret, 64)
+        if self.compat32:  # what the caller's eax holds: an error or an unsigned 32-bit value
+            ret = _signed(ret, 32) if -4095 <= _signed(ret, 32) < 0 else ret & 0xFFFF_FFFF
         call.ret = ret
         call.errno = c.errno_name(ret)
         if call.name in _RETURNS_FD and ret >= 0:
             call.typed["fd"] = ret
         info = self.syscalls.get(call.nr)
-        if info is None:
+        if info is None or info.prototype is None:
             return call
         spec = _SPECS.get(call.name, ())
         raw = call.raw_args
@@ -662,3 +677,13 @@ def syscall_table(entries: Mapping[int, Any]) -> dict[int, SyscallInfo]:
     return table
 
 
+
+
+def ia32_syscall_table(abi: Mapping[str, Any],
+                       x86_64: Mapping[int, SyscallInfo]) -> dict[int, SyscallInfo]:
+    """SyscallInfo per i386 number from the i386 ABI table (`profiles.syscalls.i386_abi()`):
+    the prototype of the x86-64 call named by `prototype_of` (from the profile's x86-64
+    table, `x86_64`), else None (raw arguments)."""
+    by_name = {info.name: info.prototype for info in x86_64.values()}
+    return {int(nr): SyscallInfo(int(nr), entry["name"], by_name.get(entry.get("prototype_of", "")))
+            for nr, entry in abi["syscalls"].items()}

@@ -17,6 +17,7 @@ PT_REGS = struct.Struct("<21Q")  # r15 r14 r13 r12 bp bx r11 r10 r9 r8 ax cx dx 
 PT_REGS_SIZE = PT_REGS.size  # 168
 # indexes into the unpacked pt_regs
 R_R10, R_R9, R_R8, R_AX, R_CX, R_DX, R_SI, R_DI, R_ORIG_AX, R_IP, R_SP = 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 19
+R_BP, R_BX = 4, 5
 PF_KTHREAD = 0x00200000
 TASK_COMM_LEN = 16
 MAX_PATH_DEPTH = 64
@@ -54,7 +55,11 @@ class KernelLayout:
 
     REQUIRED_SYMBOLS = ("entry_SYSCALL_64", "do_syscall_64")
     OPTIONAL_SYMBOLS = ("linux_banner", "ret_from_fork", "do_exit", "do_group_exit",
-                        "page_offset_base", "init_task")
+                        "page_offset_base", "init_task",
+                        # 32-bit system call entry stubs and their C handlers
+                        "asm_int80_emulation", "int80_emulation", "entry_INT80_compat",
+                        "do_int80_syscall_32", "entry_SYSENTER_compat", "do_SYSENTER_32",
+                        "entry_SYSCALL_compat", "do_fast_syscall_32")
 
     @classmethod
     def from_profile(cls, profile: Any) -> "KernelLayout":

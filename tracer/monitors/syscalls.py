@@ -17,6 +17,18 @@ goes through ret_from_fork, not this site (the process monitor sees it); a sysca
 restarts comes back with ip rewound by 2 and ax = its number (recorded as restarted, then seen
 again as a fresh entry).
 
+32-bit system calls (ia32 ABI, CONFIG_IA32_EMULATION): any process, 64-bit ones included, can
+execute `int $0x80`. Its IDT entry is `asm_int80_emulation`, which saves pt_regs and calls
+`int80_emulation(regs)` (both lab kernels, 6.1 by a stable backport; older kernels:
+`entry_INT80_compat` -> `do_int80_syscall_32`). The same two breakpoints go at that call and
+after it: bx/cx/dx/si/di/bp = arguments, ax = return value at the return. The number is in
+ax at the entry (the IDT stub stores -1 as orig_ax; int80_emulation copies ax there), in
+orig_ax for the other stubs. The
+`sysenter` and 32-bit `syscall` stubs (`entry_SYSENTER_compat` -> `do_SYSENTER_32`,
+`entry_SYSCALL_compat` -> `do_fast_syscall_32`), used only by 32-bit processes, get the same
+breakpoints when found; there the sixth argument is still on the user stack at the entry
+(the C handler fetches it), so bp is not it. Records of 32-bit calls carry extra abi=ia32.
+
 Most of the work is done after the event's reply, while the guest runs (VmContext.defer): at
 an entry only the task and the saved registers are read before the vCPU goes on. The call's
 user memory cannot change meanwhile, since the caller waits in the kernel, unless another
@@ -45,16 +57,37 @@ NO_RETURN = frozenset({"exit", "exit_group"})
 EXECS = frozenset({"execve", "execveat"})
 # Syscalls after which cached task attributes (credentials, name) may be stale.
 CHANGES_TASK = frozenset({"setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid",
-                          "setfsuid", "setfsgid", "prctl", "capset", "setgroups"})
-NR_RESTART_SYSCALL = 219
+                          "setfsuid", "setfsgid", "prctl", "capset", "setgroups",
+                          "setuid32", "setgid32", "setreuid32", "setregid32", "setresuid32",
+                          "setresgid32", "setfsuid32", "setfsgid32", "setgroups32"})
+# 32-bit entry stubs, the C handler each calls with the pt_regs pointer in rdi (= rsp), and
+# where the system call number is in pt_regs at that call.
+IA32_ENTRIES = (("asm_int80_emulation", "int80_emulation", k.R_AX),
+                ("entry_INT80_compat", "do_int80_syscall_32", k.R_ORIG_AX),
+                ("entry_SYSENTER_compat", "do_SYSENTER_32", k.R_ORIG_AX),
+                ("entry_SYSCALL_compat", "do_fast_syscall_32", k.R_ORIG_AX))
+IA32_ARGS = (k.R_BX, k.R_CX, k.R_DX, k.R_SI, k.R_DI, k.R_BP)
+ABI_IA32 = "ia32"
 
 
 class SetupError(Exception):
     """The syscall monitor cannot be installed on this guest."""
 
 
+@dataclass(frozen=True, slots=True)
+class Abi:
+    """One system call convention: how to read a call from the pt_regs its entry saved."""
+
+    name: str                # "x86_64" or ABI_IA32 (the records' extra["abi"])
+    decoder: SyscallDecoder
+    nr: int                  # pt_regs index of the number at the entry
+    args: tuple[int, ...]    # pt_regs indices of the six arguments
+    restart_nr: int | None   # restart_syscall's number in this ABI
+
+
 @dataclass(slots=True)
 class Pending:
+    abi: Abi
     name: str
     call: DecodedCall | None  # None: filtered out, paired only to keep the books right
     info: Any
@@ -76,13 +109,19 @@ def find_call_site(text: bytes, text_address: int, target: int) -> int | None:
 
 
 class SyscallMonitor:
-    def __init__(self, ctx: VmContext, decoder: SyscallDecoder) -> None:
+    def __init__(self, ctx: VmContext, decoder: SyscallDecoder,
+                 ia32_decoder: SyscallDecoder | None = None) -> None:
         self.ctx = ctx
         self.decoder = decoder
+        self.x86_64 = Abi("x86_64", decoder, k.R_ORIG_AX,
+                          (k.R_DI, k.R_SI, k.R_DX, k.R_R10, k.R_R8, k.R_R9),
+                          decoder.number("restart_syscall"))
+        self.ia32_decoder = ia32_decoder
         self.pending: dict[int, Pending] = {}
         self.seen_tasks: set[int] = set()
         self.entry_site: int | None = None
         self.return_site: int | None = None
+        self.ia32_sites: dict[str, int] = {}  # entry stub -> its call site
         self.calls = 0
 
     # -- setup ------------------------------------------------------------------------------
@@ -100,9 +139,31 @@ class SyscallMonitor:
         self.ctx.add_breakpoint(site, self.on_entry)
         self.ctx.add_breakpoint(site + 5, self.on_exit)
         log.info("syscall breakpoints at %#x (entry) and %#x (return)", site, site + 5)
+        if self.ia32_decoder is not None:
+            self._install_ia32(kernel_cr3, self.ia32_decoder)
+
+    def _install_ia32(self, kernel_cr3: int, decoder: SyscallDecoder) -> None:
+        """Break at each 32-bit entry stub's call of its C handler that this kernel has."""
+        layout = self.ctx.layout
+        for stub, handler, nr in IA32_ENTRIES:
+            entry, target = layout.address(stub), layout.address(handler)
+            if entry is None or target is None:
+                continue
+            text = self.ctx.mem.read_virtual(kernel_cr3, entry, ENTRY_SCAN_BYTES)
+            site = find_call_site(text, entry, target)
+            if site is None:
+                log.warning("no `call %s` in %s: its 32-bit system calls are not traced",
+                            handler, stub)
+                continue
+            self.ia32_sites[stub] = site
+            abi = Abi(ABI_IA32, decoder, nr, IA32_ARGS, decoder.number("restart_syscall"))
+            self.ctx.add_breakpoint(site, partial(self.on_entry, abi=abi))
+            self.ctx.add_breakpoint(site + 5, self.on_exit)
+            log.info("32-bit syscall breakpoints in %s at %#x and %#x", stub, site, site + 5)
 
     # -- events -----------------------------------------------------------------------------
-    def on_entry(self, event: Any, regs: FastRegs) -> None:
+    def on_entry(self, event: Any, regs: FastRegs, abi: Abi | None = None) -> None:
+        abi = abi or self.x86_64
         ctx = self.ctx
         now = ctx.clock()
         cr3 = regs.cr3
@@ -113,13 +174,13 @@ class SyscallMonitor:
             ctx.loss.add("unreadable_entry")
             log.debug("syscall entry unreadable: %s", exc)
             return
-        name = self.decoder.name(pt[k.R_ORIG_AX])
+        name = abi.decoder.name(pt[abi.nr])
         if name in EXECS or name in NO_RETURN:
-            self._enter(task, pt, name, now, event.vcpu, cr3)
+            self._enter(abi, task, pt, name, now, event.vcpu, cr3)
         else:
-            ctx.defer(partial(self._enter, task, pt, name, now, event.vcpu, cr3))
+            ctx.defer(partial(self._enter, abi, task, pt, name, now, event.vcpu, cr3))
 
-    def _enter(self, task: int, pt: tuple[int, ...], name: str, now: int, vcpu: int,
+    def _enter(self, abi: Abi, task: int, pt: tuple[int, ...], name: str, now: int, vcpu: int,
                cr3: int) -> None:
         """Decode an entry and keep it for its exit."""
         ctx = self.ctx
@@ -129,26 +190,26 @@ class SyscallMonitor:
             ctx.loss.add("unreadable_entry")
             log.debug("syscall entry unreadable: %s", exc)
             return
-        nr = pt[k.R_ORIG_AX]
+        nr = pt[abi.nr]
         self.seen_tasks.add(task)
         selected = ctx.filters.task_selected(info.pid, info.tid, info.comm) and \
             ctx.filters.syscall_selected(name)
         call = None
         if selected:
-            args = (pt[k.R_DI], pt[k.R_SI], pt[k.R_DX], pt[k.R_R10], pt[k.R_R8], pt[k.R_R9])
-            call = self.decoder.decode_entry(ctx.mem, cr3, nr, args)
+            args = tuple(pt[i] for i in abi.args)
+            call = abi.decoder.decode_entry(ctx.mem, cr3, nr, args)
         if name in NO_RETURN:
             if call is not None:
-                self._emit(call, info, now, vcpu, pt[k.R_IP], cr3, event_type="enter")
+                self._emit(abi, call, info, now, vcpu, pt[k.R_IP], cr3, event_type="enter")
             self.pending.pop(task, None)
             return
         old = self.pending.get(task)
         if old is not None:  # the previous entry of this task never came back
             ctx.loss.add("unpaired_entry")
             if old.call is not None:
-                self._emit(old.call, old.info, old.time_ns, old.vcpu, old.user_ip, old.cr3,
-                           event_type="enter")
-        self.pending[task] = Pending(name, call, info, now, vcpu, pt[k.R_IP], cr3)
+                self._emit(old.abi, old.call, old.info, old.time_ns, old.vcpu, old.user_ip,
+                           old.cr3, event_type="enter")
+        self.pending[task] = Pending(abi, name, call, info, now, vcpu, pt[k.R_IP], cr3)
 
     def on_exit(self, event: Any, regs: FastRegs) -> None:
         ctx = self.ctx
@@ -169,7 +230,7 @@ class SyscallMonitor:
             self.seen_tasks.add(task)
             return
         self.calls += 1
-        call = pending.call
+        abi, call = pending.abi, pending.call
         ret = pt[k.R_AX]
         if call is None:  # filtered out; lifecycle and caches still follow it
             if pending.name in EXECS and ret == 0:
@@ -178,30 +239,32 @@ class SyscallMonitor:
                 ctx.tasks.forget(task)
             return
         restarted = pt[k.R_IP] == (pending.user_ip - 2) & 0xFFFF_FFFF_FFFF_FFFF and \
-            ret in (call.nr, NR_RESTART_SYSCALL)
+            ret in (call.nr, abi.restart_nr)
         if restarted:
             ctx.loss.add("restarted")  # counted for visibility; the re-entry is traced anew
-            ctx.defer(partial(self._emit, call, pending.info, pending.time_ns, pending.vcpu,
+            ctx.defer(partial(self._emit, abi, call, pending.info, pending.time_ns, pending.vcpu,
                               pending.user_ip, pending.cr3, event_type="call", restarted=True))
             return
-        self.decoder.decode_exit(ctx.mem, cr3, call, ret)
+        abi.decoder.decode_exit(ctx.mem, cr3, call, ret)
         info = pending.info
         if call.name in EXECS and call.ret == 0:
             info = self._after_exec(cr3, task, call) or info
-            self._emit(call, info, pending.time_ns, pending.vcpu, pending.user_ip, cr3,
+            self._emit(abi, call, info, pending.time_ns, pending.vcpu, pending.user_ip, cr3,
                        event_type="call", exit_vcpu=event.vcpu)
             return
         if call.name in CHANGES_TASK:
             ctx.tasks.forget(task)
-        ctx.defer(partial(self._emit, call, info, pending.time_ns, pending.vcpu,
+        ctx.defer(partial(self._emit, abi, call, info, pending.time_ns, pending.vcpu,
                           pending.user_ip, pending.cr3, event_type="call",
                           exit_vcpu=event.vcpu))
 
     # -- records ----------------------------------------------------------------------------
-    def _emit(self, call: DecodedCall, info: Any, time_ns: int, vcpu: int, user_ip: int,
-              cr3: int, event_type: str, restarted: bool = False,
+    def _emit(self, abi: Abi, call: DecodedCall, info: Any, time_ns: int, vcpu: int,
+              user_ip: int, cr3: int, event_type: str, restarted: bool = False,
               exit_vcpu: int | None = None) -> None:
         extra = {}
+        if abi is not self.x86_64:
+            extra["abi"] = abi.name
         if restarted:
             extra["restarted"] = "true"
         if exit_vcpu is not None and exit_vcpu != vcpu:
@@ -209,7 +272,7 @@ class SyscallMonitor:
         unreadable = sum(1 for a in call.args if a["error"])
         if unreadable:
             self.ctx.loss.add("unreadable_argument", unreadable)
-        truncated = self.decoder.truncated_values(call)
+        truncated = abi.decoder.truncated_values(call)
         if truncated:
             self.ctx.loss.add("truncated_argument", truncated)
         self.ctx.record(
@@ -230,7 +293,7 @@ class SyscallMonitor:
             ctx.loss.add("unreadable_task")
             return None
         if call is not None and any(a["error"] for a in call.args):
-            self.decoder.replace_exec_args(call, recovered)
+            self.decoder.replace_exec_args(call, recovered)  # by name: either ABI's decoder
         if ctx.filters.task_selected(info.pid, info.tid, info.comm):
             path = recovered.get("path", (None, False))[0]
             ctx.record(KIND_PROCESS, "exec", action="exec", **process_fields(info),
