@@ -349,8 +349,9 @@ def test_ia32_write_masks_registers_and_decodes_like_x86_64():
     img, dec = ia32_setup()
     img.write(L, b"vmitrace int 0x80")
     high = 0xDEAD_BEEF_0000_0000  # upper register halves a 64-bit caller left: not seen
-    call = dec.decode_entry(img.mem, img.cr3, 4, [high | 3, high | L, high | 17, 0, 0, 0])
-    assert call.name == "write" and call.raw_args == (3, L, 17)
+    assert dec.name(high | 4) == "write"
+    call = dec.decode_entry(img.mem, img.cr3, high | 4, [high | 3, high | L, high | 17, 0, 0, 0])
+    assert call.name == "write" and call.nr == 4 and call.raw_args == (3, L, 17)
     assert [a["value"] for a in call.args] == ["3", "vmitrace int 0x80", "17"]
     assert call.typed == {"fd": 3, "length": 17}
     dec.decode_exit(img.mem, img.cr3, call, 17)

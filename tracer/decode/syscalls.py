@@ -229,11 +229,12 @@ class SyscallDecoder:
         self.limits = limits or Limits()
         self.compat32 = compat32  # ia32 calls: registers, longs and pointers are 32 bits
         self.word_bits = 32 if compat32 else 64
+        self.word_mask = (1 << self.word_bits) - 1
         self.counters = Counters()
         self._by_name = {info.name: info for info in self.syscalls.values()}
 
     def name(self, nr: int) -> str:
-        info = self.syscalls.get(nr)
+        info = self.syscalls.get(nr & self.word_mask)
         return info.name if info else f"syscall_{nr}"
 
     def number(self, name: str) -> int | None:
@@ -243,8 +244,9 @@ class SyscallDecoder:
     # -- entry ------------------------------------------------------------------------------
     def decode_entry(self, mem: GuestMemory | None, cr3: int, nr: int,
                      raw_args: Sequence[int]) -> DecodedCall:
-        if self.compat32:
-            raw_args = tuple(v & 0xFFFF_FFFF for v in raw_args)
+        if self.compat32:  # the kernel reads eax and the argument registers' low halves
+            nr &= self.word_mask
+            raw_args = tuple(v & self.word_mask for v in raw_args)
         info = self.syscalls.get(nr)
         if info is None or info.prototype is None:
             call = DecodedCall(nr, info.name if info else f"syscall_{nr}", tuple(raw_args))

@@ -22,12 +22,12 @@ execute `int $0x80`. Its IDT entry is `asm_int80_emulation`, which saves pt_regs
 `int80_emulation(regs)` (both lab kernels, 6.1 by a stable backport; older kernels:
 `entry_INT80_compat` -> `do_int80_syscall_32`). The same two breakpoints go at that call and
 after it: bx/cx/dx/si/di/bp = arguments, ax = return value at the return. The number is in
-ax at the entry (the IDT stub stores -1 as orig_ax; int80_emulation copies ax there), in
-orig_ax for the other stubs. The
-`sysenter` and 32-bit `syscall` stubs (`entry_SYSENTER_compat` -> `do_SYSENTER_32`,
-`entry_SYSCALL_compat` -> `do_fast_syscall_32`), used only by 32-bit processes, get the same
-breakpoints when found; there the sixth argument is still on the user stack at the entry
-(the C handler fetches it), so bp is not it. Records of 32-bit calls carry extra abi=ia32.
+eax at the entry (the IDT stub stores -1 as orig_ax; int80_emulation copies eax there), in
+orig_ax for the other stubs. The `sysenter` and 32-bit `syscall` stubs
+(`entry_SYSENTER_compat` -> `do_SYSENTER_32`, `entry_SYSCALL_compat` -> `do_fast_syscall_32`),
+used only by 32-bit processes, get the same breakpoints when found (untested: no 32-bit
+process in the lab); there the sixth argument is still on the user stack at the entry (the C
+handler fetches it), so bp is not it. Records of 32-bit calls carry extra abi=ia32.
 
 Most of the work is done after the event's reply, while the guest runs (VmContext.defer): at
 an entry only the task and the saved registers are read before the vCPU goes on. The call's
