@@ -172,6 +172,16 @@ def test_int80_32bit_syscalls_of_a_64bit_process(lab):
     assert set(tracer.ia32_sites) >= {"asm_int80_emulation"}
 
 
+def test_int80_matches_strace(lab):
+    program = wl.WORKLOAD_BINARIES["int80"]
+    pid, text = strace_output(lab, program)  # (its "runs in 32 bit mode" notes go to stderr)
+    truth = from_execve(parse_strace(text), lambda item: item[0] == "execve")
+    calls = syscalls_of(lab.records(), pid)
+    ours = from_execve(vmitrace_sequence(calls), lambda item: item[0] == "execve")
+    assert ("write", len(wl.INT80_PAYLOAD), None) in truth
+    assert ours == truth
+
+
 def test_matches_strace_name_for_name_and_value_for_value(lab):
     program = wl.WORKLOAD_BINARIES["tcp"]
     pid, text = strace_output(lab, program)
