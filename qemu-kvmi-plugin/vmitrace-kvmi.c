@@ -307,19 +307,19 @@ static bool read_all(int fd, void *buf, size_t len, gint64 deadline)
 {
     uint8_t *p = buf;
     while (len) {
-        if (deadline) {
+        /* With a deadline, wait in poll() only when nothing is there yet: a message
+         * usually arrives whole, and this runs on a waiting vCPU's critical path. */
+        ssize_t n = recv(fd, p, len, deadline ? MSG_DONTWAIT : 0);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0 && deadline && (errno == EAGAIN || errno == EWOULDBLOCK)) {
             struct pollfd pfd = { .fd = fd, .events = POLLIN };
             gint64 left = deadline - g_get_monotonic_time();
             int ready = left > 0 ? poll(&pfd, 1, (int)((left + 999) / 1000)) : 0;
-            if (ready < 0 && errno == EINTR) {
-                continue;
-            }
-            if (ready <= 0) {
+            if (ready <= 0 && !(ready < 0 && errno == EINTR)) {
                 return false;
             }
-        }
-        ssize_t n = recv(fd, p, len, 0);
-        if (n < 0 && errno == EINTR) {
             continue;
         }
         if (n <= 0) {
