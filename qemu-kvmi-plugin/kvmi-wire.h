@@ -36,6 +36,7 @@ enum {
     VMITRACE_SET_BREAKPOINT = 0x7f01,
     VMITRACE_CLEAR_BREAKPOINT = 0x7f02,
     VMITRACE_SET_DELIVERY = 0x7f03,
+    VMITRACE_SET_BREAKPOINT_ASYNC = 0x7f04,
 };
 
 /* Event ids. */
@@ -230,7 +231,8 @@ struct kvmi_event {
     uint16_t size; /* offset of the event-specific payload */
     uint16_t vcpu;
     uint8_t event;
-    uint8_t padding[3];
+    uint8_t flags;      /* vendor extension: VMITRACE_EVENT_NO_REPLY; 0 on standard hosts */
+    uint8_t padding[2];
     struct kvmi_event_arch arch;
 };
 
@@ -276,6 +278,39 @@ struct vmitrace_breakpoint {
     uint64_t gva;
 };
 
+/* Guest memory copied into a breakpoint event at the hit (base + offset, length bytes). */
+#define VMITRACE_CAPTURE_NONE 0xff
+#define VMITRACE_CAPTURE_GS_BASE 16
+#define VMITRACE_MAX_CAPTURE 256
+#define VMITRACE_CAPTURES 2
+struct vmitrace_capture {
+    uint8_t base;       /* 0-15: general register, x86 encoding; 16: GS base; 0xff: none */
+    uint8_t padding;
+    uint16_t length;    /* at most VMITRACE_MAX_CAPTURE */
+    int32_t offset;
+};
+
+/* VMITRACE_SET_BREAKPOINT_ASYNC: 32 bytes + 4 per value (count <= 16). */
+#define VMITRACE_MAX_BLOCK_VALUES 16
+struct vmitrace_breakpoint_async {
+    uint64_t gva;
+    uint8_t block_reg;  /* general register, x86 encoding: 0 rax, 1 rcx, ... 15 r15 */
+    uint8_t count;      /* block when its low 32 bits equal one of the values */
+    uint8_t padding[6];
+    struct vmitrace_capture captures[VMITRACE_CAPTURES];
+    uint32_t block_values[VMITRACE_MAX_BLOCK_VALUES];
+};
+
+/* kvmi_event.flags */
+#define VMITRACE_EVENT_NO_REPLY 1 /* the vCPU did not wait; the introspector must not reply */
+#define VMITRACE_EVENT_CAPTURED 2 /* kvmi_event_breakpoint is followed by vmitrace_captured */
+
+/* Then length[0] bytes of the first capture, length[1] of the second (0: unreadable). */
+struct vmitrace_captured {
+    uint16_t length[VMITRACE_CAPTURES];
+    uint32_t padding;
+};
+
 struct vmitrace_delivery {
     uint8_t blocking;
     uint8_t padding[7];
@@ -294,5 +329,7 @@ static_assert(sizeof(struct kvmi_event_msr) == 24, "msr");
 static_assert(sizeof(struct kvmi_event_breakpoint) == 16, "bp");
 static_assert(sizeof(struct kvmi_get_registers_reply) == 8 + 144 + 312 + 8, "getregs");
 static_assert(sizeof(struct kvmi_get_version_reply) == 16, "version");
+static_assert(sizeof(struct vmitrace_capture) == 8, "capture");
+static_assert(sizeof(struct vmitrace_captured) == 8, "captured");
 
 #endif

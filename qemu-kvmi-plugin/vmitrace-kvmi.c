@@ -277,7 +277,19 @@ static uint32_t event_seq;
 
 /* Instrumentation breakpoints, VM-wide by guest virtual address. */
 static GMutex bp_lock;
-static GHashTable *breakpoints; /* uint64_t* gva -> itself */
+/*
+ * How a breakpoint's hits are delivered: as the connection says, or (async)
+ * without waiting for a reply unless a register holds one of a few values.
+ */
+struct bp_rule {
+    uint64_t gva; /* the hash key points here */
+    bool async;
+    uint8_t block_reg;
+    uint8_t count;
+    uint32_t block_values[VMITRACE_MAX_BLOCK_VALUES];
+    struct vmitrace_capture captures[VMITRACE_CAPTURES]; /* copied into each hit's event */
+};
+static GHashTable *breakpoints; /* &rule->gva -> struct bp_rule * */
 static unsigned bp_count;       /* read lock-free at translation time */
 
 /* Translation flushes (qemu_plugin_reset): wanted, and one in flight. */
@@ -750,16 +762,19 @@ static gint64 deadline_after(unsigned ms)
 }
 
 /*
- * Send an event from vCPU v and, with blocking delivery, wait for its reply
- * while serving commands for this vCPU. Returns the action to take.
+ * Send an event from vCPU v and, with blocking delivery (and no_wait false),
+ * wait for its reply while serving commands for this vCPU. Returns the action
+ * to take.
  */
-static uint8_t send_event(struct vcpu *v, uint8_t event_id, uint64_t rip, bool have_arch,
-                          const void *payload, size_t payload_len, unsigned timeout_ms)
+static uint8_t deliver_event(struct vcpu *v, uint8_t event_id, uint64_t rip, bool have_arch,
+                             const void *payload, size_t payload_len, unsigned timeout_ms,
+                             bool no_wait, uint8_t flags)
 {
     struct kvmi_event ev = { .size = sizeof(ev), .vcpu = (uint16_t)v->index, .event = event_id };
     uint32_t seq = __atomic_add_fetch(&event_seq, 1, __ATOMIC_RELAXED);
     unsigned generation = current_generation();
-    bool blocking = __atomic_load_n(&conn.blocking, __ATOMIC_ACQUIRE);
+    bool conn_blocking = __atomic_load_n(&conn.blocking, __ATOMIC_ACQUIRE);
+    bool blocking = conn_blocking && !no_wait;
     uint8_t action = KVMI_EVENT_ACTION_CONTINUE;
 
     if (!connected()) {
@@ -768,6 +783,7 @@ static uint8_t send_event(struct vcpu *v, uint8_t event_id, uint64_t rip, bool h
     if (have_arch) {
         fill_arch(v, rip, &ev.arch);
     }
+    ev.flags = flags | (blocking ? 0 : VMITRACE_EVENT_NO_REPLY);
     if (blocking) {
         g_mutex_lock(&v->lock);
         v->waiting = true;
@@ -775,7 +791,8 @@ static uint8_t send_event(struct vcpu *v, uint8_t event_id, uint64_t rip, bool h
         v->wait_seq = seq;
         g_mutex_unlock(&v->lock);
     }
-    if (!send_message(generation, KVMI_EVENT, seq, !blocking, &ev, sizeof(ev), payload,
+    /* An async breakpoint's hit goes out at once: the introspector works while we run. */
+    if (!send_message(generation, KVMI_EVENT, seq, !conn_blocking, &ev, sizeof(ev), payload,
                       payload_len, NULL, 0)) {
         blocking = false;
     }
@@ -842,6 +859,13 @@ static uint8_t send_event(struct vcpu *v, uint8_t event_id, uint64_t rip, bool h
         action = KVMI_EVENT_ACTION_CONTINUE;
     }
     return action;
+}
+
+static uint8_t send_event(struct vcpu *v, uint8_t event_id, uint64_t rip, bool have_arch,
+                          const void *payload, size_t payload_len, unsigned timeout_ms)
+{
+    return deliver_event(v, event_id, rip, have_arch, payload, payload_len, timeout_ms, false,
+                         0);
 }
 
 static bool event_enabled(struct vcpu *v, unsigned event_id)
@@ -993,10 +1017,59 @@ static void on_wrmsr(struct vcpu *v, const struct site *s)
     send_event(v, KVMI_EVENT_MSR, s->gva, true, &ev, sizeof(ev), cfg.reply_timeout_ms);
 }
 
-static void on_breakpoint_hit(struct vcpu *v, const struct site *s)
+/* Copy guest virtual memory through v's current page tables; false if a page is unmapped. */
+static bool read_virtual(struct vcpu *v, uint64_t gva, uint8_t *dst, size_t len)
 {
-    struct kvmi_event_breakpoint ev = { .gpa = breakpoint_gpa(v, s->gva), .insn_len = s->len };
-    send_event(v, KVMI_EVENT_BREAKPOINT, s->gva, true, &ev, sizeof(ev), cfg.reply_timeout_ms);
+    uint64_t cr0 = read_reg(v, R_CR0), cr3 = read_reg(v, R_CR3), cr4 = read_reg(v, R_CR4);
+    uint64_t efer = read_reg(v, R_EFER);
+    while (len) {
+        size_t chunk = MIN(len, 4096 - (size_t)(gva & 4095));
+        uint64_t gpa = translate_gva(cr0, cr3, cr4, efer, gva);
+        if (gpa == ~0ull || !ram_read(gpa, dst, chunk)) {
+            return false;
+        }
+        gva += chunk;
+        dst += chunk;
+        len -= chunk;
+    }
+    return true;
+}
+
+/* A breakpoint event's payload: kvmi_event_breakpoint, then the rule's captures if any. */
+struct bp_payload {
+    struct kvmi_event_breakpoint bp;
+    struct vmitrace_captured captured;
+    uint8_t data[VMITRACE_CAPTURES * VMITRACE_MAX_CAPTURE];
+};
+
+static void on_breakpoint_hit(struct vcpu *v, const struct site *s, const struct bp_rule *rule,
+                              bool no_wait)
+{
+    struct bp_payload p = { .bp = { .gpa = breakpoint_gpa(v, s->gva), .insn_len = s->len } };
+    size_t len = sizeof(p.bp);
+    uint8_t flags = 0;
+
+    if (rule && (rule->captures[0].base != VMITRACE_CAPTURE_NONE ||
+                 rule->captures[1].base != VMITRACE_CAPTURE_NONE)) {
+        size_t used = 0;
+        for (unsigned i = 0; i < VMITRACE_CAPTURES; i++) {
+            const struct vmitrace_capture *c = &rule->captures[i];
+            if (c->base == VMITRACE_CAPTURE_NONE) {
+                continue;
+            }
+            uint64_t base = c->base == VMITRACE_CAPTURE_GS_BASE
+                                ? read_reg(v, R_GS_BASE)
+                                : read_reg(v, gpr_by_number[c->base]);
+            if (read_virtual(v, base + (int64_t)c->offset, p.data + used, c->length)) {
+                p.captured.length[i] = c->length;
+                used += c->length;
+            }
+        }
+        len = offsetof(struct bp_payload, data) + used;
+        flags = VMITRACE_EVENT_CAPTURED;
+    }
+    deliver_event(v, KVMI_EVENT_BREAKPOINT, s->gva, true, &p, len, cfg.reply_timeout_ms,
+                  no_wait, flags);
 }
 
 static bool breakpoint_set(uint64_t gva)
@@ -1005,6 +1078,33 @@ static bool breakpoint_set(uint64_t gva)
     bool set = g_hash_table_contains(breakpoints, &gva);
     g_mutex_unlock(&bp_lock);
     return set;
+}
+
+/* The rule of the breakpoint at gva (copied out); false if there is none. */
+static bool breakpoint_rule(uint64_t gva, struct bp_rule *rule)
+{
+    g_mutex_lock(&bp_lock);
+    const struct bp_rule *found = g_hash_table_lookup(breakpoints, &gva);
+    if (found) {
+        *rule = *found;
+    }
+    g_mutex_unlock(&bp_lock);
+    return found != NULL;
+}
+
+/* Whether a hit under this rule may go on without waiting for the reply. */
+static bool hit_runs_on(struct vcpu *v, const struct bp_rule *rule)
+{
+    if (!rule->async) {
+        return false;
+    }
+    uint32_t value = (uint32_t)read_reg(v, gpr_by_number[rule->block_reg]);
+    for (unsigned i = 0; i < rule->count; i++) {
+        if (rule->block_values[i] == value) {
+            return false;
+        }
+    }
+    return true;
 }
 
 /*
@@ -1042,14 +1142,16 @@ static void on_site(unsigned vcpu_index, void *userdata)
         break;
     case SITE_INT3:
         if (event_enabled(v, KVMI_EVENT_BREAKPOINT)) {
-            on_breakpoint_hit(v, s);
+            on_breakpoint_hit(v, s, NULL, false);
         }
         break;
-    case SITE_BREAKPOINT:
-        if (event_enabled(v, KVMI_EVENT_BREAKPOINT) && breakpoint_set(s->gva)) {
-            on_breakpoint_hit(v, s);
+    case SITE_BREAKPOINT: {
+        struct bp_rule rule;
+        if (event_enabled(v, KVMI_EVENT_BREAKPOINT) && breakpoint_rule(s->gva, &rule)) {
+            on_breakpoint_hit(v, s, &rule, hit_runs_on(v, &rule));
         }
         break;
+    }
     }
 }
 
@@ -1253,6 +1355,7 @@ static bool command_supported(unsigned id)
     case VMITRACE_SET_BREAKPOINT:
     case VMITRACE_CLEAR_BREAKPOINT:
     case VMITRACE_SET_DELIVERY:
+    case VMITRACE_SET_BREAKPOINT_ASYNC:
         return true;
     case KVMI_READ_PHYSICAL:
     case KVMI_WRITE_PHYSICAL:
@@ -1387,22 +1490,64 @@ static int set_msr_bit(struct vcpu *v, uint32_t msr, bool enable)
     return 0;
 }
 
+/* The rule a SET_BREAKPOINT(_ASYNC) or CLEAR payload carries; false if malformed. */
+static bool parse_breakpoint(const struct kvmi_msg_hdr *hdr, const uint8_t *payload,
+                             struct bp_rule *rule)
+{
+    memset(rule, 0, sizeof(*rule));
+    rule->captures[0].base = rule->captures[1].base = VMITRACE_CAPTURE_NONE;
+    if (hdr->id != VMITRACE_SET_BREAKPOINT_ASYNC) {
+        struct vmitrace_breakpoint bp;
+        if (hdr->size != sizeof(bp)) {
+            return false;
+        }
+        memcpy(&bp, payload, sizeof(bp));
+        rule->gva = bp.gva;
+        return true;
+    }
+    struct vmitrace_breakpoint_async req;
+    size_t fixed = offsetof(struct vmitrace_breakpoint_async, block_values);
+    if (hdr->size < fixed) {
+        return false;
+    }
+    memcpy(&req, payload, fixed);
+    if (req.count > VMITRACE_MAX_BLOCK_VALUES || req.block_reg > 15 ||
+        !all_zero(req.padding, sizeof(req.padding)) ||
+        hdr->size != fixed + req.count * sizeof(uint32_t)) {
+        return false;
+    }
+    for (unsigned i = 0; i < VMITRACE_CAPTURES; i++) {
+        const struct vmitrace_capture *c = &req.captures[i];
+        if (c->padding || (c->base != VMITRACE_CAPTURE_NONE &&
+                           (c->base > VMITRACE_CAPTURE_GS_BASE || c->length == 0 ||
+                            c->length > VMITRACE_MAX_CAPTURE))) {
+            return false;
+        }
+        rule->captures[i] = *c;
+    }
+    rule->gva = req.gva;
+    rule->async = true;
+    rule->block_reg = req.block_reg;
+    rule->count = req.count;
+    memcpy(rule->block_values, payload + fixed, req.count * sizeof(uint32_t));
+    return true;
+}
+
+/* 1 if the set of breakpoint addresses changed (translations must go), 0 if not. */
 static int update_breakpoint(const struct kvmi_msg_hdr *hdr, const uint8_t *payload)
 {
-    struct vmitrace_breakpoint bp;
-    if (hdr->size != sizeof(bp)) {
+    struct bp_rule rule;
+    if (!parse_breakpoint(hdr, payload, &rule)) {
         return -KVM_EINVAL;
     }
-    memcpy(&bp, payload, sizeof(bp));
     bool changed;
     g_mutex_lock(&bp_lock);
-    if (hdr->id == VMITRACE_SET_BREAKPOINT) {
-        changed = !g_hash_table_contains(breakpoints, &bp.gva);
-        if (changed) {
-            g_hash_table_add(breakpoints, g_memdup2(&bp.gva, sizeof(bp.gva)));
-        }
+    if (hdr->id == VMITRACE_CLEAR_BREAKPOINT) {
+        changed = g_hash_table_remove(breakpoints, &rule.gva);
     } else {
-        changed = g_hash_table_remove(breakpoints, &bp.gva);
+        changed = !g_hash_table_contains(breakpoints, &rule.gva);
+        struct bp_rule *stored = g_memdup2(&rule, sizeof(rule));
+        g_hash_table_replace(breakpoints, &stored->gva, stored); /* frees an older rule */
     }
     __atomic_store_n(&bp_count, g_hash_table_size(breakpoints), __ATOMIC_RELAXED);
     g_mutex_unlock(&bp_lock);
@@ -1615,6 +1760,7 @@ static void handle_command(unsigned generation, const struct kvmi_msg_hdr *hdr,
         break;
     }
     case VMITRACE_SET_BREAKPOINT:
+    case VMITRACE_SET_BREAKPOINT_ASYNC:
     case VMITRACE_CLEAR_BREAKPOINT: {
         int changed = update_breakpoint(hdr, payload);
         if (changed < 0) {

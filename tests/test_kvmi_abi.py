@@ -61,7 +61,7 @@ INDEPENDENT: dict[str, str] = {
     "kvmi_query_physical": "Q",
     "kvmi_query_physical_reply": "QQ",
     "kvmi_inject_exception": "B1x2xIQ",
-    "kvmi_event": "HHB3x" + ARCH,
+    "kvmi_event": "HHBB2x" + ARCH,  # the first padding byte: vmitrace's flags
     "kvmi_event_reply": "BB2x4x",
     "kvmi_event_pf": "QQB1xH4x",
     "kvmi_event_pf_reply": "QIBB2x256s",
@@ -106,6 +106,9 @@ INDEPENDENT: dict[str, str] = {
     "kvmi_event_singlestep": "B7x",
     "vmitrace_breakpoint": "Q",
     "vmitrace_delivery": "B7x",
+    "vmitrace_capture": "BxHi",
+    "vmitrace_breakpoint_async": "QBB6x" + "BxHi" * 2,  # + u32 block_values[count]
+    "vmitrace_captured": "2H4x",
 }
 
 SIZES = {  # from the headers (sizeof)

@@ -116,8 +116,19 @@ def test_every_event_kind_decodes() -> None:
     assert (cpuid.function, cpuid.index, cpuid.insn_length) == (7, 0, 2)
 
 
+def test_event_no_reply_flag() -> None:
+    """vmitrace's flag: the vCPU ran on; the event needs (and gets) no reply."""
+    msg = bytearray(event_message(1, 0, 1, cr_payload(3, 1, 2)))
+    (plain,) = ready().receive_data(bytes(msg))
+    msg[13] = abi.VMITRACE_EVENT_NO_REPLY
+    (flagged,) = ready().receive_data(bytes(msg))
+    assert plain.blocking and not flagged.blocking
+    assert (flagged.cr, flagged.old_value, flagged.new_value) == (3, 1, 2)
+
+
 @pytest.mark.parametrize("mutate,error", [
-    (lambda m: m[:13] + b"\x01" + m[14:], errors.MalformedMessage),  # kvmi_event.padding
+    (lambda m: m[:13] + b"\x02" + m[14:], errors.MalformedMessage),  # unknown kvmi_event.flags
+    (lambda m: m[:14] + b"\x01" + m[15:], errors.MalformedMessage),  # kvmi_event.padding
     (lambda m: m[:17] + b"\x01" + m[18:], errors.MalformedMessage),  # arch.padding1
     (lambda m: m[:8 + 544 + 2] + b"\x01" + m[8 + 544 + 3:], errors.MalformedMessage),  # cr pad
     (lambda m: m[:12] + b"" + m[12:], None),  # unchanged

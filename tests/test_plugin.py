@@ -47,6 +47,7 @@ SUPPORTED_COMMANDS = {
     abi.KVMI_CONTROL_MSR, abi.KVMI_GET_REGISTERS, abi.KVMI_READ_PHYSICAL,
     abi.KVMI_WRITE_PHYSICAL, abi.KVMI_VCPU_TRANSLATE_GVA,
     abi.VMITRACE_SET_BREAKPOINT, abi.VMITRACE_CLEAR_BREAKPOINT, abi.VMITRACE_SET_DELIVERY,
+    abi.VMITRACE_SET_BREAKPOINT_ASYNC,
 }
 SUPPORTED_EVENTS = {
     abi.KVMI_EVENT_UNHOOK, abi.KVMI_EVENT_CR, abi.KVMI_EVENT_MSR, abi.KVMI_EVENT_BREAKPOINT,
@@ -386,6 +387,81 @@ def test_breakpoint_on_kernel_function_fires_with_plausible_registers(lab):
     lab.run_ok(f"cat {path}")
     assert [e for e in lab.since(after, abi.KVMI_EVENT_BREAKPOINT)
             if e.arch.regs.rip in (target, nested)] == []
+
+
+def current_task_offset(lab: Lab) -> int:
+    """Per-CPU offset of the current task pointer (6.12: first member of pcpu_hot)."""
+    out = lab.run_ok("grep -E ' (current_task|pcpu_hot)$' /proc/kallsyms")
+    return int(out.split()[0], 16)
+
+
+def test_async_breakpoint_runs_on_with_captures_and_blocks_on_chosen_values(lab):
+    s = lab.session
+    target = lab.symbols("do_sys_openat2")["do_sys_openat2"]
+    current = current_task_offset(lab)
+    path = b"/proc/version"
+    captures = ((abi.VMITRACE_CAPTURE_GS_BASE, current, 8),  # the current task
+                (6, 0, len(path)))                             # rsi: the user's filename
+    REG_RDI = 7
+    current_at_hit: dict[int, int] = {}
+
+    def read_current(session: Session, event: Any) -> None:
+        if event.event_id == abi.KVMI_EVENT_BREAKPOINT and event.blocking and \
+                event.arch.regs.rip == target:  # still stopped: read it ourselves
+            gpa = session.translate_gva(event.vcpu, event.arch.sregs.gs.base + current)
+            current_at_hit[event.seq] = int.from_bytes(session.read_physical(gpa, 8), "little")
+        return None
+
+    for vcpu in range(lab.vcpus):
+        s.control_events(vcpu, abi.KVMI_EVENT_BREAKPOINT, True)
+    lab.handler = read_current
+    try:
+        # dfd (rdi) is AT_FDCWD for cat's openat: these hits wait for their reply...
+        s.set_async_breakpoint(target, REG_RDI, [1, AT_FDCWD_32], captures)
+        mark = lab.mark()
+        lab.run_ok(f"cat {path.decode()}")
+        waited = lab.wait_for(lambda e: e.event_id == abi.KVMI_EVENT_BREAKPOINT and
+                              e.captured is not None and e.captured[1] == path, mark)
+        # ... and now none does: the vCPU runs on, the event still carries the captures.
+        s.set_async_breakpoint(target, REG_RDI, [1], captures)
+        mark = lab.mark()
+        lab.run_ok(f"cat {path.decode()}")
+        ran_on = lab.wait_for(lambda e: e.event_id == abi.KVMI_EVENT_BREAKPOINT and
+                              e.captured is not None and e.captured[1] == path, mark)
+        # An unreadable capture comes back empty, the event still arrives.
+        s.set_async_breakpoint(target, REG_RDI, [], ((REG_RDI, 0, 8),))
+        mark = lab.mark()
+        lab.run_ok(f"cat {path.decode()}")
+        unreadable = lab.wait_for(lambda e: e.event_id == abi.KVMI_EVENT_BREAKPOINT and
+                                  e.arch.regs.rip == target, mark)
+    finally:
+        lab.handler = None
+        s.clear_breakpoint(target)
+    assert waited.blocking and not ran_on.blocking and not unreadable.blocking
+    task = int.from_bytes(waited.captured[0], "little")
+    assert task == current_at_hit[waited.seq] and task >= KERNEL_HALF
+    assert int.from_bytes(ran_on.captured[0], "little") >= KERNEL_HALF
+    assert ran_on.arch.regs.rip == target and ran_on.gpa == s.translate_gva(ran_on.vcpu, target)
+    assert unreadable.captured == (b"", b"")  # rdi held AT_FDCWD: nothing maps it
+    # Cleared: no more events from it.
+    after = lab.mark()
+    lab.run_ok(f"cat {path.decode()}")
+    assert not [e for e in lab.since(after, abi.KVMI_EVENT_BREAKPOINT) if e.arch.regs.rip == target]
+
+
+@pytest.mark.parametrize("payload", [
+    struct.pack("<QBB6x", 0x1000, 0, 0),                                  # short
+    struct.pack("<QBB6xBxHiBxHi", 0x1000, 16, 0, 0xFF, 0, 0, 0xFF, 0, 0),  # no register 16
+    struct.pack("<QBB6xBxHiBxHi", 0x1000, 0, 17, 0xFF, 0, 0, 0xFF, 0, 0),  # 17 values
+    struct.pack("<QBB6xBxHiBxHiI", 0x1000, 0, 2, 0xFF, 0, 0, 0xFF, 0, 0, 1),  # 1 of 2 values
+    struct.pack("<QBB6xBxHiBxHi", 0x1000, 0, 0, 4, 0, 0, 0xFF, 0, 0),     # empty capture
+    struct.pack("<QBB6xBxHiBxHi", 0x1000, 0, 0, 4, 257, 0, 0xFF, 0, 0),   # capture too long
+    struct.pack("<QBB6xBxHiBxHi", 0x1000, 0, 0, 17, 8, 0, 0xFF, 0, 0),    # no base 17
+    struct.pack("<QBB5xBBxHiBxHi", 0x1000, 0, 0, 1, 0xFF, 0, 0, 0xFF, 0, 0),  # padding
+])
+def test_async_breakpoint_refuses_malformed_requests(lab, payload):
+    with pytest.raises(KvmEINVAL):
+        lab.session.request(abi.VMITRACE_SET_BREAKPOINT_ASYNC, payload)
 
 
 # -- hypercalls, pauses ------------------------------------------------------------------------

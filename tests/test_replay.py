@@ -78,29 +78,34 @@ def test_replay_of_a_damaged_file_fails_cleanly(recorded, tmp_path):
     assert "cannot replay" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_entry_arguments_are_read_after_the_entry_reply(recorded):
-    """The syscall monitor releases the vCPU before decoding an entry (tracer/monitors/
-    syscalls.py): in the recording, the command reading the file workload's path (its second
-    openat: the page is mapped by then) is sent after the reply to that call's entry event,
-    not before it (the last event replied before the read is at the entry site)."""
+def test_entry_arguments_are_read_before_the_call_returns(recorded):
+    """Entries run on without a reply (the host captures pt_regs and the current task with
+    the event; tracer/monitors/syscalls.py) and are decoded before the call's exit is
+    answered. In the recording, the command reading the file workload's path (its second
+    openat: the page is mapped by then) comes after that call's entry event, which asked for
+    no reply, and before any reply to an event that arrived after that entry: its exit's
+    reply among them."""
     recording, _, _, _ = recorded
     path = wl.FILE_PATH.encode() + b"\0"
-    rips: dict[int, int] = {}
-    last_replied_rip: dict[int, int | None] = {}  # read command seq -> rip of last reply
-    last_reply = None
+    stream = []  # (direction, message id, seq, kvmi_event.flags, rip of breakpoint events)
     path_reads = []
     for rec in RecordingReader(recording):
         msg_id, _size, seq = struct.unpack_from("<HHI", rec.raw)
-        if rec.direction == "in" and msg_id == abi.KVMI_EVENT and \
-                rec.raw[12] == abi.KVMI_EVENT_BREAKPOINT:
-            rips[seq] = struct.unpack_from("<Q", rec.raw, EVENT_RIP_OFFSET)[0]
-        elif rec.direction == "out" and msg_id == abi.KVMI_EVENT_REPLY:
-            last_reply = rips.get(seq)
-        elif rec.direction == "out" and msg_id == abi.KVMI_READ_PHYSICAL:
-            last_replied_rip[seq] = last_reply
-        elif rec.direction == "in" and msg_id == abi.KVMI_READ_PHYSICAL and path in rec.raw:
+        breakpoint_event = rec.direction == "in" and msg_id == abi.KVMI_EVENT and \
+            rec.raw[12] == abi.KVMI_EVENT_BREAKPOINT
+        rip = struct.unpack_from("<Q", rec.raw, EVENT_RIP_OFFSET)[0] if breakpoint_event else None
+        stream.append((rec.direction, msg_id, seq, rec.raw[13] if breakpoint_event else 0, rip))
+        if rec.direction == "in" and msg_id == abi.KVMI_READ_PHYSICAL and path in rec.raw:
             path_reads.append(seq)
-    sites = set(rips.values())
+    sites = {rip for *_, rip in stream if rip is not None}
     entry_site = min(r for r in sites if r + 5 in sites)  # `call do_syscall_64`, its return
     assert len(path_reads) >= 2, "the workload's path was read fewer than twice"
-    assert last_replied_rip[path_reads[-1]] == entry_site
+    read = next(i for i, (d, m, seq, _, _) in enumerate(stream)
+                if d == "out" and m == abi.KVMI_READ_PHYSICAL and seq == path_reads[-1])
+    entry = max(i for i, item in enumerate(stream[:read]) if item[4] == entry_site)
+    assert stream[entry][3] & abi.VMITRACE_EVENT_NO_REPLY
+    later = {seq: rip for d, m, seq, _, rip in stream[entry + 1:] if d == "in" and m == abi.KVMI_EVENT}
+    replied = [(i, later[seq]) for i, (d, m, seq, _, _) in enumerate(stream)
+               if i > entry and d == "out" and m == abi.KVMI_EVENT_REPLY and seq in later]
+    assert replied and all(i > read for i, _ in replied)
+    assert replied[0][1] == entry_site + 5  # the first of them: this call's exit

@@ -205,6 +205,49 @@ def test_no_integrity_alarm_and_few_unpaired(lab):
     assert losses["dropped_records"] == 0
 
 
+def test_entries_run_on_and_blocking_entries_decode_the_same(lab):
+    """Entries of ordinary calls do not stop the vCPU (the host copies pt_regs and the current
+    task into the event); with the entry breakpoint switched to plain blocking hits (what
+    `--blocking-entries` installs) the same calls decode to the same values."""
+    tracer, session = lab.tracer, lab.session
+    entry = tracer.syscalls.entry_site
+    rule = tracer.ctx.async_rules[entry]
+    assert {59, 60, 231, 322} <= set(rule.block_values)  # execve(at), exit(_group) wait
+    program = wl.WORKLOAD_BINARIES["file"]
+    actions = ["openat", "write", "close", "openat", "read", "close", "exit_group"]
+    ran_on = tracer.ctx.events_run_on
+    pid, _, _ = lab.run_pid(program)
+    assert tracer.ctx.events_run_on > ran_on + len(actions)
+    session.set_breakpoint(entry)
+    try:
+        ran_on = tracer.ctx.events_run_on
+        blocking_pid, _, _ = lab.run_pid(program)
+        assert tracer.ctx.events_run_on == ran_on
+    finally:
+        session.set_async_breakpoint(entry, rule.block_reg, rule.block_values, rule.captures)
+    records = lab.records()
+    for calls in (after_startup(program_calls(records, p, program)) for p in (pid, blocking_pid)):
+        assert [r["action"] for r in calls] == actions
+        assert arg(calls[0], "filename")["value"] == wl.FILE_PATH
+        assert arg(calls[0], "flags")["value"] == "O_WRONLY|O_CREAT|O_TRUNC"
+        assert calls[0]["ret"] == 3 and calls[1]["ret"] == wl.FILE_BYTES
+
+
+def test_signal_at_syscall_exit_keeps_the_entry_arguments(lab):
+    """kill() of oneself: before the call's exit the kernel rewrites pt_regs for the signal
+    handler, and rt_sigreturn rewrites them again; the records keep the calls' own values."""
+    out = lab.run("sh -c 'trap \"echo handled\" USR1; echo vmitrace-pid $$; kill -USR1 $$'")
+    assert "handled" in out
+    pid = int(out.split("vmitrace-pid ")[1].split()[0])
+    calls = syscalls_of(lab.records(), pid)
+    kills = [r for r in calls if r["action"] == "kill"]
+    assert len(kills) == 1, [r["action"] for r in calls]
+    kill = kills[0]
+    assert arg(kill, "pid")["value"] == str(pid) and arg(kill, "sig")["value"] == "SIGUSR1"
+    assert kill["ret"] == 0
+    assert "rt_sigreturn" in [r["action"] for r in calls[calls.index(kill) + 1:]]
+
+
 def test_restarted_syscall(lab):
     out = lab.run("sleep 2 & p=$!; echo vmitrace-pid $p; sleep 0.5; kill -STOP $p; "
                   "kill -CONT $p; wait $p")

@@ -78,6 +78,7 @@ class TraceOptions:
     hypercalls: bool = True
     hv_events: bool = False       # also emit raw CR/MSR events as records
     spin_us: int = 0              # Session busy-poll before sleeping for an event (0: off)
+    async_entries: bool = True    # syscall entries run on without a reply where the host can
     observer_host: str | None = field(default_factory=socket.gethostname)
 
 
@@ -240,6 +241,8 @@ class VmTracer:
                 "this KVMI host has no instrumentation breakpoints (vmitrace vendor extension); "
                 "int3 patching through WRITE_PHYSICAL is not implemented, so system calls "
                 "cannot be traced on it")
+        self.ctx.async_hits = self.options.async_entries and \
+            s.check_command(abi.VMITRACE_SET_BREAKPOINT_ASYNC)
         wanted = [abi.KVMI_EVENT_BREAKPOINT, abi.KVMI_EVENT_MSR, abi.KVMI_EVENT_CR]
         if self.options.hypercalls:
             wanted.append(abi.KVMI_EVENT_HYPERCALL)
@@ -329,10 +332,17 @@ class VmTracer:
         addresses = list(queue_)
         queue_.clear()
 
+        rules = self.ctx.async_rules
+
         def install() -> None:
             for gva in addresses:
                 try:
-                    self.session.set_breakpoint(gva)
+                    rule = rules.get(gva)
+                    if rule is not None:
+                        self.session.set_async_breakpoint(gva, rule.block_reg,
+                                                          rule.block_values, rule.captures)
+                    else:
+                        self.session.set_breakpoint(gva)
                 except kerr.KvmiError as exc:
                     self.ctx.loss.add("breakpoint_install_failed")
                     self.notes.append(f"breakpoint at {gva:#x} not set: {exc}")
@@ -350,6 +360,8 @@ class VmTracer:
         """Dispatch one event to the monitors (the caller replies)."""
         ctx = self.ctx
         ctx.events += 1
+        if not event.blocking:
+            ctx.events_run_on += 1
         if isinstance(event, BreakpointEvent):
             regs = FastRegs(event.raw)
             handler = ctx.breakpoints.get(regs.rip)
@@ -479,7 +491,8 @@ class VmTracer:
 
     def summary(self) -> dict[str, Any]:
         return {"vm_id": self.ctx.vm_id, "vm_name": getattr(self.session, "name", None),
-                "events": self.ctx.events, "syscalls": self.syscalls.calls,
+                "events": self.ctx.events, "events_run_on": self.ctx.events_run_on,
+                "syscalls": self.syscalls.calls,
                 "losses": dict(self.ctx.loss.counts), "notes": list(self.notes),
                 "kaslr_slide": self.layout.slide}
 

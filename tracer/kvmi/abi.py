@@ -493,9 +493,10 @@ KVMI_INJECT_EXCEPTION_ = _def("kvmi_inject_exception", [
     ("nr", "u8"), ("padding1", "u8"), ("padding2", "u16"), ("error_code", "u32"),
     ("address", "u64")], 16)
 KVMI_EVENT_ = _def("kvmi_event", [
-    ("size", "u16"), ("vcpu", "u16"), ("event", "u8"), ("padding", ("u8", 3)),
+    ("size", "u16"), ("vcpu", "u16"), ("event", "u8"), ("flags", "u8"), ("padding", ("u8", 2)),
     ("arch", KVMI_EVENT_ARCH)], 544,
-    "Common part of every event; the event-specific payload starts at offset `size`.")
+    "Common part of every event; the event-specific payload starts at offset `size`. `flags` "
+    "is padding in standard KVMI (always 0); vmitrace hosts set VMITRACE_EVENT_NO_REPLY there.")
 KVMI_EVENT_REPLY_ = _def("kvmi_event_reply", [
     ("action", "u8"), ("event", "u8"), ("padding1", "u16"), ("padding2", "u32")], 8)
 KVMI_EVENT_PF_ = _def("kvmi_event_pf", [
@@ -579,9 +580,34 @@ KVMI_EVENT_SINGLESTEP_ = _def("kvmi_event_singlestep", [
 VMITRACE_SET_BREAKPOINT = 0x7F01
 VMITRACE_CLEAR_BREAKPOINT = 0x7F02
 VMITRACE_SET_DELIVERY = 0x7F03
+VMITRACE_SET_BREAKPOINT_ASYNC = 0x7F04
+# kvmi_event.flags
+VMITRACE_EVENT_NO_REPLY = 1  # the vCPU did not wait; no reply is expected
+VMITRACE_EVENT_CAPTURED = 2  # kvmi_event_breakpoint is followed by vmitrace_captured + data
+VMITRACE_MAX_BLOCK_VALUES = 16
+VMITRACE_CAPTURES = 2
+VMITRACE_CAPTURE_GS_BASE = 16  # vmitrace_capture.base: GS base (0-15: general registers)
+VMITRACE_CAPTURE_NONE = 0xFF
+VMITRACE_MAX_CAPTURE = 256
 VMITRACE_BREAKPOINT = _def("vmitrace_breakpoint", [("gva", "u64")], 8,
                            "VM-wide (no vcpu header): instrumentation breakpoint at a guest "
                            "virtual instruction address; hits arrive as KVMI_EVENT_BREAKPOINT.")
+VMITRACE_CAPTURE = _def("vmitrace_capture", [
+    ("base", "u8"), ("padding", "u8"), ("length", "u16"), ("offset", "s32")], 8,
+    "Guest memory copied into each hit's event: `length` (1-256) bytes at base + offset, "
+    "base = general register 0-15 (x86 encoding) or 16 (GS base); base 0xff: unused.")
+VMITRACE_BREAKPOINT_ASYNC = _def("vmitrace_breakpoint_async", [
+    ("gva", "u64"), ("block_reg", "u8"), ("count", "u8"), ("padding", ("u8", 6)),
+    ("capture0", VMITRACE_CAPTURE), ("capture1", VMITRACE_CAPTURE),
+    ("block_values", flex("u32"))], 32,
+    "Breakpoint whose hits do not wait for a reply, unless the low 32 bits of general "
+    "register `block_reg` (x86 encoding: 0 rax, 1 rcx, 2 rdx, 3 rbx, 4 rsp, 5 rbp, 6 rsi, "
+    "7 rdi, 8-15 r8-r15) equal one of the `count` (at most 16) block_values; every hit "
+    "carries its two captures, taken at that instant.")
+VMITRACE_CAPTURED = _def("vmitrace_captured", [
+    ("length", ("u16", 2)), ("padding", "u32")], 8,
+    "After kvmi_event_breakpoint when kvmi_event.flags has VMITRACE_EVENT_CAPTURED: the bytes "
+    "of each capture follow (length 0: not configured or unreadable).")
 VMITRACE_DELIVERY = _def("vmitrace_delivery", [("blocking", "u8"), ("padding", ("u8", 7))], 8,
                          "blocking=0: events are delivered without waiting for replies.")
 
@@ -661,6 +687,7 @@ COMMANDS: dict[int, CommandSpec] = {c.id: c for c in [
     _cmd("VMITRACE_SET_BREAKPOINT", False, VMITRACE_BREAKPOINT, None),
     _cmd("VMITRACE_CLEAR_BREAKPOINT", False, VMITRACE_BREAKPOINT, None),
     _cmd("VMITRACE_SET_DELIVERY", False, VMITRACE_DELIVERY, None),
+    _cmd("VMITRACE_SET_BREAKPOINT_ASYNC", False, VMITRACE_BREAKPOINT_ASYNC, None),
 ]}
 
 # Event id -> (C name, payload struct or None, event-specific reply struct or None).

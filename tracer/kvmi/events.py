@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from . import abi
 
 _ARCH = abi.KVMI_EVENT_ARCH
-_ARCH_OFFSET = abi.KVMI_MSG_HDR.size + 8  # header, then size/vcpu/event/padding[3]
+_ARCH_OFFSET = abi.KVMI_MSG_HDR.size + 8  # header, then size/vcpu/event/flags/padding[2]
 
 _REGS = abi.KVM_REGS.struct
 _REGS_TUPLE = abi.KVM_REGS.tuple
@@ -119,14 +119,17 @@ class XsetbvEvent(Event):
 class BreakpointEvent(Event):
     """A breakpoint hit: ``gpa`` of the instruction, ``insn_len``; ``arch.regs.rip`` = GVA."""
 
-    __slots__ = ("gpa", "insn_len")
+    __slots__ = ("gpa", "insn_len", "captured")
     event_id, name = abi.KVMI_EVENT_BREAKPOINT, "KVMI_EVENT_BREAKPOINT"
     fields = ("gpa", "insn_len")
 
     def __init__(self, seq: int, vcpu: int, raw: bytes, blocking: bool,
-                 gpa: int, insn_len: int) -> None:
+                 gpa: int, insn_len: int, captured: tuple[bytes, ...] | None = None) -> None:
         self.seq, self.vcpu, self.raw, self.blocking, self._arch = seq, vcpu, raw, blocking, None
         self.gpa, self.insn_len = gpa, insn_len
+        # vmitrace hosts: guest memory copied at the hit (VMITRACE_SET_BREAKPOINT_ASYNC);
+        # an empty capture was unreadable
+        self.captured = captured
 
 
 class HypercallEvent(Event):

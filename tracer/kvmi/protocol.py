@@ -32,14 +32,20 @@ from typing import Any
 from . import abi
 from .errors import (HandshakeError, MalformedMessage, OversizeMessage, ProtocolError,
                      SequenceError, TruncatedMessage, UnknownMessage)
-from .events import EVENT_CLASSES, Event
+from .events import EVENT_CLASSES, BreakpointEvent, Event
 
 _HDR = abi.KVMI_MSG_HDR.struct
 _HDR_SIZE = abi.KVMI_MSG_HDR.size
 _ERR = abi.KVMI_ERROR_CODE.struct
-_EVENT_COMMON = struct.Struct("<HHB")  # kvmi_event.size, .vcpu, .event
+_EVENT_COMMON = struct.Struct("<HHBB")  # kvmi_event.size, .vcpu, .event, .flags
 _EVENT_PADDING = abi.KVMI_EVENT_.padding_struct.unpack_from  # type: ignore[union-attr]
 _EVENT_MIN = abi.KVMI_EVENT_.size  # common part incl. arch: 544
+_EVENT_FLAGS = abi.VMITRACE_EVENT_NO_REPLY | abi.VMITRACE_EVENT_CAPTURED
+_BREAKPOINT = abi.KVMI_EVENT_BREAKPOINT_.struct
+_BREAKPOINT_PADDING = abi.KVMI_EVENT_BREAKPOINT_.padding_struct.unpack_from  # type: ignore[union-attr]
+_CAPTURED = abi.VMITRACE_CAPTURED.struct
+_CAPTURED_PADDING = abi.VMITRACE_CAPTURED.padding_struct.unpack_from  # type: ignore[union-attr]
+_CAPTURED_MIN = abi.KVMI_EVENT_BREAKPOINT_.size + abi.VMITRACE_CAPTURED.size
 _MAX_PAYLOAD = abi.KVMI_MSG_SIZE
 _MAX_ABANDONED = 4096
 
@@ -334,11 +340,18 @@ def decode_event(raw: bytes, size: int, seq: int, blocking: bool = True) -> Even
     if size < _EVENT_MIN:
         raise MalformedMessage(f"event message of {size} bytes is shorter than kvmi_event "
                                f"({_EVENT_MIN})")
-    common_size, vcpu, event_id = _EVENT_COMMON.unpack_from(raw, _HDR_SIZE)
+    common_size, vcpu, event_id, flags = _EVENT_COMMON.unpack_from(raw, _HDR_SIZE)
     if common_size < _EVENT_MIN or common_size > size:
         raise MalformedMessage(f"kvmi_event.size {common_size} outside [{_EVENT_MIN}, {size}]")
     if any(_EVENT_PADDING(raw, _HDR_SIZE)):
         raise MalformedMessage("kvmi_event: non-zero padding")
+    if flags:
+        if flags & ~_EVENT_FLAGS:
+            raise MalformedMessage(f"kvmi_event: unknown flags {flags:#x}")
+        if flags & abi.VMITRACE_EVENT_NO_REPLY:
+            blocking = False
+        if flags & abi.VMITRACE_EVENT_CAPTURED:
+            return _decode_captured(raw, size, seq, vcpu, event_id, common_size, blocking)
     dec = _EVENT_DECODERS.get(event_id)
     if dec is None:
         raise MalformedMessage(f"unknown event id {event_id}")
@@ -352,6 +365,30 @@ def decode_event(raw: bytes, size: int, seq: int, blocking: bool = True) -> Even
     if pad is not None and any(pad.unpack_from(raw, off)):
         raise MalformedMessage(f"{cls.name}: non-zero padding")
     return cls(seq, vcpu, raw, blocking, *getter(st.unpack_from(raw, off)))
+
+
+def _decode_captured(raw: bytes, size: int, seq: int, vcpu: int, event_id: int,
+                     common_size: int, blocking: bool) -> Event:
+    """A breakpoint event with captured guest memory (vmitrace vendor extension)."""
+    if event_id != abi.KVMI_EVENT_BREAKPOINT:
+        raise MalformedMessage(f"captured memory on event id {event_id} (breakpoints only)")
+    off = _HDR_SIZE + common_size
+    if size - common_size < _CAPTURED_MIN:
+        raise MalformedMessage(f"captured breakpoint payload of {size - common_size} bytes")
+    gpa, insn_len = _BREAKPOINT.unpack_from(raw, off)[:2]
+    if any(_BREAKPOINT_PADDING(raw, off)) or any(_CAPTURED_PADDING(raw, off + _BREAKPOINT.size)):
+        raise MalformedMessage("captured breakpoint: non-zero padding")
+    lengths = _CAPTURED.unpack_from(raw, off + _BREAKPOINT.size)[:abi.VMITRACE_CAPTURES]
+    if max(lengths) > abi.VMITRACE_MAX_CAPTURE or \
+            size - common_size != _CAPTURED_MIN + sum(lengths):
+        raise MalformedMessage(f"captured breakpoint: lengths {lengths} do not fit "
+                               f"{size - common_size} payload bytes")
+    pos = off + _CAPTURED_MIN
+    captured = []
+    for length in lengths:
+        captured.append(raw[pos:pos + length])
+        pos += length
+    return BreakpointEvent(seq, vcpu, raw, blocking, gpa, insn_len, tuple(captured))
 
 
 def encode_event_reply(event: Event, action: int = abi.KVMI_EVENT_ACTION_CONTINUE,

@@ -69,6 +69,17 @@ class FastRegs:
         return self.gs_base if self.cpl == 0 else self.shadow_gs
 
 
+@dataclass(frozen=True)
+class AsyncRule:
+    """Hits that run on without a reply (VMITRACE_SET_BREAKPOINT_ASYNC): all but those where
+    general register `block_reg` holds one of `block_values`; each carries `captures`,
+    (base, offset, length) regions of guest memory copied at the hit."""
+
+    block_reg: int
+    block_values: tuple[int, ...]
+    captures: tuple[tuple[int, int, int], ...]
+
+
 @dataclass
 class LossCounters:
     """Per-VM counters of what could not be observed or delivered."""
@@ -117,10 +128,15 @@ class VmContext:
         self.vm_id = factory.vm_id
         self.breakpoints: dict[int, Callable[[Any, FastRegs], None]] = {}
         self.install_queue: list[int] = []
+        # Whether the host may deliver hits of chosen breakpoints without waiting for the
+        # reply (set by the collector), and for which: gva -> (register, values that block).
+        self.async_hits = False
+        self.async_rules: dict[int, AsyncRule] = {}
         self.layout: Any = None   # KernelLayout once the slide is known
         self.tasks: Any = None    # TaskReader once the slide is known
         self.ready_callbacks: list[Callable[[], None]] = []
         self.events = 0
+        self.events_run_on = 0  # of which the vCPU did not wait for (VmContext.async_rules)
         # Work a handler leaves for after the event's reply, while the guest runs on: what
         # needs no guest state that the vCPU could change once released. Run in order,
         # before the next event is handled.
@@ -129,14 +145,20 @@ class VmContext:
     def defer(self, work: Callable[[], None]) -> None:
         self.deferred.append(work)
 
-    def add_breakpoint(self, gva: int, handler: Callable[[Any, FastRegs], None]) -> None:
+    def add_breakpoint(self, gva: int, handler: Callable[[Any, FastRegs], None],
+                       async_rule: AsyncRule | None = None) -> None:
         """Route hits at `gva` to `handler`; the host is asked by the collector's installer.
 
         Setting a breakpoint makes the host flush its translations, which needs every vCPU
         to make progress: the command must never be waited for by the thread that replies
         to events, so it is queued here and sent from another thread.
+
+        With `async_rule`, where the host can (`async_hits`), hits do not wait for the reply
+        (the handler sees `event.blocking` False) and carry the rule's captures.
         """
         self.breakpoints[gva] = handler
+        if async_rule is not None and self.async_hits:
+            self.async_rules[gva] = async_rule
         self.install_queue.append(gva)
 
     def record(self, kind: str, event_type: str, time_ns: int | None = None,

@@ -35,6 +35,16 @@ user memory cannot change meanwhile, since the caller waits in the kernel, unles
 thread of the process writes it (the same window strace has). Calls that replace or end the
 address space (execve, exit) are decoded before the reply; so are OUT parameters at exit,
 which the caller may reuse as soon as it runs.
+
+Where the host offers it (vmitrace's VMITRACE_SET_BREAKPOINT_ASYNC), the 64-bit entry does not
+wait for a reply at all, except for execve/execveat/exit/exit_group: the host checks the
+number, which `entry_SYSCALL_64` passes to do_syscall_64 in rsi (found by its `movslq
+%eax,%rsi`; without it every entry blocks). What the vCPU changes once it runs on, the host
+copies into the event at the hit: pt_regs (the kernel rewrites them for rt_sigreturn and for
+signal delivery on the way out) and the current task (another may run on that vCPU while the
+call sleeps). What stays in guest memory, the call's user buffers, cannot change before the
+caller runs again, and it does not run again before its exit is answered: the exit still
+blocks, and events are handled in order, so the entry is decoded first.
 """
 from __future__ import annotations
 
@@ -47,7 +57,8 @@ from sinks.schema import KIND_PROCESS, KIND_SYSCALL
 from tracer.decode import DecodedCall, SyscallDecoder
 from tracer.memory import UnreadableMemory
 from tracer.monitors import kernel as k
-from tracer.monitors.base import FastRegs, VmContext, process_fields
+from tracer.kvmi.abi import VMITRACE_CAPTURE_GS_BASE
+from tracer.monitors.base import AsyncRule, FastRegs, VmContext, process_fields
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +78,8 @@ IA32_ENTRIES = (("asm_int80_emulation", "int80_emulation", k.R_AX),
                 ("entry_SYSENTER_compat", "do_SYSENTER_32", k.R_ORIG_AX),
                 ("entry_SYSCALL_compat", "do_fast_syscall_32", k.R_ORIG_AX))
 IA32_ARGS = (k.R_BX, k.R_CX, k.R_DX, k.R_SI, k.R_DI, k.R_BP)
+MOVSLQ_EAX_RSI = bytes.fromhex("4863f0")  # how entry_SYSCALL_64 passes the number (5.11+)
+REG_RSI, REG_RSP = 6, 4                   # x86 register numbers
 ABI_IA32 = "ia32"
 
 
@@ -136,7 +149,14 @@ class SyscallMonitor:
             raise SetupError(f"no `call do_syscall_64` in the first {ENTRY_SCAN_BYTES} bytes of "
                              f"entry_SYSCALL_64 at {entry:#x}")
         self.entry_site, self.return_site = site, site + 5
-        self.ctx.add_breakpoint(site, self.on_entry)
+        rule = None
+        if MOVSLQ_EAX_RSI in text[:site - entry]:
+            blocking = tuple(sorted(n for n in (self.decoder.number(name)
+                                                for name in EXECS | NO_RETURN) if n is not None))
+            rule = AsyncRule(REG_RSI, blocking, (
+                (REG_RSP, 0, k.PT_REGS_SIZE),
+                (VMITRACE_CAPTURE_GS_BASE, layout.current_offset, 8)))
+        self.ctx.add_breakpoint(site, self.on_entry, rule)
         self.ctx.add_breakpoint(site + 5, self.on_exit)
         log.info("syscall breakpoints at %#x (entry) and %#x (return)", site, site + 5)
         if self.ia32_decoder is not None:
@@ -167,13 +187,22 @@ class SyscallMonitor:
         ctx = self.ctx
         now = ctx.clock()
         cr3 = regs.cr3
-        try:
-            pt = k.read_pt_regs(ctx.mem, cr3, regs.rsp)
-            task = ctx.tasks.current(cr3, regs.gs_base)  # once released, the vCPU may switch
-        except UnreadableMemory as exc:
+        captured = event.captured
+        if captured is not None and len(captured[0]) == k.PT_REGS_SIZE and \
+                len(captured[1]) == 8:  # as of the hit (see the module docstring)
+            pt = k.PT_REGS.unpack(captured[0])
+            task = int.from_bytes(captured[1], "little")
+        elif not event.blocking:  # the host could not read them, and the vCPU ran on
             ctx.loss.add("unreadable_entry")
-            log.debug("syscall entry unreadable: %s", exc)
             return
+        else:
+            try:
+                pt = k.read_pt_regs(ctx.mem, cr3, regs.rsp)
+                task = ctx.tasks.current(cr3, regs.gs_base)  # once released, the vCPU may switch
+            except UnreadableMemory as exc:
+                ctx.loss.add("unreadable_entry")
+                log.debug("syscall entry unreadable: %s", exc)
+                return
         name = abi.decoder.name(pt[abi.nr])
         if name in EXECS or name in NO_RETURN:
             self._enter(abi, task, pt, name, now, event.vcpu, cr3)
