@@ -10,6 +10,7 @@ handed to the OS at once (no user-space buffer to lose); flush() fsyncs a regula
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from typing import Any, BinaryIO, Callable, NoReturn
 
@@ -41,6 +42,9 @@ class JsonlSink:
         self._owned = self.path != "-"
         self._stream: BinaryIO = (open(self.path, "ab", buffering=0) if self._owned
                                   else sys.stdout.buffer)
+        # Only a regular file can be rolled back after a failed write and fsynced: a FIFO,
+        # a terminal or /dev/null cannot (and need not) be.
+        self._regular = self._owned and stat.S_ISREG(os.fstat(self._stream.fileno()).st_mode)
         self._closed = False
 
     def write(self, records: list[dict[str, Any]]) -> None:
@@ -51,7 +55,7 @@ class JsonlSink:
         records_to_batch(records)  # validation: RecordError, nothing accepted
         render = self.render
         data = b"\n".join([render(r) for r in records]) + b"\n"
-        start = self._stream.tell() if self._owned else 0
+        start = self._stream.tell() if self._regular else 0
         try:
             view = memoryview(data)
             while view:
@@ -59,7 +63,7 @@ class JsonlSink:
             if not self._owned:
                 self._stream.flush()
         except OSError as exc:
-            if self._owned:
+            if self._regular:
                 try:
                     os.truncate(self._stream.fileno(), start)
                 except OSError:
@@ -69,9 +73,9 @@ class JsonlSink:
 
     def flush(self) -> None:
         try:
-            if self._owned:
+            if self._regular:
                 os.fsync(self._stream.fileno())
-            else:
+            elif not self._owned:
                 self._stream.flush()
         except OSError as exc:
             self._fail(0, exc)

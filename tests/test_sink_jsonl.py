@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,23 @@ def test_jsonl_stdout():
     assert len(lines) == len(sample_records())
     assert orjson.loads(lines[0])["class_uid"] == 1001
     assert "'written': 13" in result.stderr.decode()
+
+
+def test_jsonl_to_dev_null_and_to_a_fifo(tmp_path):
+    """Not regular files: nothing to roll back or fsync, and writing must still work."""
+    records = sample_records()
+    null = JsonlSink("/dev/null")
+    null.write(records)
+    assert null.close() == {**null.stats.as_dict(), "written": len(records), "errors": 0}
+    fifo = tmp_path / "records.fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE)
+    sink = JsonlSink(fifo)
+    sink.write(records)
+    assert sink.close()["written"] == len(records)
+    out, _ = reader.communicate(timeout=30)
+    assert [orjson.loads(line)["metadata"]["uid"] for line in out.splitlines()] == \
+        [r["event_uid"] for r in records]
 
 
 def test_jsonl_full_disk_keeps_whole_lines(small_tmpfs):
