@@ -9,7 +9,7 @@ three states, alternating --repeat times in this one run (so load from elsewhere
              CR/MSR integrity events, hypercalls; every syscall decoded; records go to a null
              sink (counted, then discarded). Exits and execve/exit entries wait for their
              reply; other 64-bit entries run on with their registers captured by the host
-             (`vmitrace trace`'s default where the host offers VMITRACE_SET_BREAKPOINT_ASYNC)
+             (`vmitrace trace`'s default where the host offers VMITRACE_SET_BREAKPOINT_EX)
   blocking   the same with every entry waiting for its reply too (`--blocking-entries`):
              the entry breakpoint is switched between the two modes, between runs
 
@@ -141,8 +141,9 @@ def main() -> None:
             tracer = collector.tracers[0]
             timed(guest, guest_work(1))  # warm caches after the breakpoints' translation flush
             entry = tracer.syscalls.entry_site
-            rule = tracer.ctx.async_rules.get(entry)
-            states = ("untraced", "traced", "blocking") if rule else ("untraced", "traced")
+            rule = tracer.ctx.breakpoint_rules.get(entry)
+            states = ("untraced", "traced", "blocking") if rule and rule.run_on else \
+                ("untraced", "traced")
             wall: dict[str, list[float]] = {state: [] for state in states}
             qemu_cpu = dict.fromkeys(states, 0.0)
             collector_cpu = dict.fromkeys(states, 0.0)
@@ -150,11 +151,9 @@ def main() -> None:
             for _ in range(args.repeat):
                 for state in states:
                     set_events(session, args.vcpus, state != "untraced")
-                    if state == "blocking":
-                        session.set_breakpoint(entry)
-                    elif rule is not None:
-                        session.set_async_breakpoint(entry, rule.block_reg, rule.block_values,
-                                                     rule.captures)
+                    if len(states) == 3:
+                        session.set_breakpoint_ex(entry, state != "blocking", rule.block_reg,
+                                                  rule.block_values, rule.captures)
                     time.sleep(0.2)
                     events0, cpu0 = tracer.ctx.events, cpu_seconds()
                     qemu0 = process_cpu_seconds(guest.pid)
@@ -190,7 +189,7 @@ def main() -> None:
         }
     print(json.dumps(result, indent=1))
     if "blocking" not in result:
-        print("host without VMITRACE_SET_BREAKPOINT_ASYNC: every entry waits", file=sys.stderr)
+        print("host without VMITRACE_SET_BREAKPOINT_EX: every entry waits", file=sys.stderr)
     for state in states[1:]:
         r = result[state]
         print(f"{state}/untraced = {r['ratio']}x wall (median), {r['best_ratio']}x (fastest "

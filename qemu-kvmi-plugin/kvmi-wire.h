@@ -36,7 +36,7 @@ enum {
     VMITRACE_SET_BREAKPOINT = 0x7f01,
     VMITRACE_CLEAR_BREAKPOINT = 0x7f02,
     VMITRACE_SET_DELIVERY = 0x7f03,
-    VMITRACE_SET_BREAKPOINT_ASYNC = 0x7f04,
+    VMITRACE_SET_BREAKPOINT_EX = 0x7f04,
 };
 
 /* Event ids. */
@@ -290,13 +290,14 @@ struct vmitrace_capture {
     int32_t offset;
 };
 
-/* VMITRACE_SET_BREAKPOINT_ASYNC: 32 bytes + 4 per value (count <= 16). */
+/* VMITRACE_SET_BREAKPOINT_EX: 32 bytes + 4 per value (count <= 16). */
 #define VMITRACE_MAX_BLOCK_VALUES 16
-struct vmitrace_breakpoint_async {
+struct vmitrace_breakpoint_ex {
     uint64_t gva;
-    uint8_t block_reg;  /* general register, x86 encoding: 0 rax, 1 rcx, ... 15 r15 */
-    uint8_t count;      /* block when its low 32 bits equal one of the values */
-    uint8_t padding[6];
+    uint8_t run_on;     /* 1: hits do not wait for a reply, except where block_reg holds */
+    uint8_t block_reg;  /* one of the values (general register, x86 encoding: 0 rax, 1 rcx, */
+    uint8_t count;      /* ... 15 r15; its low 32 bits are compared) */
+    uint8_t padding[5];
     struct vmitrace_capture captures[VMITRACE_CAPTURES];
     uint32_t block_values[VMITRACE_MAX_BLOCK_VALUES];
 };

@@ -278,12 +278,13 @@ static uint32_t event_seq;
 /* Instrumentation breakpoints, VM-wide by guest virtual address. */
 static GMutex bp_lock;
 /*
- * How a breakpoint's hits are delivered: as the connection says, or (async)
- * without waiting for a reply unless a register holds one of a few values.
+ * How a breakpoint's hits are delivered: as the connection says, or (run_on)
+ * without waiting for a reply unless a register holds one of a few values;
+ * and what guest memory each hit carries.
  */
 struct bp_rule {
     uint64_t gva; /* the hash key points here */
-    bool async;
+    bool run_on;
     uint8_t block_reg;
     uint8_t count;
     uint32_t block_values[VMITRACE_MAX_BLOCK_VALUES];
@@ -791,7 +792,7 @@ static uint8_t deliver_event(struct vcpu *v, uint8_t event_id, uint64_t rip, boo
         v->wait_seq = seq;
         g_mutex_unlock(&v->lock);
     }
-    /* An async breakpoint's hit goes out at once: the introspector works while we run. */
+    /* A run-on breakpoint's hit goes out at once: the introspector works while we run. */
     if (!send_message(generation, KVMI_EVENT, seq, !conn_blocking, &ev, sizeof(ev), payload,
                       payload_len, NULL, 0)) {
         blocking = false;
@@ -1095,7 +1096,7 @@ static bool breakpoint_rule(uint64_t gva, struct bp_rule *rule)
 /* Whether a hit under this rule may go on without waiting for the reply. */
 static bool hit_runs_on(struct vcpu *v, const struct bp_rule *rule)
 {
-    if (!rule->async) {
+    if (!rule->run_on) {
         return false;
     }
     uint32_t value = (uint32_t)read_reg(v, gpr_by_number[rule->block_reg]);
@@ -1355,7 +1356,7 @@ static bool command_supported(unsigned id)
     case VMITRACE_SET_BREAKPOINT:
     case VMITRACE_CLEAR_BREAKPOINT:
     case VMITRACE_SET_DELIVERY:
-    case VMITRACE_SET_BREAKPOINT_ASYNC:
+    case VMITRACE_SET_BREAKPOINT_EX:
         return true;
     case KVMI_READ_PHYSICAL:
     case KVMI_WRITE_PHYSICAL:
@@ -1490,13 +1491,13 @@ static int set_msr_bit(struct vcpu *v, uint32_t msr, bool enable)
     return 0;
 }
 
-/* The rule a SET_BREAKPOINT(_ASYNC) or CLEAR payload carries; false if malformed. */
+/* The rule a SET_BREAKPOINT(_EX) or CLEAR payload carries; false if malformed. */
 static bool parse_breakpoint(const struct kvmi_msg_hdr *hdr, const uint8_t *payload,
                              struct bp_rule *rule)
 {
     memset(rule, 0, sizeof(*rule));
     rule->captures[0].base = rule->captures[1].base = VMITRACE_CAPTURE_NONE;
-    if (hdr->id != VMITRACE_SET_BREAKPOINT_ASYNC) {
+    if (hdr->id != VMITRACE_SET_BREAKPOINT_EX) {
         struct vmitrace_breakpoint bp;
         if (hdr->size != sizeof(bp)) {
             return false;
@@ -1505,13 +1506,13 @@ static bool parse_breakpoint(const struct kvmi_msg_hdr *hdr, const uint8_t *payl
         rule->gva = bp.gva;
         return true;
     }
-    struct vmitrace_breakpoint_async req;
-    size_t fixed = offsetof(struct vmitrace_breakpoint_async, block_values);
+    struct vmitrace_breakpoint_ex req;
+    size_t fixed = offsetof(struct vmitrace_breakpoint_ex, block_values);
     if (hdr->size < fixed) {
         return false;
     }
     memcpy(&req, payload, fixed);
-    if (req.count > VMITRACE_MAX_BLOCK_VALUES || req.block_reg > 15 ||
+    if (req.run_on > 1 || req.count > VMITRACE_MAX_BLOCK_VALUES || req.block_reg > 15 ||
         !all_zero(req.padding, sizeof(req.padding)) ||
         hdr->size != fixed + req.count * sizeof(uint32_t)) {
         return false;
@@ -1526,7 +1527,7 @@ static bool parse_breakpoint(const struct kvmi_msg_hdr *hdr, const uint8_t *payl
         rule->captures[i] = *c;
     }
     rule->gva = req.gva;
-    rule->async = true;
+    rule->run_on = req.run_on == 1;
     rule->block_reg = req.block_reg;
     rule->count = req.count;
     memcpy(rule->block_values, payload + fixed, req.count * sizeof(uint32_t));
@@ -1760,7 +1761,7 @@ static void handle_command(unsigned generation, const struct kvmi_msg_hdr *hdr,
         break;
     }
     case VMITRACE_SET_BREAKPOINT:
-    case VMITRACE_SET_BREAKPOINT_ASYNC:
+    case VMITRACE_SET_BREAKPOINT_EX:
     case VMITRACE_CLEAR_BREAKPOINT: {
         int changed = update_breakpoint(hdr, payload);
         if (changed < 0) {

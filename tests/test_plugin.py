@@ -47,7 +47,7 @@ SUPPORTED_COMMANDS = {
     abi.KVMI_CONTROL_MSR, abi.KVMI_GET_REGISTERS, abi.KVMI_READ_PHYSICAL,
     abi.KVMI_WRITE_PHYSICAL, abi.KVMI_VCPU_TRANSLATE_GVA,
     abi.VMITRACE_SET_BREAKPOINT, abi.VMITRACE_CLEAR_BREAKPOINT, abi.VMITRACE_SET_DELIVERY,
-    abi.VMITRACE_SET_BREAKPOINT_ASYNC,
+    abi.VMITRACE_SET_BREAKPOINT_EX,
 }
 SUPPORTED_EVENTS = {
     abi.KVMI_EVENT_UNHOOK, abi.KVMI_EVENT_CR, abi.KVMI_EVENT_MSR, abi.KVMI_EVENT_BREAKPOINT,
@@ -395,7 +395,7 @@ def current_task_offset(lab: Lab) -> int:
     return int(out.split()[0], 16)
 
 
-def test_async_breakpoint_runs_on_with_captures_and_blocks_on_chosen_values(lab):
+def test_run_on_breakpoint_with_captures_waits_only_on_chosen_values(lab):
     s = lab.session
     target = lab.symbols("do_sys_openat2")["do_sys_openat2"]
     current = current_task_offset(lab)
@@ -417,19 +417,19 @@ def test_async_breakpoint_runs_on_with_captures_and_blocks_on_chosen_values(lab)
     lab.handler = read_current
     try:
         # dfd (rdi) is AT_FDCWD for cat's openat: these hits wait for their reply...
-        s.set_async_breakpoint(target, REG_RDI, [1, AT_FDCWD_32], captures)
+        s.set_breakpoint_ex(target, True, REG_RDI, [1, AT_FDCWD_32], captures)
         mark = lab.mark()
         lab.run_ok(f"cat {path.decode()}")
         waited = lab.wait_for(lambda e: e.event_id == abi.KVMI_EVENT_BREAKPOINT and
                               e.captured is not None and e.captured[1] == path, mark)
         # ... and now none does: the vCPU runs on, the event still carries the captures.
-        s.set_async_breakpoint(target, REG_RDI, [1], captures)
+        s.set_breakpoint_ex(target, True, REG_RDI, [1], captures)
         mark = lab.mark()
         lab.run_ok(f"cat {path.decode()}")
         ran_on = lab.wait_for(lambda e: e.event_id == abi.KVMI_EVENT_BREAKPOINT and
                               e.captured is not None and e.captured[1] == path, mark)
         # An unreadable capture comes back empty, the event still arrives.
-        s.set_async_breakpoint(target, REG_RDI, [], ((REG_RDI, 0, 8),))
+        s.set_breakpoint_ex(target, True, REG_RDI, [], ((REG_RDI, 0, 8),))
         mark = lab.mark()
         lab.run_ok(f"cat {path.decode()}")
         unreadable = lab.wait_for(lambda e: e.event_id == abi.KVMI_EVENT_BREAKPOINT and
@@ -450,18 +450,19 @@ def test_async_breakpoint_runs_on_with_captures_and_blocks_on_chosen_values(lab)
 
 
 @pytest.mark.parametrize("payload", [
-    struct.pack("<QBB6x", 0x1000, 0, 0),                                  # short
-    struct.pack("<QBB6xBxHiBxHi", 0x1000, 16, 0, 0xFF, 0, 0, 0xFF, 0, 0),  # no register 16
-    struct.pack("<QBB6xBxHiBxHi", 0x1000, 0, 17, 0xFF, 0, 0, 0xFF, 0, 0),  # 17 values
-    struct.pack("<QBB6xBxHiBxHiI", 0x1000, 0, 2, 0xFF, 0, 0, 0xFF, 0, 0, 1),  # 1 of 2 values
-    struct.pack("<QBB6xBxHiBxHi", 0x1000, 0, 0, 4, 0, 0, 0xFF, 0, 0),     # empty capture
-    struct.pack("<QBB6xBxHiBxHi", 0x1000, 0, 0, 4, 257, 0, 0xFF, 0, 0),   # capture too long
-    struct.pack("<QBB6xBxHiBxHi", 0x1000, 0, 0, 17, 8, 0, 0xFF, 0, 0),    # no base 17
-    struct.pack("<QBB5xBBxHiBxHi", 0x1000, 0, 0, 1, 0xFF, 0, 0, 0xFF, 0, 0),  # padding
+    struct.pack("<QBBB5x", 0x1000, 1, 0, 0),                                  # short
+    struct.pack("<QBBB5xBxHiBxHi", 0x1000, 2, 0, 0, 0xFF, 0, 0, 0xFF, 0, 0),  # run_on 2
+    struct.pack("<QBBB5xBxHiBxHi", 0x1000, 1, 16, 0, 0xFF, 0, 0, 0xFF, 0, 0),  # no register 16
+    struct.pack("<QBBB5xBxHiBxHi", 0x1000, 1, 0, 17, 0xFF, 0, 0, 0xFF, 0, 0),  # 17 values
+    struct.pack("<QBBB5xBxHiBxHiI", 0x1000, 1, 0, 2, 0xFF, 0, 0, 0xFF, 0, 0, 1),  # 1 of 2 values
+    struct.pack("<QBBB5xBxHiBxHi", 0x1000, 1, 0, 0, 4, 0, 0, 0xFF, 0, 0),     # empty capture
+    struct.pack("<QBBB5xBxHiBxHi", 0x1000, 1, 0, 0, 4, 257, 0, 0xFF, 0, 0),   # capture too long
+    struct.pack("<QBBB5xBxHiBxHi", 0x1000, 1, 0, 0, 17, 8, 0, 0xFF, 0, 0),    # no base 17
+    struct.pack("<QBBB4xBBxHiBxHi", 0x1000, 1, 0, 0, 1, 0xFF, 0, 0, 0xFF, 0, 0),  # padding
 ])
-def test_async_breakpoint_refuses_malformed_requests(lab, payload):
+def test_extended_breakpoint_refuses_malformed_requests(lab, payload):
     with pytest.raises(KvmEINVAL):
-        lab.session.request(abi.VMITRACE_SET_BREAKPOINT_ASYNC, payload)
+        lab.session.request(abi.VMITRACE_SET_BREAKPOINT_EX, payload)
 
 
 # -- hypercalls, pauses ------------------------------------------------------------------------

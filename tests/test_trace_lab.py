@@ -207,26 +207,30 @@ def test_no_integrity_alarm_and_few_unpaired(lab):
 
 def test_entries_run_on_and_blocking_entries_decode_the_same(lab):
     """Entries of ordinary calls do not stop the vCPU (the host copies pt_regs and the current
-    task into the event); with the entry breakpoint switched to plain blocking hits (what
-    `--blocking-entries` installs) the same calls decode to the same values."""
+    task into the event); with the entry breakpoint's hits waiting (what `--blocking-entries`
+    installs), and with plain breakpoints without captures (hosts without the extended
+    breakpoint: the monitor reads pt_regs itself), the same calls decode to the same values."""
     tracer, session = lab.tracer, lab.session
     entry = tracer.syscalls.entry_site
-    rule = tracer.ctx.async_rules[entry]
-    assert {59, 60, 231, 322} <= set(rule.block_values)  # execve(at), exit(_group) wait
+    rule = tracer.ctx.breakpoint_rules[entry]
+    assert rule.run_on and {59, 60, 231, 322} <= set(rule.block_values)  # execve, exit wait
     program = wl.WORKLOAD_BINARIES["file"]
     actions = ["openat", "write", "close", "openat", "read", "close", "exit_group"]
     ran_on = tracer.ctx.events_run_on
     pid, _, _ = lab.run_pid(program)
     assert tracer.ctx.events_run_on > ran_on + len(actions)
-    session.set_breakpoint(entry)
+    pids = [pid]
     try:
-        ran_on = tracer.ctx.events_run_on
-        blocking_pid, _, _ = lab.run_pid(program)
-        assert tracer.ctx.events_run_on == ran_on
+        for waiting in (lambda: session.set_breakpoint_ex(entry, False, captures=rule.captures),
+                        lambda: session.set_breakpoint(entry)):
+            waiting()
+            ran_on = tracer.ctx.events_run_on
+            pids.append(lab.run_pid(program)[0])
+            assert tracer.ctx.events_run_on == ran_on
     finally:
-        session.set_async_breakpoint(entry, rule.block_reg, rule.block_values, rule.captures)
+        session.set_breakpoint_ex(entry, True, rule.block_reg, rule.block_values, rule.captures)
     records = lab.records()
-    for calls in (after_startup(program_calls(records, p, program)) for p in (pid, blocking_pid)):
+    for calls in (after_startup(program_calls(records, p, program)) for p in pids):
         assert [r["action"] for r in calls] == actions
         assert arg(calls[0], "filename")["value"] == wl.FILE_PATH
         assert arg(calls[0], "flags")["value"] == "O_WRONLY|O_CREAT|O_TRUNC"

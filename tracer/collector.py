@@ -241,8 +241,8 @@ class VmTracer:
                 "this KVMI host has no instrumentation breakpoints (vmitrace vendor extension); "
                 "int3 patching through WRITE_PHYSICAL is not implemented, so system calls "
                 "cannot be traced on it")
-        self.ctx.async_hits = self.options.async_entries and \
-            s.check_command(abi.VMITRACE_SET_BREAKPOINT_ASYNC)
+        self.ctx.breakpoint_rules_supported = s.check_command(abi.VMITRACE_SET_BREAKPOINT_EX)
+        self.ctx.run_on_allowed = self.options.async_entries
         wanted = [abi.KVMI_EVENT_BREAKPOINT, abi.KVMI_EVENT_MSR, abi.KVMI_EVENT_CR]
         if self.options.hypercalls:
             wanted.append(abi.KVMI_EVENT_HYPERCALL)
@@ -332,15 +332,15 @@ class VmTracer:
         addresses = list(queue_)
         queue_.clear()
 
-        rules = self.ctx.async_rules
+        rules = self.ctx.breakpoint_rules
 
         def install() -> None:
             for gva in addresses:
                 try:
                     rule = rules.get(gva)
                     if rule is not None:
-                        self.session.set_async_breakpoint(gva, rule.block_reg,
-                                                          rule.block_values, rule.captures)
+                        self.session.set_breakpoint_ex(gva, rule.run_on, rule.block_reg,
+                                                       rule.block_values, rule.captures)
                     else:
                         self.session.set_breakpoint(gva)
                 except kerr.KvmiError as exc:

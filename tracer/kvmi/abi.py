@@ -580,7 +580,7 @@ KVMI_EVENT_SINGLESTEP_ = _def("kvmi_event_singlestep", [
 VMITRACE_SET_BREAKPOINT = 0x7F01
 VMITRACE_CLEAR_BREAKPOINT = 0x7F02
 VMITRACE_SET_DELIVERY = 0x7F03
-VMITRACE_SET_BREAKPOINT_ASYNC = 0x7F04
+VMITRACE_SET_BREAKPOINT_EX = 0x7F04
 # kvmi_event.flags
 VMITRACE_EVENT_NO_REPLY = 1  # the vCPU did not wait; no reply is expected
 VMITRACE_EVENT_CAPTURED = 2  # kvmi_event_breakpoint is followed by vmitrace_captured + data
@@ -596,14 +596,15 @@ VMITRACE_CAPTURE = _def("vmitrace_capture", [
     ("base", "u8"), ("padding", "u8"), ("length", "u16"), ("offset", "s32")], 8,
     "Guest memory copied into each hit's event: `length` (1-256) bytes at base + offset, "
     "base = general register 0-15 (x86 encoding) or 16 (GS base); base 0xff: unused.")
-VMITRACE_BREAKPOINT_ASYNC = _def("vmitrace_breakpoint_async", [
-    ("gva", "u64"), ("block_reg", "u8"), ("count", "u8"), ("padding", ("u8", 6)),
+VMITRACE_BREAKPOINT_EX = _def("vmitrace_breakpoint_ex", [
+    ("gva", "u64"), ("run_on", "u8"), ("block_reg", "u8"), ("count", "u8"),
+    ("padding", ("u8", 5)),
     ("capture0", VMITRACE_CAPTURE), ("capture1", VMITRACE_CAPTURE),
     ("block_values", flex("u32"))], 32,
-    "Breakpoint whose hits do not wait for a reply, unless the low 32 bits of general "
-    "register `block_reg` (x86 encoding: 0 rax, 1 rcx, 2 rdx, 3 rbx, 4 rsp, 5 rbp, 6 rsi, "
-    "7 rdi, 8-15 r8-r15) equal one of the `count` (at most 16) block_values; every hit "
-    "carries its two captures, taken at that instant.")
+    "Breakpoint whose hits carry two captures of guest memory taken at the hit; with "
+    "run_on=1 they do not wait for a reply, unless the low 32 bits of general register "
+    "`block_reg` (x86 encoding: 0 rax, 1 rcx, 2 rdx, 3 rbx, 4 rsp, 5 rbp, 6 rsi, 7 rdi, "
+    "8-15 r8-r15) equal one of the `count` (at most 16) block_values.")
 VMITRACE_CAPTURED = _def("vmitrace_captured", [
     ("length", ("u16", 2)), ("padding", "u32")], 8,
     "After kvmi_event_breakpoint when kvmi_event.flags has VMITRACE_EVENT_CAPTURED: the bytes "
@@ -687,7 +688,7 @@ COMMANDS: dict[int, CommandSpec] = {c.id: c for c in [
     _cmd("VMITRACE_SET_BREAKPOINT", False, VMITRACE_BREAKPOINT, None),
     _cmd("VMITRACE_CLEAR_BREAKPOINT", False, VMITRACE_BREAKPOINT, None),
     _cmd("VMITRACE_SET_DELIVERY", False, VMITRACE_DELIVERY, None),
-    _cmd("VMITRACE_SET_BREAKPOINT_ASYNC", False, VMITRACE_BREAKPOINT_ASYNC, None),
+    _cmd("VMITRACE_SET_BREAKPOINT_EX", False, VMITRACE_BREAKPOINT_EX, None),
 ]}
 
 # Event id -> (C name, payload struct or None, event-specific reply struct or None).

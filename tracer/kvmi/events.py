@@ -127,7 +127,7 @@ class BreakpointEvent(Event):
                  gpa: int, insn_len: int, captured: tuple[bytes, ...] | None = None) -> None:
         self.seq, self.vcpu, self.raw, self.blocking, self._arch = seq, vcpu, raw, blocking, None
         self.gpa, self.insn_len = gpa, insn_len
-        # vmitrace hosts: guest memory copied at the hit (VMITRACE_SET_BREAKPOINT_ASYNC);
+        # vmitrace hosts: guest memory copied at the hit (VMITRACE_SET_BREAKPOINT_EX);
         # an empty capture was unreadable
         self.captured = captured
 

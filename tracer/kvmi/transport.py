@@ -819,17 +819,17 @@ class Session:
         """Instrumentation breakpoint at guest virtual ``gva`` (vmitrace hosts only)."""
         self._call(abi.VMITRACE_SET_BREAKPOINT, None, timeout, gva=gva)
 
-    def set_async_breakpoint(self, gva: int, block_reg: int = 0,
-                             block_values: Sequence[int] = (),
-                             captures: Sequence[tuple[int, int, int]] = (),
-                             timeout: float | None = None) -> None:
-        """Breakpoint at ``gva`` whose hits need no reply (the vCPU runs on), except hits where
-        the low 32 bits of general register ``block_reg`` (x86 encoding, 0 = rax, 6 = rsi)
-        equal one of ``block_values`` (at most 16): those block as usual. Non-blocking hits
-        arrive with ``blocking=False``. ``captures``: up to two (base, offset, length) regions
-        of guest memory copied into every hit's event (``event.captured``), base = a general
-        register or ``abi.VMITRACE_CAPTURE_GS_BASE``, length 1-256. Setting an address again
-        replaces its mode (vmitrace hosts only).
+    def set_breakpoint_ex(self, gva: int, run_on: bool = False, block_reg: int = 0,
+                          block_values: Sequence[int] = (),
+                          captures: Sequence[tuple[int, int, int]] = (),
+                          timeout: float | None = None) -> None:
+        """Breakpoint at ``gva`` whose hits carry ``captures``: up to two (base, offset, length)
+        regions of guest memory copied at the hit (``event.captured``), base = a general
+        register (x86 encoding) or ``abi.VMITRACE_CAPTURE_GS_BASE``, length 1-256. With
+        ``run_on`` the hits need no reply (the vCPU runs on; ``event.blocking`` is False),
+        except those where the low 32 bits of register ``block_reg`` (0 = rax, 6 = rsi) equal
+        one of ``block_values`` (at most 16): those wait as usual. Setting an address again
+        replaces its rule (vmitrace hosts only).
         """
         if len(block_values) > abi.VMITRACE_MAX_BLOCK_VALUES or not 0 <= block_reg <= 15 or \
                 len(captures) > abi.VMITRACE_CAPTURES:
@@ -841,9 +841,10 @@ class Session:
                    for base, offset, length in captures]
         regions += [dict(base=abi.VMITRACE_CAPTURE_NONE, offset=0, length=0)] * \
             (abi.VMITRACE_CAPTURES - len(regions))
-        self._call(abi.VMITRACE_SET_BREAKPOINT_ASYNC, None, timeout,
-                   tail=abi.pack_flex("u32", list(block_values)), gva=gva, block_reg=block_reg,
-                   count=len(block_values), capture0=regions[0], capture1=regions[1])
+        self._call(abi.VMITRACE_SET_BREAKPOINT_EX, None, timeout,
+                   tail=abi.pack_flex("u32", list(block_values)), gva=gva,
+                   run_on=int(run_on), block_reg=block_reg, count=len(block_values),
+                   capture0=regions[0], capture1=regions[1])
 
     def clear_breakpoint(self, gva: int, timeout: float | None = None) -> None:
         """Remove the breakpoint at ``gva``."""

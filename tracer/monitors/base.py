@@ -4,7 +4,7 @@ from __future__ import annotations
 import struct
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from sinks.schema import RecordFactory
@@ -70,14 +70,16 @@ class FastRegs:
 
 
 @dataclass(frozen=True)
-class AsyncRule:
-    """Hits that run on without a reply (VMITRACE_SET_BREAKPOINT_ASYNC): all but those where
-    general register `block_reg` holds one of `block_values`; each carries `captures`,
-    (base, offset, length) regions of guest memory copied at the hit."""
+class BreakpointRule:
+    """What a vmitrace host (VMITRACE_SET_BREAKPOINT_EX) adds to a breakpoint's hits:
+    `captures`, (base, offset, length) regions of guest memory copied at the hit, and with
+    `run_on`, no wait for the reply except where general register `block_reg` holds one of
+    `block_values`."""
 
-    block_reg: int
-    block_values: tuple[int, ...]
     captures: tuple[tuple[int, int, int], ...]
+    run_on: bool = False
+    block_reg: int = 0
+    block_values: tuple[int, ...] = ()
 
 
 @dataclass
@@ -128,15 +130,16 @@ class VmContext:
         self.vm_id = factory.vm_id
         self.breakpoints: dict[int, Callable[[Any, FastRegs], None]] = {}
         self.install_queue: list[int] = []
-        # Whether the host may deliver hits of chosen breakpoints without waiting for the
-        # reply (set by the collector), and for which: gva -> (register, values that block).
-        self.async_hits = False
-        self.async_rules: dict[int, AsyncRule] = {}
+        # Set by the collector: whether the host takes breakpoint rules, and whether hits may
+        # run on without a reply (TraceOptions.async_entries); the rules installed, by gva.
+        self.breakpoint_rules_supported = False
+        self.run_on_allowed = False
+        self.breakpoint_rules: dict[int, BreakpointRule] = {}
         self.layout: Any = None   # KernelLayout once the slide is known
         self.tasks: Any = None    # TaskReader once the slide is known
         self.ready_callbacks: list[Callable[[], None]] = []
         self.events = 0
-        self.events_run_on = 0  # of which the vCPU did not wait for (VmContext.async_rules)
+        self.events_run_on = 0  # of which the vCPU did not wait for (BreakpointRule.run_on)
         # Work a handler leaves for after the event's reply, while the guest runs on: what
         # needs no guest state that the vCPU could change once released. Run in order,
         # before the next event is handled.
@@ -146,19 +149,22 @@ class VmContext:
         self.deferred.append(work)
 
     def add_breakpoint(self, gva: int, handler: Callable[[Any, FastRegs], None],
-                       async_rule: AsyncRule | None = None) -> None:
+                       rule: BreakpointRule | None = None) -> None:
         """Route hits at `gva` to `handler`; the host is asked by the collector's installer.
 
         Setting a breakpoint makes the host flush its translations, which needs every vCPU
         to make progress: the command must never be waited for by the thread that replies
         to events, so it is queued here and sent from another thread.
 
-        With `async_rule`, where the host can (`async_hits`), hits do not wait for the reply
-        (the handler sees `event.blocking` False) and carry the rule's captures.
+        With a `rule`, where the host takes rules, hits carry its captures (`event.captured`)
+        and, if it says so and `run_on_allowed`, do not wait for the reply (the handler sees
+        `event.blocking` False).
         """
         self.breakpoints[gva] = handler
-        if async_rule is not None and self.async_hits:
-            self.async_rules[gva] = async_rule
+        if rule is not None and self.breakpoint_rules_supported:
+            if rule.run_on and not self.run_on_allowed:
+                rule = replace(rule, run_on=False)
+            self.breakpoint_rules[gva] = rule
         self.install_queue.append(gva)
 
     def record(self, kind: str, event_type: str, time_ns: int | None = None,

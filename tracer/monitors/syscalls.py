@@ -36,13 +36,14 @@ thread of the process writes it (the same window strace has). Calls that replace
 address space (execve, exit) are decoded before the reply; so are OUT parameters at exit,
 which the caller may reuse as soon as it runs.
 
-Where the host offers it (vmitrace's VMITRACE_SET_BREAKPOINT_ASYNC), the 64-bit entry does not
-wait for a reply at all, except for execve/execveat/exit/exit_group: the host checks the
-number, which `entry_SYSCALL_64` passes to do_syscall_64 in rsi (found by its `movslq
-%eax,%rsi`; without it every entry blocks). What the vCPU changes once it runs on, the host
-copies into the event at the hit: pt_regs (the kernel rewrites them for rt_sigreturn and for
-signal delivery on the way out) and the current task (another may run on that vCPU while the
-call sleeps). What stays in guest memory, the call's user buffers, cannot change before the
+Where the host offers it (vmitrace's VMITRACE_SET_BREAKPOINT_EX), the host copies pt_regs
+and the current task into both events at the hit (no reads on the way to the reply), and
+the 64-bit entry does not wait for a reply at all, except for execve/execveat/exit/
+exit_group: the host checks the number, which `entry_SYSCALL_64` passes to do_syscall_64 in
+rsi (found by its `movslq %eax,%rsi`; without it every entry waits). What the vCPU changes
+once it runs on is in those captures: pt_regs (the kernel rewrites them for rt_sigreturn and
+for signal delivery on the way out) and the current task (another may run on that vCPU
+while the call sleeps). What stays in guest memory, the call's user buffers, cannot change before the
 caller runs again, and it does not run again before its exit is answered: the exit still
 blocks, and events are handled in order, so the entry is decoded first.
 """
@@ -58,7 +59,7 @@ from tracer.decode import DecodedCall, SyscallDecoder
 from tracer.memory import UnreadableMemory
 from tracer.monitors import kernel as k
 from tracer.kvmi.abi import VMITRACE_CAPTURE_GS_BASE
-from tracer.monitors.base import AsyncRule, FastRegs, VmContext, process_fields
+from tracer.monitors.base import BreakpointRule, FastRegs, VmContext, process_fields
 
 log = logging.getLogger(__name__)
 
@@ -149,15 +150,16 @@ class SyscallMonitor:
             raise SetupError(f"no `call do_syscall_64` in the first {ENTRY_SCAN_BYTES} bytes of "
                              f"entry_SYSCALL_64 at {entry:#x}")
         self.entry_site, self.return_site = site, site + 5
-        rule = None
+        captures = ((REG_RSP, 0, k.PT_REGS_SIZE),  # at both sites, rsp points at pt_regs
+                    (VMITRACE_CAPTURE_GS_BASE, layout.current_offset, 8))
+        entry_rule = BreakpointRule(captures)
         if MOVSLQ_EAX_RSI in text[:site - entry]:
-            blocking = tuple(sorted(n for n in (self.decoder.number(name)
-                                                for name in EXECS | NO_RETURN) if n is not None))
-            rule = AsyncRule(REG_RSI, blocking, (
-                (REG_RSP, 0, k.PT_REGS_SIZE),
-                (VMITRACE_CAPTURE_GS_BASE, layout.current_offset, 8)))
-        self.ctx.add_breakpoint(site, self.on_entry, rule)
-        self.ctx.add_breakpoint(site + 5, self.on_exit)
+            waits = tuple(sorted(n for n in (self.decoder.number(name)
+                                             for name in EXECS | NO_RETURN) if n is not None))
+            entry_rule = BreakpointRule(captures, run_on=True, block_reg=REG_RSI,
+                                        block_values=waits)
+        self.ctx.add_breakpoint(site, self.on_entry, entry_rule)
+        self.ctx.add_breakpoint(site + 5, self.on_exit, BreakpointRule(captures))
         log.info("syscall breakpoints at %#x (entry) and %#x (return)", site, site + 5)
         if self.ia32_decoder is not None:
             self._install_ia32(kernel_cr3, self.ia32_decoder)
@@ -187,27 +189,31 @@ class SyscallMonitor:
         ctx = self.ctx
         now = ctx.clock()
         cr3 = regs.cr3
-        captured = event.captured
-        if captured is not None and len(captured[0]) == k.PT_REGS_SIZE and \
-                len(captured[1]) == 8:  # as of the hit (see the module docstring)
-            pt = k.PT_REGS.unpack(captured[0])
-            task = int.from_bytes(captured[1], "little")
-        elif not event.blocking:  # the host could not read them, and the vCPU ran on
+        state = self._state_at_hit(event, regs)
+        if state is None:
             ctx.loss.add("unreadable_entry")
             return
-        else:
-            try:
-                pt = k.read_pt_regs(ctx.mem, cr3, regs.rsp)
-                task = ctx.tasks.current(cr3, regs.gs_base)  # once released, the vCPU may switch
-            except UnreadableMemory as exc:
-                ctx.loss.add("unreadable_entry")
-                log.debug("syscall entry unreadable: %s", exc)
-                return
+        pt, task = state
         name = abi.decoder.name(pt[abi.nr])
         if name in EXECS or name in NO_RETURN:
             self._enter(abi, task, pt, name, now, event.vcpu, cr3)
         else:
             ctx.defer(partial(self._enter, abi, task, pt, name, now, event.vcpu, cr3))
+
+    def _state_at_hit(self, event: Any, regs: FastRegs) -> tuple[tuple[int, ...], int] | None:
+        """pt_regs and the current task as of the hit: from the host's captures, or read now
+        if the vCPU still waits; None if neither is possible."""
+        captured = event.captured
+        if captured is not None and len(captured[0]) == k.PT_REGS_SIZE and len(captured[1]) == 8:
+            return k.PT_REGS.unpack(captured[0]), int.from_bytes(captured[1], "little")
+        if not event.blocking:  # the host could not read them, and the vCPU ran on
+            return None
+        try:
+            return (k.read_pt_regs(self.ctx.mem, regs.cr3, regs.rsp),
+                    self.ctx.tasks.current(regs.cr3, regs.gs_base))
+        except UnreadableMemory as exc:
+            log.debug("syscall state unreadable at %#x: %s", regs.rip, exc)
+            return None
 
     def _enter(self, abi: Abi, task: int, pt: tuple[int, ...], name: str, now: int, vcpu: int,
                cr3: int) -> None:
@@ -243,13 +249,11 @@ class SyscallMonitor:
     def on_exit(self, event: Any, regs: FastRegs) -> None:
         ctx = self.ctx
         cr3 = regs.cr3
-        try:
-            pt = k.read_pt_regs(ctx.mem, cr3, regs.rsp)
-            task = ctx.tasks.current(cr3, regs.gs_base)
-        except UnreadableMemory as exc:
+        state = self._state_at_hit(event, regs)
+        if state is None:
             ctx.loss.add("unreadable_exit")
-            log.debug("syscall exit unreadable: %s", exc)
             return
+        pt, task = state
         pending = self.pending.pop(task, None)
         if pending is None:
             if task in self.seen_tasks:
