@@ -183,7 +183,7 @@ def test_int80_matches_strace(lab):
 
 
 # The 32-bit vDSO enters by `syscall` where the CPU vendor is AMD (QEMU's qemu64 model, the
-# lab's default) and by `sysenter` where it is Intel.
+# lab's default) and by `sysenter` where it is Intel (whose guests also turn KPTI on).
 FAST_STUBS = {"qemu64": "entry_SYSCALL_compat",
               "qemu64,vendor=GenuineIntel": "entry_SYSENTER_compat"}
 
