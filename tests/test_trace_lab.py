@@ -266,12 +266,37 @@ def check_compat32_strace(traced):
     assert mmap2["args"][5] == wl.COMPAT32_MAP_PGOFF
 
 
+def check_compat32_restart(traced):
+    """A 32-bit nanosleep stopped and continued: the kernel rewinds the fast call to the vDSO's
+    `int $0x80`, which enters again as restart_syscall through the int80 stub."""
+    program = wl.WORKLOAD_BINARIES["compat32"]
+    hits = traced.tracer.syscalls.ia32_hits["asm_int80_emulation"]
+    out = traced.run(f"{program} {wl.COMPAT32_SLEEP_ARG} & p=$!; echo vmitrace-pid $p; "
+                     "sleep 0.5; kill -STOP $p; kill -CONT $p; wait $p")
+    pid = int(out.split("vmitrace-pid ")[1].split()[0])
+    calls = [r for r in syscalls_of(traced.records(), pid)
+             if "sleep" in r["action"] or r["action"] == "restart_syscall"]
+    assert [r["action"] for r in calls] == ["clock_nanosleep", "restart_syscall"], calls
+    interrupted, resumed = calls
+    assert interrupted["extra"] == {"abi": "ia32", "restarted": "true"}
+    assert "ret" not in interrupted
+    args = interrupted["args"]  # CLOCK_REALTIME, no flags, glibc's 32-bit timespec buffers
+    assert args[:2] == [0, 0] and 0 < args[2] < 1 << 32 and 0 < args[3] < 1 << 32
+    assert resumed["extra"]["abi"] == "ia32" and resumed["ret"] == 0
+    assert resumed["rip"] == interrupted["rip"]  # the landing pad: both return there
+    assert traced.tracer.syscalls.ia32_hits["asm_int80_emulation"] > hits
+
+
 def test_compat32_glibc_calls_through_the_vdso(lab):
     check_compat32(lab, "qemu64")
 
 
 def test_compat32_matches_strace(lab):
     check_compat32_strace(lab)
+
+
+def test_compat32_restarted_call(lab):
+    check_compat32_restart(lab)
 
 
 def test_compat32_sysenter(intel_lab):
@@ -372,3 +397,7 @@ def test_orphan_is_reparented(lab):
     assert life[0]["event_type"] == "start" and life[0]["ppid"] == first_parent
     assert life[-1]["event_type"] == "exit" and life[-1]["exit_code"] == 0
     assert life[-1]["ppid"] != first_parent  # re-parented when its shell exited
+
+
+def test_compat32_sysenter_restarted_call(intel_lab):
+    check_compat32_restart(intel_lab)

@@ -111,6 +111,9 @@ COMPAT32_MAP_LEN = 4096
 COMPAT32_MAP_PROT = PROT_READ
 COMPAT32_MAP_FLAGS = MAP_SHARED
 COMPAT32_MAP_PGOFF = 7  # mmap(..., offset 0x7000) -> mmap2(..., 7)
+# `wl-compat32 sleep` instead makes one blocking call: nanosleep of COMPAT32_SLEEP_S seconds.
+COMPAT32_SLEEP_ARG = "sleep"
+COMPAT32_SLEEP_S = 2
 
 
 def _c_string(value: str | bytes) -> str:
@@ -171,6 +174,8 @@ def c_header() -> str:
         f"#define WL_COMPAT32_MAP_PROT {COMPAT32_MAP_PROT:#x}",
         f"#define WL_COMPAT32_MAP_FLAGS {COMPAT32_MAP_FLAGS:#x}",
         f"#define WL_COMPAT32_MAP_PGOFF {COMPAT32_MAP_PGOFF}",
+        f"#define WL_COMPAT32_SLEEP_ARG {_c_string(COMPAT32_SLEEP_ARG)}",
+        f"#define WL_COMPAT32_SLEEP_S {COMPAT32_SLEEP_S}",
         "#define WL_NAMES { " + ", ".join(_c_string(n) for n in WORKLOADS) + ", 0 }",
     ]
     return "\n".join(lines) + "\n"

@@ -4,14 +4,20 @@
 #include <fcntl.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 #include "wl_constants.h"
 
 static const char payload[] = WL_COMPAT32_PAYLOAD;
 static char readback[WL_COMPAT32_PAYLOAD_LEN];
 
-int main(void)
+int main(int argc, char **argv)
 {
+    if (argc > 1 && strcmp(argv[1], WL_COMPAT32_SLEEP_ARG) == 0) {
+        /* One blocking call to interrupt (SIGSTOP/SIGCONT restart it through the vDSO). */
+        struct timespec t = {WL_COMPAT32_SLEEP_S, 0};
+        return nanosleep(&t, NULL) == 0 ? WL_EXIT_OK : WL_EXIT_MISMATCH;
+    }
     if (getpid() <= 0)
         return WL_EXIT_MISMATCH;
     int fd = open(WL_COMPAT32_PATH, WL_COMPAT32_WRITE_FLAGS, WL_COMPAT32_MODE);
