@@ -4,8 +4,8 @@ The C workloads (``guestlab/workloads/*.c``) are compiled against a header gener
 module (``c_header()``), so a test asserting against these constants asserts against exactly
 what the guest executed. The syscall sequence of every workload is in ``README.md`` next to
 this file. Sources named ``*.i386.c`` are 32-bit programs (``gcc -m32 -static``): the
-binary drops that suffix (``wl-compat32.i386.c`` -> ``wl-compat32``). Flag values are Linux x86-64 ABI values, written out so they do not depend on the
-host running the tests.
+binary drops that suffix (``wl-compat32.i386.c`` -> ``wl-compat32``). Flag values are Linux
+x86-64 ABI values, written out so they do not depend on the host running the tests.
 """
 from __future__ import annotations
 
