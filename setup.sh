@@ -13,7 +13,7 @@ SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 # --- Debian packages (QEMU 10 from bookworm-backports; never trixie) -----------------------
-DEBS="gcc make pkg-config libglib2.0-dev busybox-static cpio xz-utils zstd lz4 python3-venv
+DEBS="gcc gcc-multilib make pkg-config libglib2.0-dev busybox-static cpio xz-utils zstd lz4 python3-venv
       python3-dev openjdk-17-jre-headless maven strace file bpftool jq linux-libc-dev"
 BACKPORTS_LIST=/etc/apt/sources.list.d/vmitrace-bookworm-backports.list
 if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then

@@ -65,7 +65,7 @@ class NullSink:
 
 
 def guest_work(rounds: int) -> str:
-    """`rounds` passes of every lab workload (file, exec, enoent, tcp, vmcall)."""
+    """`rounds` passes of every lab workload (`guestlab.workloads.WORKLOADS`)."""
     return (f"i=0; while [ $i -lt {rounds} ]; do /workload once >/dev/null || exit 1; "
             f"i=$((i+1)); done")
 

@@ -208,10 +208,12 @@ def _compile_workloads(out: Path) -> dict[str, Path]:
     header.write_text(workloads.c_header())
     built = {}
     for source in workloads.c_sources():
-        binary = out / source.stem
-        _run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-I", str(out),
+        name = workloads.binary_name(source)
+        binary = out / name
+        arch = ["-m32"] if workloads.is_i386(source) else []  # needs gcc-multilib
+        _run(["gcc", *arch, "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-I", str(out),
               "-o", str(binary), str(source)])
-        built[source.stem] = binary
+        built[name] = binary
     return built
 
 

@@ -407,3 +407,19 @@ def test_ia32_unknown_prototype_and_number_give_raw_arguments():
     dec.decode_exit(img.mem, img.cr3, call, 0)
     assert call.ret == 0
     assert dec.decode_entry(img.mem, img.cr3, 4000, [0] * 6).name == "syscall_4000"
+
+
+def test_ia32_argument_whose_value_could_not_be_read_is_flagged():
+    """The fast ia32 entries' sixth argument comes from the user stack: unreadable, its raw
+    value is unknown (0 stands in) and the argument says why, decoded or raw."""
+    img, dec = ia32_setup()
+    img.write(L, b"/tmp/x\0")
+    table = {**dec.syscalls, 999: SyscallInfo(999, "six", tuple(("int", f"a{i}") for i in range(6)))}
+    dec = SyscallDecoder(table, compat32=True)
+    call = dec.decode_entry(img.mem, img.cr3, 999, [1, 2, 3, 4, 5, 0], {5: "unreadable at 0x10"})
+    assert [a["value"] for a in call.args] == ["1", "2", "3", "4", "5", "?"]
+    assert [a["error"] for a in call.args] == [None] * 5 + ["unreadable at 0x10"]
+    assert call.retry == []  # nothing to read again at exit: the value itself is unknown
+    call = dec.decode_entry(img.mem, img.cr3, 192, [0, 4096, 1, 1, 3, 0], {5: "unreadable"})
+    assert call.name == "mmap2" and [a["error"] for a in call.args][4:] == [None, "unreadable"]
+    assert call.args[5]["value"] == "?" and call.args[4]["value"] == "0x3"

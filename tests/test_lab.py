@@ -111,6 +111,8 @@ class TestRunningGuest:
             hashlib.md5(wl.FILE_CONTENT).hexdigest()
         assert lab_guest.run(" ".join(f"'{a}'" for a in wl.EXEC_ARGV))[0] == wl.EXEC_EXIT_CODE
         assert lab_guest.run(f"test -e {wl.ENOENT_PATH}")[0] == 1
+        assert lab_guest.run(f"cat {wl.COMPAT32_PATH}; stat -c ' %s %a' {wl.COMPAT32_PATH}") == \
+            (0, f"{wl.COMPAT32_PAYLOAD.decode()} {len(wl.COMPAT32_PAYLOAD)} {wl.COMPAT32_MODE:o}\n")
         for name in wl.WORKLOADS:  # one at a time, through the driver
             assert lab_guest.run(f"{wl.WORKLOAD_DRIVER} {name}") == \
                 (wl.WORKLOAD_EXIT_OK, f"wl {name} status={wl.WORKLOAD_EXIT_OK}\n")
@@ -149,6 +151,16 @@ class TestRunningGuest:
 
         out = strace("vmcall")
         assert "--- SIGILL {si_signo=SIGILL" in out  # TCG: vmcall raises #UD in the guest
+
+        out = strace("compat32")  # a 32-bit process: glibc's calls through the vDSO
+        assert "runs in 32 bit mode" in out
+        assert (f'openat(AT_FDCWD, "{wl.COMPAT32_PATH}", '
+                f'{strace_open_flags(wl.COMPAT32_WRITE_FLAGS)}, 0{wl.COMPAT32_MODE:o}) = 3') in out
+        payload = wl.COMPAT32_PAYLOAD.decode()
+        assert f'write(3, "{payload}", {len(payload)}) = {len(payload)}' in out
+        assert f'read(3, "{payload}", {len(payload)}) = {len(payload)}' in out
+        assert re.search(rf"mmap2\(NULL, {wl.COMPAT32_MAP_LEN}, PROT_READ, MAP_SHARED, 3, "
+                         rf"{wl.COMPAT32_MAP_PGOFF * wl.COMPAT32_PAGE_SIZE:#x}\) = 0x[0-9a-f]+", out)
 
     def test_proc_ps_and_kallsyms(self, lab_guest):
         assert lab_guest.run("cat /proc/sys/kernel/kptr_restrict") == (0, "0\n")

@@ -182,6 +182,131 @@ def test_int80_matches_strace(lab):
     assert ours == truth
 
 
+# The 32-bit vDSO enters by `syscall` where the CPU vendor is AMD (QEMU's qemu64 model, the
+# lab's default) and by `sysenter` where it is Intel (whose guests also turn KPTI on).
+FAST_STUBS = {"qemu64": "entry_SYSCALL_compat",
+              "qemu64,vendor=GenuineIntel": "entry_SYSENTER_compat"}
+
+
+@pytest.fixture(scope="module", params=["6.1", "6.12"])
+def intel_lab(request):
+    traced = TracedLab(request.param, vcpus=2, cpu="qemu64,vendor=GenuineIntel")
+    yield traced
+    traced.close()
+
+
+def check_compat32(lab, cpu):
+    """The compat32 workload's calls, decoded exactly, entering by the CPU's fast stub."""
+    program = wl.WORKLOAD_BINARIES["compat32"]
+    tracer = lab.tracer.syscalls
+    assert {"asm_int80_emulation", FAST_STUBS[cpu]} <= set(tracer.ia32_sites)
+    hits = dict(tracer.ia32_hits)
+    pid, ppid, _ = lab.run_pid(program)
+    fast = tracer.ia32_hits[FAST_STUBS[cpu]] - hits.get(FAST_STUBS[cpu], 0)
+    calls = program_calls(lab.records(), pid, program)
+    assert calls[0]["ret"] == 0 and not calls[0].get("extra")  # the 64-bit shell's execve
+    main = after_startup(calls)
+    assert [r["action"] for r in main] == ["getpid", "openat", "write", "close", "openat",
+                                            "read", "mmap2", "munmap", "close", "exit_group"]
+    getpid, open_w, write, close1, open_r, read, mmap2, munmap, close2, exit_group = main
+    assert getpid["syscall_nr"] == wl.I386_NR_GETPID and getpid["ret"] == pid
+    assert open_w["syscall_nr"] == wl.I386_NR_OPENAT
+    assert [(a["name"], a["value"]) for a in open_w["decoded_args"]] == [
+        ("dfd", "AT_FDCWD"), ("filename", wl.COMPAT32_PATH),
+        ("flags", "O_WRONLY|O_CREAT|O_TRUNC"), ("mode", "0640")]
+    assert open_w["args"][2:] == [wl.COMPAT32_WRITE_FLAGS, wl.COMPAT32_MODE]
+    assert open_w["path"] == wl.COMPAT32_PATH and open_w["mode"] == wl.COMPAT32_MODE
+    assert open_w["ret"] == 3 and open_w["fd"] == 3
+    assert write["syscall_nr"] == wl.I386_NR_WRITE and write["fd"] == 3
+    assert arg(write, "buf")["value"] == wl.COMPAT32_PAYLOAD.decode()
+    assert write["length"] == write["ret"] == len(wl.COMPAT32_PAYLOAD)
+    assert close1["syscall_nr"] == wl.I386_NR_CLOSE and close1["fd"] == 3 and close1["ret"] == 0
+    assert arg(open_r, "flags")["value"] == "O_RDONLY" and open_r["ret"] == 3
+    assert open_r["path"] == wl.COMPAT32_PATH and "mode" not in open_r
+    assert read["syscall_nr"] == wl.I386_NR_READ and read["fd"] == 3
+    assert read["ret"] == len(wl.COMPAT32_PAYLOAD)
+    assert arg(read, "buf")["value"] == wl.COMPAT32_PAYLOAD.decode()
+    # mmap2 (raw arguments): the sixth, the page offset, came from the user stack.
+    assert mmap2["syscall_nr"] == wl.I386_NR_MMAP2
+    assert mmap2["args"] == [0, wl.COMPAT32_MAP_LEN, wl.COMPAT32_MAP_PROT,
+                             wl.COMPAT32_MAP_FLAGS, 3, wl.COMPAT32_MAP_PGOFF]
+    assert [a["value"] for a in mmap2["decoded_args"]] == [
+        hex(v) for v in mmap2["args"]]
+    assert not any(a["error"] for a in mmap2["decoded_args"])
+    assert 0 < mmap2["ret"] < 1 << 32 and mmap2["ret"] % wl.COMPAT32_PAGE_SIZE == 0
+    assert munmap["syscall_nr"] == wl.I386_NR_MUNMAP and munmap["ret"] == 0
+    assert munmap["args"] == [mmap2["ret"], wl.COMPAT32_MAP_LEN]
+    assert close2["fd"] == 3 and close2["ret"] == 0
+    assert exit_group["event_type"] == "enter" and arg(exit_group, "error_code")["value"] == "0"
+    for r in calls[1:]:
+        assert r["extra"]["abi"] == "ia32"
+        assert (r["pid"], r["tid"], r["ppid"]) == (pid, pid, ppid)
+        assert r["comm"] == wl.WORKLOAD_COMMS["compat32"] and r["exe"] == program
+    # Every call after glibc's start-up goes through __kernel_vsyscall and returns to the
+    # vDSO's int80_landing_pad: one user address (below 4 GiB), the same for all.
+    landing_pads = {r["rip"] for r in main}
+    assert len(landing_pads) == 1 and 0 < landing_pads.pop() < 1 << 32
+    assert fast >= len(main)
+
+
+def check_compat32_strace(traced):
+    """The compat32 workload under strace in the guest: the same calls and results, and the
+    same sixth argument of mmap2."""
+    program = wl.WORKLOAD_BINARIES["compat32"]
+    pid, text = strace_output(traced, program)
+    truth = from_execve(parse_strace(text), lambda item: item[0] == "execve")
+    calls = syscalls_of(traced.records(), pid)
+    ours = from_execve(vmitrace_sequence(calls), lambda item: item[0] == "execve")
+    assert ours == truth
+    # strace shows mmap2's sixth argument as the byte offset (pages times the page size).
+    line = next(x for x in text.splitlines() if x.startswith("mmap2("))
+    assert line.split(") = ")[0].rsplit(", ", 1)[1] == hex(
+        wl.COMPAT32_MAP_PGOFF * wl.COMPAT32_PAGE_SIZE)
+    mmap2 = next(r for r in calls if r["action"] == "mmap2" and r["args"][4] == 3)
+    assert mmap2["args"][5] == wl.COMPAT32_MAP_PGOFF
+
+
+def check_compat32_restart(traced):
+    """A 32-bit nanosleep stopped and continued: the kernel rewinds the fast call to the vDSO's
+    `int $0x80`, which enters again as restart_syscall through the int80 stub."""
+    program = wl.WORKLOAD_BINARIES["compat32"]
+    hits = traced.tracer.syscalls.ia32_hits["asm_int80_emulation"]
+    out = traced.run(f"{program} {wl.COMPAT32_SLEEP_ARG} & p=$!; echo vmitrace-pid $p; "
+                     "sleep 0.5; kill -STOP $p; kill -CONT $p; wait $p")
+    pid = int(out.split("vmitrace-pid ")[1].split()[0])
+    calls = [r for r in syscalls_of(traced.records(), pid)
+             if "sleep" in r["action"] or r["action"] == "restart_syscall"]
+    assert [r["action"] for r in calls] == ["clock_nanosleep", "restart_syscall"], calls
+    interrupted, resumed = calls
+    assert interrupted["extra"] == {"abi": "ia32", "restarted": "true"}
+    assert "ret" not in interrupted
+    args = interrupted["args"]  # CLOCK_REALTIME, no flags, glibc's 32-bit timespec buffers
+    assert args[:2] == [0, 0] and 0 < args[2] < 1 << 32 and 0 < args[3] < 1 << 32
+    assert resumed["extra"]["abi"] == "ia32" and resumed["ret"] == 0
+    assert resumed["rip"] == interrupted["rip"]  # the landing pad: both return there
+    assert traced.tracer.syscalls.ia32_hits["asm_int80_emulation"] > hits
+
+
+def test_compat32_glibc_calls_through_the_vdso(lab):
+    check_compat32(lab, "qemu64")
+
+
+def test_compat32_matches_strace(lab):
+    check_compat32_strace(lab)
+
+
+def test_compat32_restarted_call(lab):
+    check_compat32_restart(lab)
+
+
+def test_compat32_sysenter(intel_lab):
+    check_compat32(intel_lab, "qemu64,vendor=GenuineIntel")
+
+
+def test_compat32_sysenter_matches_strace(intel_lab):
+    check_compat32_strace(intel_lab)
+
+
 def test_matches_strace_name_for_name_and_value_for_value(lab):
     program = wl.WORKLOAD_BINARIES["tcp"]
     pid, text = strace_output(lab, program)
@@ -265,7 +390,11 @@ def test_restarted_syscall(lab):
 
 
 def test_orphan_is_reparented(lab):
-    out = lab.run("sh -c 'sleep 1 & echo vmitrace-pid $! $$'; sleep 2")
+    # The parent waits until the child has run (its first return, where its start record
+    # reads the parent), then exits and leaves it an orphan.
+    out = lab.run("rm -f /tmp/orphan-ran; sh -c '(touch /tmp/orphan-ran; exec sleep 1) & "
+                  "while [ ! -e /tmp/orphan-ran ]; do :; done; echo vmitrace-pid $! $$'; "
+                  "sleep 2")
     pid, first_parent = map(int, out.split("vmitrace-pid ")[1].split()[:2])
     deadline = time.monotonic() + 30  # the orphan's exit may come after the command's end
     while True:
@@ -276,3 +405,7 @@ def test_orphan_is_reparented(lab):
     assert life[0]["event_type"] == "start" and life[0]["ppid"] == first_parent
     assert life[-1]["event_type"] == "exit" and life[-1]["exit_code"] == 0
     assert life[-1]["ppid"] != first_parent  # re-parented when its shell exited
+
+
+def test_compat32_sysenter_restarted_call(intel_lab):
+    check_compat32_restart(intel_lab)

@@ -25,7 +25,7 @@ def lab_profile(kernel: str) -> Any:
 
 class TracedLab:
     def __init__(self, kernel: str, vcpus: int = 2, options: TraceOptions | None = None,
-                 record: str | None = None, ram: bool = True) -> None:
+                 record: str | None = None, ram: bool = True, cpu: str = "qemu64") -> None:
         self.kernel = kernel
         self.profile = lab_profile(kernel)
         self.dir = tempfile.mkdtemp(prefix="vmitrace-test-")
@@ -36,7 +36,7 @@ class TracedLab:
         self.listener = Listener(f"unix:{self.dir}/kvmi.sock", recorder_factory=factory)
         self.sink = MemorySink()
         self.collector = Collector(lambda s: self.profile, [self.sink], options or TraceOptions())
-        self.guest = Guest(kernel=kernel, vcpus=vcpus,
+        self.guest = Guest(kernel=kernel, vcpus=vcpus, cpu=cpu,
                            plugin_options={"socket": self.listener.path, "hold": True})
         self.guest.start()
         try:

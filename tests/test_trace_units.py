@@ -98,6 +98,43 @@ def test_ia32_entry_sites_installed_where_the_kernel_has_them():
     assert ctx.breakpoints[sysenter].keywords["abi"].nr == k.R_ORIG_AX
 
 
+@pytest.mark.parametrize("stub,stack", [("entry_SYSCALL_compat", k.R_SP),
+                                        ("entry_SYSENTER_compat", k.R_BP)])
+def test_fast_ia32_entry_takes_arg6_from_the_user_stack_and_ip_from_the_vdso(stub, stack):
+    """pt_regs as do_fast_syscall_32 completes them: bp = the u32 at the 32-bit user stack
+    pointer (sp for SYSCALL, bp for SYSENTER, whose saved sp is 0), ip = the process's vDSO
+    base + int80_landing_pad (mm->context.vdso); read from a real page-table image."""
+    from tracer.monitors.kernel import KernelLayout
+    from tracer.monitors.syscalls import IA32_ENTRIES, SyscallMonitor
+    user_stack, task, mm, vdso = 0x0FFF_E000, 0xFFFF_8880_0100_0000, 0xFFFF_8880_0200_0000, \
+        0xF7FC_0000
+    img = GuestImage()
+    for page in (user_stack, task, mm):
+        img.map_new(page)
+    img.write(user_stack + 0x10, struct.pack("<I", 7))  # the pushed ebp: the sixth argument
+    img.write_u64(task + 0x900, mm)
+    img.write_u64(mm + 0x448, vdso)
+    ctx = context([])
+    ctx.mem = img.mem
+    ctx.layout = KernelLayout(banner=None, symbols={}, task={"mm": 0x900}, cred={}, mm={},
+                              path={}, current_offset=0, slide=0, vdso={"mm_vdso": 0x448})
+    monitor = SyscallMonitor(ctx, SyscallDecoder({}))
+    monitor.landing_pad = 0x578
+    assert next(e[3] for e in IA32_ENTRIES if e[0] == stub) == stack
+    saved = [0] * 21
+    saved[k.R_BX], saved[k.R_BP] = 0x1000, 0x2222
+    saved[k.R_IP] = 0 if stub == "entry_SYSENTER_compat" else vdso + 0x576
+    saved[stack] = (0xDEAD_0000_0000_0000 | user_stack + 0x10)  # only the low 32 bits count
+    pt, error = monitor._fast_entry_regs(tuple(saved), stack, task, img.cr3)
+    assert error is None and pt[k.R_BP] == 7 and pt[k.R_IP] == vdso + 0x578
+    assert pt[k.R_BX] == 0x1000 and pt[k.R_SP] == saved[k.R_SP]
+    saved[stack] = 0x1000_0000  # unmapped: the sixth argument is unknown, flagged
+    pt, error = monitor._fast_entry_regs(tuple(saved), stack, task, img.cr3)
+    assert pt[k.R_BP] == 0 and error == "unreadable at 0x10000000"
+    pt, _ = monitor._fast_entry_regs(tuple(saved), stack, task + 8, img.cr3)  # mm NULL: no vDSO base
+    assert pt[k.R_IP] == saved[k.R_IP]  # left as saved
+
+
 @pytest.mark.parametrize("cr,bit,name", [(0, 16, "CR0.WP"), (4, 20, "CR4.SMEP"),
                                          (4, 21, "CR4.SMAP"), (4, 11, "CR4.UMIP")])
 def test_integrity_protection_bit_cleared_and_restored(cr, bit, name):

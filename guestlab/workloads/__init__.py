@@ -3,8 +3,9 @@
 The C workloads (``guestlab/workloads/*.c``) are compiled against a header generated from this
 module (``c_header()``), so a test asserting against these constants asserts against exactly
 what the guest executed. The syscall sequence of every workload is in ``README.md`` next to
-this file. Flag values are Linux x86-64 ABI values, written out so they do not depend on the
-host running the tests.
+this file. Sources named ``*.i386.c`` are 32-bit programs (``gcc -m32 -static``): the
+binary drops that suffix (``wl-compat32.i386.c`` -> ``wl-compat32``). Flag values are Linux
+x86-64 ABI values, written out so they do not depend on the host running the tests.
 """
 from __future__ import annotations
 
@@ -24,11 +25,13 @@ SOCK_STREAM = 1
 SOL_SOCKET = 1
 SO_REUSEADDR = 2
 SIGILL = 4
+PROT_READ = 0x1
+MAP_SHARED = 0x01
 
 # Where the workloads live inside the guest. `WORKLOAD_DRIVER once` runs them all.
 WORKLOAD_DRIVER = "/workload"
 WORKLOAD_DIR = "/lab"
-WORKLOADS = ("file", "exec", "enoent", "tcp", "vmcall", "int80")
+WORKLOADS = ("file", "exec", "enoent", "tcp", "vmcall", "int80", "compat32")
 # Binary (and so the task's comm) of each workload.
 WORKLOAD_BINARIES = {name: f"{WORKLOAD_DIR}/wl-{name}" for name in WORKLOADS}
 WORKLOAD_COMMS = {name: f"wl-{name}" for name in WORKLOADS}
@@ -90,6 +93,28 @@ INT80_OPEN_FLAGS = O_WRONLY | O_CREAT | O_TRUNC  # 0x241, the same values in the
 INT80_MODE = 0o600
 INT80_PAYLOAD = b"vmitrace int 0x80"
 
+# compat32: a 32-bit (i386) static binary whose glibc enters the kernel through the vDSO's
+# __kernel_vsyscall (sysenter or 32-bit syscall). mmap2 is a six-argument call whose sixth,
+# the page offset, travels on the user stack on those paths.
+I386_NR_READ = 3
+I386_NR_MUNMAP = 91
+I386_NR_MMAP2 = 192
+I386_NR_OPENAT = 295
+I386_SOURCE_SUFFIX = ".i386.c"
+COMPAT32_PATH = "/tmp/vmitrace-wl-compat32.dat"
+COMPAT32_WRITE_FLAGS = O_WRONLY | O_CREAT | O_TRUNC  # 0x241 (glibc's open() adds nothing)
+COMPAT32_MODE = 0o640
+COMPAT32_READ_FLAGS = O_RDONLY
+COMPAT32_PAYLOAD = b"vmitrace ia32 fast syscall"
+COMPAT32_PAGE_SIZE = 4096
+COMPAT32_MAP_LEN = 4096
+COMPAT32_MAP_PROT = PROT_READ
+COMPAT32_MAP_FLAGS = MAP_SHARED
+COMPAT32_MAP_PGOFF = 7  # mmap(..., offset 0x7000) -> mmap2(..., 7)
+# `wl-compat32 sleep` instead makes one blocking call: nanosleep of COMPAT32_SLEEP_S seconds.
+COMPAT32_SLEEP_ARG = "sleep"
+COMPAT32_SLEEP_S = 2
+
 
 def _c_string(value: str | bytes) -> str:
     raw = value.encode() if isinstance(value, str) else value
@@ -138,11 +163,35 @@ def c_header() -> str:
         f"#define WL_INT80_MODE 0{INT80_MODE:o}",
         f"#define WL_INT80_PAYLOAD {_c_string(INT80_PAYLOAD)}",
         f"#define WL_INT80_PAYLOAD_LEN {len(INT80_PAYLOAD)}",
+        f"#define WL_COMPAT32_PATH {_c_string(COMPAT32_PATH)}",
+        f"#define WL_COMPAT32_WRITE_FLAGS 0{COMPAT32_WRITE_FLAGS:o}",
+        f"#define WL_COMPAT32_MODE 0{COMPAT32_MODE:o}",
+        f"#define WL_COMPAT32_READ_FLAGS 0{COMPAT32_READ_FLAGS:o}",
+        f"#define WL_COMPAT32_PAYLOAD {_c_string(COMPAT32_PAYLOAD)}",
+        f"#define WL_COMPAT32_PAYLOAD_LEN {len(COMPAT32_PAYLOAD)}",
+        f"#define WL_COMPAT32_PAGE_SIZE {COMPAT32_PAGE_SIZE}",
+        f"#define WL_COMPAT32_MAP_LEN {COMPAT32_MAP_LEN}",
+        f"#define WL_COMPAT32_MAP_PROT {COMPAT32_MAP_PROT:#x}",
+        f"#define WL_COMPAT32_MAP_FLAGS {COMPAT32_MAP_FLAGS:#x}",
+        f"#define WL_COMPAT32_MAP_PGOFF {COMPAT32_MAP_PGOFF}",
+        f"#define WL_COMPAT32_SLEEP_ARG {_c_string(COMPAT32_SLEEP_ARG)}",
+        f"#define WL_COMPAT32_SLEEP_S {COMPAT32_SLEEP_S}",
         "#define WL_NAMES { " + ", ".join(_c_string(n) for n in WORKLOADS) + ", 0 }",
     ]
     return "\n".join(lines) + "\n"
 
 
 def c_sources() -> list[Path]:
-    """The C sources, one static binary each (wl-<name>.c and the driver workload.c)."""
+    """The C sources, one static binary each (wl-<name>.c, wl-<name>.i386.c and the driver
+    workload.c)."""
     return sorted(SOURCE_DIR.glob("*.c"))
+
+
+def binary_name(source: Path) -> str:
+    """The binary a source compiles to (its name without ``.c`` or ``.i386.c``)."""
+    return source.name.removesuffix(I386_SOURCE_SUFFIX).removesuffix(".c")
+
+
+def is_i386(source: Path) -> bool:
+    """Whether a source is a 32-bit program (``gcc -m32``)."""
+    return source.name.endswith(I386_SOURCE_SUFFIX)

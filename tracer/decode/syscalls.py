@@ -243,18 +243,26 @@ class SyscallDecoder:
 
     # -- entry ------------------------------------------------------------------------------
     def decode_entry(self, mem: GuestMemory | None, cr3: int, nr: int,
-                     raw_args: Sequence[int]) -> DecodedCall:
+                     raw_args: Sequence[int],
+                     unreadable: Mapping[int, str] | None = None) -> DecodedCall:
+        """`unreadable`: positions whose raw value itself could not be read (0 stands in for
+        it), with the reason; their arguments carry it as their error."""
         if self.compat32:  # the kernel reads eax and the argument registers' low halves
             nr &= self.word_mask
             raw_args = tuple(v & self.word_mask for v in raw_args)
+        unreadable = unreadable or {}
         info = self.syscalls.get(nr)
         if info is None or info.prototype is None:
             call = DecodedCall(nr, info.name if info else f"syscall_{nr}", tuple(raw_args))
-            call.args = [_arg(f"arg{i}", "unsigned long", hex(v)) for i, v in enumerate(raw_args)]
+            call.args = [_arg(f"arg{i}", "unsigned long", "?" if i in unreadable else hex(v),
+                              error=unreadable.get(i)) for i, v in enumerate(raw_args)]
             return call
         call = DecodedCall(nr, info.name, tuple(raw_args[:len(info.prototype)]))
         spec = _SPECS.get(info.name, ())
         for pos, (c_type, arg_name) in enumerate(info.prototype):
+            if pos in unreadable:
+                call.args.append(_arg(arg_name, c_type, "?", error=unreadable[pos]))
+                continue
             kind = spec[pos] if pos < len(spec) else None
             if kind in _OUT_KINDS:
                 call.args.append(_arg(arg_name, c_type, _pointer(raw_args[pos])))

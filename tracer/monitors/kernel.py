@@ -52,6 +52,8 @@ class KernelLayout:
     current_offset: int            # per-CPU offset of the current task pointer
     slide: int | None = None
     kernel_cr3: int | None = None  # a CR3 that maps kernel data (learned from kernel-mode events)
+    # offsets of mm->context.vdso ("mm_vdso") and of vdso_image.sym_int80_landing_pad
+    vdso: dict[str, int] = field(default_factory=dict)
 
     REQUIRED_SYMBOLS = ("entry_SYSCALL_64", "do_syscall_64")
     OPTIONAL_SYMBOLS = ("linux_banner", "ret_from_fork", "do_exit", "do_group_exit",
@@ -59,7 +61,8 @@ class KernelLayout:
                         # 32-bit system call entry stubs and their C handlers
                         "asm_int80_emulation", "int80_emulation", "entry_INT80_compat",
                         "do_int80_syscall_32", "entry_SYSENTER_compat", "do_SYSENTER_32",
-                        "entry_SYSCALL_compat", "do_fast_syscall_32")
+                        "entry_SYSCALL_compat", "do_fast_syscall_32",
+                        "vdso_image_32")  # where the 32-bit vDSO's int80_landing_pad is
 
     @classmethod
     def from_profile(cls, profile: Any) -> "KernelLayout":
@@ -91,6 +94,13 @@ class KernelLayout:
         cred = offsets("cred", ("uid", "gid"))
         mm = offsets("mm_struct", ("exe_file", "arg_start", "arg_end", "env_start", "env_end",
                                      "pgd"))
+        vdso = {}
+        context, base = _call(off, "mm_struct", "context"), _call(off, "mm_context_t", "vdso")
+        if context is not None and base is not None:
+            vdso["mm_vdso"] = context + base  # mm->context.vdso: the process's vDSO base
+        landing = _call(off, "vdso_image", "sym_int80_landing_pad")
+        if landing is not None:
+            vdso["landing_pad"] = landing
         path = {}
         for key, (s, f) in {"file_f_path": ("file", "f_path"), "path_mnt": ("path", "mnt"),
                             "path_dentry": ("path", "dentry"),
@@ -116,7 +126,7 @@ class KernelLayout:
         if isinstance(banner, str):
             banner = banner.encode()
         return cls(banner=banner, symbols=symbols, task=task, cred=cred, mm=mm, path=path,
-                   current_offset=current)
+                   current_offset=current, vdso=vdso)
 
     def address(self, name: str) -> int | None:
         """Runtime address of a kernel symbol (link-time address + KASLR slide)."""

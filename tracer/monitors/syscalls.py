@@ -24,10 +24,20 @@ execute `int $0x80`. Its IDT entry is `asm_int80_emulation`, which saves pt_regs
 after it: bx/cx/dx/si/di/bp = arguments, ax = return value at the return. The number is in
 eax at the entry (the IDT stub stores -1 as orig_ax; int80_emulation copies eax there), in
 orig_ax for the other stubs. The `sysenter` and 32-bit `syscall` stubs
-(`entry_SYSENTER_compat` -> `do_SYSENTER_32`, `entry_SYSCALL_compat` -> `do_fast_syscall_32`),
-used only by 32-bit processes, get the same breakpoints when found (untested: no 32-bit
-process in the lab); there the sixth argument is still on the user stack at the entry (the C
-handler fetches it), so bp is not it. Records of 32-bit calls carry extra abi=ia32.
+(`entry_SYSENTER_compat` -> `do_SYSENTER_32`, `entry_SYSCALL_compat` -> `do_fast_syscall_32`)
+serve 32-bit processes whose libc enters through the vDSO's __kernel_vsyscall (`sysenter` on
+Intel, `syscall` on AMD: the lab's qemu64 model is AMD; tests run both). At their call,
+pt_regs holds bx/cx/dx/si/di = arguments 1-5 (the SYSCALL stub saves the user's ebp, where
+the vDSO copied ecx, as cx), but not the sixth: the vDSO pushed the caller's ebp, and
+do_fast_syscall_32 fetches that u32 from the user stack into bp only after the breakpoint.
+So the monitor reads it there before the reply, at the 32-bit user stack pointer: pt_regs->bp
+for SYSENTER (which loses esp; the vDSO put esp in ebp, do_SYSENTER_32 copies it to sp),
+pt_regs->sp for SYSCALL. Unreadable, it is an argument with its error set (the kernel fails
+such a call with EFAULT). The C handler also makes the user ip the vDSO's int80_landing_pad
+(sysenter saves none): the monitor computes it from mm->context.vdso, so records carry the
+return address and a restarted call (ip rewound to the `int $0x80` before the landing pad,
+where it enters again through the int80 stub) is recognized. 32-bit entries always block.
+Records of 32-bit calls carry extra abi=ia32.
 
 Most of the work is done after the event's reply, while the guest runs (VmContext.defer): at
 an entry only the task and the saved registers are read before the vCPU goes on. The call's
@@ -50,6 +60,7 @@ blocks, and events are handled in order, so the entry is decoded first.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -72,12 +83,15 @@ CHANGES_TASK = frozenset({"setuid", "setgid", "setreuid", "setregid", "setresuid
                           "setfsuid", "setfsgid", "prctl", "capset", "setgroups",
                           "setuid32", "setgid32", "setreuid32", "setregid32", "setresuid32",
                           "setresgid32", "setfsuid32", "setfsgid32", "setgroups32"})
-# 32-bit entry stubs, the C handler each calls with the pt_regs pointer in rdi (= rsp), and
-# where the system call number is in pt_regs at that call.
-IA32_ENTRIES = (("asm_int80_emulation", "int80_emulation", k.R_AX),
-                ("entry_INT80_compat", "do_int80_syscall_32", k.R_ORIG_AX),
-                ("entry_SYSENTER_compat", "do_SYSENTER_32", k.R_ORIG_AX),
-                ("entry_SYSCALL_compat", "do_fast_syscall_32", k.R_ORIG_AX))
+# 32-bit entry stubs, the C handler each calls with the pt_regs pointer in rdi (= rsp), where
+# the system call number is in pt_regs at that call, and for the vDSO's fast stubs, which
+# pt_regs slot holds the user stack pointer where the sixth argument is (None: it is in bp).
+# SYSENTER loses esp: the vDSO copied it to ebp, and do_SYSENTER_32 moves bp into sp only
+# after our breakpoint; the 32-bit SYSCALL stub saved esp as pt_regs->sp.
+IA32_ENTRIES = (("asm_int80_emulation", "int80_emulation", k.R_AX, None),
+                ("entry_INT80_compat", "do_int80_syscall_32", k.R_ORIG_AX, None),
+                ("entry_SYSENTER_compat", "do_SYSENTER_32", k.R_ORIG_AX, k.R_BP),
+                ("entry_SYSCALL_compat", "do_fast_syscall_32", k.R_ORIG_AX, k.R_SP))
 IA32_ARGS = (k.R_BX, k.R_CX, k.R_DX, k.R_SI, k.R_DI, k.R_BP)
 MOVSLQ_EAX_RSI = bytes.fromhex("4863f0")  # how entry_SYSCALL_64 passes the number (5.11+)
 REG_RSI, REG_RSP = 6, 4                   # x86 register numbers
@@ -97,6 +111,9 @@ class Abi:
     nr: int                  # pt_regs index of the number at the entry
     args: tuple[int, ...]    # pt_regs indices of the six arguments
     restart_nr: int | None   # restart_syscall's number in this ABI
+    arg6_stack: int | None = None  # pt_regs index of the user stack pointer whose first u32
+    #                                is the sixth argument (the fast ia32 stubs), if not in args
+    stub: str | None = None        # the ia32 entry stub (counted in ia32_hits)
 
 
 @dataclass(slots=True)
@@ -136,6 +153,8 @@ class SyscallMonitor:
         self.entry_site: int | None = None
         self.return_site: int | None = None
         self.ia32_sites: dict[str, int] = {}  # entry stub -> its call site
+        self.ia32_hits: Counter[str] = Counter()  # entry stub -> entries seen there
+        self.landing_pad: int | None = None  # int80_landing_pad's offset in the 32-bit vDSO
         self.calls = 0
 
     # -- setup ------------------------------------------------------------------------------
@@ -167,7 +186,14 @@ class SyscallMonitor:
     def _install_ia32(self, kernel_cr3: int, decoder: SyscallDecoder) -> None:
         """Break at each 32-bit entry stub's call of its C handler that this kernel has."""
         layout = self.ctx.layout
-        for stub, handler, nr in IA32_ENTRIES:
+        image, field_at = layout.address("vdso_image_32"), layout.vdso.get("landing_pad")
+        if image is not None and field_at is not None:
+            try:
+                self.landing_pad = self.ctx.mem.read_u64(kernel_cr3, image + field_at)
+            except UnreadableMemory as exc:
+                log.warning("vdso_image_32 unreadable (%s): 32-bit vDSO calls keep the saved "
+                            "rip", exc)
+        for stub, handler, nr, arg6_stack in IA32_ENTRIES:
             entry, target = layout.address(stub), layout.address(handler)
             if entry is None or target is None:
                 continue
@@ -178,7 +204,8 @@ class SyscallMonitor:
                             handler, stub)
                 continue
             self.ia32_sites[stub] = site
-            abi = Abi(ABI_IA32, decoder, nr, IA32_ARGS, decoder.number("restart_syscall"))
+            abi = Abi(ABI_IA32, decoder, nr, IA32_ARGS, decoder.number("restart_syscall"),
+                      arg6_stack, stub)
             self.ctx.add_breakpoint(site, partial(self.on_entry, abi=abi))
             self.ctx.add_breakpoint(site + 5, self.on_exit)
             log.info("32-bit syscall breakpoints in %s at %#x and %#x", stub, site, site + 5)
@@ -194,11 +221,42 @@ class SyscallMonitor:
             ctx.loss.add("unreadable_entry")
             return
         pt, task = state
+        arg6_error = None
+        if abi.stub is not None:
+            self.ia32_hits[abi.stub] += 1
+        if abi.arg6_stack is not None:  # read before the reply: the caller's stack is live
+            pt, arg6_error = self._fast_entry_regs(pt, abi.arg6_stack, task, cr3)
         name = abi.decoder.name(pt[abi.nr])
         if name in EXECS or name in NO_RETURN:
-            self._enter(abi, task, pt, name, now, event.vcpu, cr3)
+            self._enter(abi, task, pt, name, now, event.vcpu, cr3, arg6_error)
         else:
-            ctx.defer(partial(self._enter, abi, task, pt, name, now, event.vcpu, cr3))
+            ctx.defer(partial(self._enter, abi, task, pt, name, now, event.vcpu, cr3, arg6_error))
+
+    def _fast_entry_regs(self, pt: tuple[int, ...], stack: int, task: int, cr3: int
+                         ) -> tuple[tuple[int, ...], str | None]:
+        """pt_regs as do_fast_syscall_32 completes them before the call runs: bp = the sixth
+        argument, the u32 at the user stack pointer (32 bits) where the vDSO pushed the
+        caller's ebp; ip = the vDSO's int80_landing_pad, where the call returns (and 2 bytes
+        before which, at its `int $0x80`, a restarted call starts again). Returns them and the
+        error of an unreadable sixth argument (bp 0 then; the kernel fails such a call with
+        EFAULT). ip stays as saved (0 for sysenter) when the landing pad is unknown."""
+        mem = self.ctx.mem
+        address = pt[stack] & 0xFFFF_FFFF
+        try:
+            bp, error = mem.read_u32(cr3, address), None
+        except UnreadableMemory as exc:
+            bp, error = 0, f"unreadable at {exc.address:#x}"
+        ip = pt[k.R_IP]
+        mm_at, mm_vdso = self.ctx.layout.task.get("mm"), self.ctx.layout.vdso.get("mm_vdso")
+        if self.landing_pad is not None and mm_at is not None and mm_vdso is not None:
+            try:
+                mm = mem.read_u64(cr3, task + mm_at)
+                ip = mem.read_u64(cr3, mm + mm_vdso) + self.landing_pad
+            except UnreadableMemory as exc:
+                log.debug("no vDSO base for a 32-bit call: %s", exc)
+        regs = list(pt)
+        regs[k.R_BP], regs[k.R_IP] = bp, ip
+        return tuple(regs), error
 
     def _state_at_hit(self, event: Any, regs: FastRegs) -> tuple[tuple[int, ...], int] | None:
         """pt_regs and the current task as of the hit: from the host's captures, or read now
@@ -216,7 +274,7 @@ class SyscallMonitor:
             return None
 
     def _enter(self, abi: Abi, task: int, pt: tuple[int, ...], name: str, now: int, vcpu: int,
-               cr3: int) -> None:
+               cr3: int, arg6_error: str | None = None) -> None:
         """Decode an entry and keep it for its exit."""
         ctx = self.ctx
         try:
@@ -232,7 +290,8 @@ class SyscallMonitor:
         call = None
         if selected:
             args = tuple(pt[i] for i in abi.args)
-            call = abi.decoder.decode_entry(ctx.mem, cr3, nr, args)
+            call = abi.decoder.decode_entry(ctx.mem, cr3, nr, args,
+                                            {5: arg6_error} if arg6_error else None)
         if name in NO_RETURN:
             if call is not None:
                 self._emit(abi, call, info, now, vcpu, pt[k.R_IP], cr3, event_type="enter")
