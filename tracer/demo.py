@@ -184,6 +184,9 @@ def _processes(frame: Any) -> dict[str, dict[str, Any]]:
             if rec.event_type in ("exec", "snapshot"):  # the later exec's image wins
                 p["exe"] = _none(rec.exe) or p["exe"]
                 p["cmdline"] = _none(rec.cmdline) or p["cmdline"]
+            elif rec.event_type == "start":  # a fork runs its parent's image until it execs
+                p["exe"] = p["exe"] or _none(rec.exe)
+                p["cmdline"] = p["cmdline"] or _none(rec.cmdline)
             if rec.event_type == "exit":
                 p["exit_code"] = _none(rec.exit_code)
     # Processes without parent_process_uid (e.g. no snapshot at attach): find the parent by ppid
