@@ -104,7 +104,7 @@ def test_fast_ia32_entry_takes_arg6_from_the_user_stack_and_ip_from_the_vdso(stu
     """pt_regs as do_fast_syscall_32 completes them: bp = the u32 at the 32-bit user stack
     pointer (sp for SYSCALL, bp for SYSENTER, whose saved sp is 0), ip = the process's vDSO
     base + int80_landing_pad (mm->context.vdso); read from a real page-table image."""
-    from tracer.monitors.kernel import KernelLayout
+    from tracer.monitors.kernel import KernelLayout, TaskReader
     from tracer.monitors.syscalls import IA32_ENTRIES, SyscallMonitor
     user_stack, task, mm, vdso = 0x0FFF_E000, 0xFFFF_8880_0100_0000, 0xFFFF_8880_0200_0000, \
         0xF7FC_0000
@@ -118,6 +118,7 @@ def test_fast_ia32_entry_takes_arg6_from_the_user_stack_and_ip_from_the_vdso(stu
     ctx.mem = img.mem
     ctx.layout = KernelLayout(banner=None, symbols={}, task={"mm": 0x900}, cred={}, mm={},
                               path={}, current_offset=0, slide=0, vdso={"mm_vdso": 0x448})
+    ctx.tasks = TaskReader(ctx.layout, ctx.mem, "vm")
     monitor = SyscallMonitor(ctx, SyscallDecoder({}))
     monitor.landing_pad = 0x578
     assert next(e[3] for e in IA32_ENTRIES if e[0] == stub) == stack

@@ -496,7 +496,8 @@ KVMI_EVENT_ = _def("kvmi_event", [
     ("size", "u16"), ("vcpu", "u16"), ("event", "u8"), ("flags", "u8"), ("padding", ("u8", 2)),
     ("arch", KVMI_EVENT_ARCH)], 544,
     "Common part of every event; the event-specific payload starts at offset `size`. `flags` "
-    "is padding in standard KVMI (always 0); vmitrace hosts set VMITRACE_EVENT_NO_REPLY there.")
+    "is padding in standard KVMI (always 0); vmitrace hosts set VMITRACE_EVENT_NO_REPLY and "
+    "VMITRACE_EVENT_CAPTURED there.")
 KVMI_EVENT_REPLY_ = _def("kvmi_event_reply", [
     ("action", "u8"), ("event", "u8"), ("padding1", "u16"), ("padding2", "u32")], 8)
 KVMI_EVENT_PF_ = _def("kvmi_event_pf", [

@@ -366,6 +366,15 @@ class TaskReader:
             return None
         return self.mem.translate(cr3, self.mem.read_u64(cr3, mm + self.layout.mm["pgd"]))
 
+    def vdso_base(self, cr3: int, task: int) -> int | None:
+        """Where `task`'s vDSO is mapped (`mm->context.vdso`); None if the profile does not
+        say or the task has no address space."""
+        mm_at, vdso_at = self.layout.task.get("mm"), self.layout.vdso.get("mm_vdso")
+        if mm_at is None or vdso_at is None:
+            return None
+        mm = self.mem.read_u64(cr3, task + mm_at)
+        return self.mem.read_u64(cr3, mm + vdso_at) if mm else None
+
     def exec_strings(self, cr3: int, task: int) -> dict[str, tuple[Any, bool]]:
         """The filename, argv and envp a freshly exec'd task was given, as the kernel copied
         them onto its new stack: [argv strings][envp strings][filename] at the top."""

@@ -247,13 +247,14 @@ class SyscallMonitor:
         except UnreadableMemory as exc:
             bp, error = 0, f"unreadable at {exc.address:#x}"
         ip = pt[k.R_IP]
-        mm_at, mm_vdso = self.ctx.layout.task.get("mm"), self.ctx.layout.vdso.get("mm_vdso")
-        if self.landing_pad is not None and mm_at is not None and mm_vdso is not None:
+        if self.landing_pad is not None:
             try:
-                mm = mem.read_u64(cr3, task + mm_at)
-                ip = mem.read_u64(cr3, mm + mm_vdso) + self.landing_pad
+                vdso = self.ctx.tasks.vdso_base(cr3, task)
             except UnreadableMemory as exc:
+                vdso = None
                 log.debug("no vDSO base for a 32-bit call: %s", exc)
+            if vdso is not None:
+                ip = vdso + self.landing_pad
         regs = list(pt)
         regs[k.R_BP], regs[k.R_IP] = bp, ip
         return tuple(regs), error
