@@ -7,11 +7,13 @@ three states, alternating --repeat times in this one run (so load from elsewhere
              breakpoints stay instrumented: no translation flush between runs)
   traced     events on: syscall entry/exit breakpoints, process lifecycle breakpoints,
              CR/MSR integrity events, hypercalls; every syscall decoded; records go to a null
-             sink (counted, then discarded). Exits and execve/exit entries wait for their
-             reply; other 64-bit entries run on with their registers captured by the host
-             (`vmitrace trace`'s default where the host offers VMITRACE_SET_BREAKPOINT_EX)
-  blocking   the same with every entry waiting for its reply too (`--blocking-entries`):
-             the entry breakpoint is switched between the two modes, between runs
+             sink (counted, then discarded). Where the host offers
+             VMITRACE_SET_BREAKPOINT_EX (`vmitrace trace`'s default there), 64-bit entries
+             run on with their registers captured by the host, except execve/exit; exits
+             wait for their reply only when the call's decoding reads guest memory (or
+             changes the task): the host checks the captured number against a bitmap
+  blocking   the same with every entry and exit waiting for its reply
+             (`--blocking-syscalls`): the two breakpoints are switched between runs
 
 Switching events off in mid-run strands the syscalls in flight at that moment: expect a few
 unpaired entries among the losses, from the benchmark itself.
@@ -140,9 +142,9 @@ def main() -> None:
                 time.sleep(0.1)
             tracer = collector.tracers[0]
             timed(guest, guest_work(1))  # warm caches after the breakpoints' translation flush
-            entry = tracer.syscalls.entry_site
-            rule = tracer.ctx.breakpoint_rules.get(entry)
-            states = ("untraced", "traced", "blocking") if rule and rule.run_on else \
+            sites = (tracer.syscalls.entry_site, tracer.syscalls.return_site)
+            rules = [tracer.ctx.breakpoint_rules.get(site) for site in sites]
+            states = ("untraced", "traced", "blocking") if rules[0] and rules[0].run_on else \
                 ("untraced", "traced")
             wall: dict[str, list[float]] = {state: [] for state in states}
             qemu_cpu = dict.fromkeys(states, 0.0)
@@ -152,8 +154,10 @@ def main() -> None:
                 for state in states:
                     set_events(session, args.vcpus, state != "untraced")
                     if len(states) == 3:
-                        session.set_breakpoint_ex(entry, state != "blocking", rule.block_reg,
-                                                  rule.block_values, rule.captures)
+                        for site, rule in zip(sites, rules):
+                            session.set_breakpoint_ex(site, rule.run_on and state != "blocking",
+                                                      rule.block_reg, rule.block_values,
+                                                      rule.captures, rule.block_flags)
                     time.sleep(0.2)
                     events0, cpu0 = tracer.ctx.events, cpu_seconds()
                     qemu0 = process_cpu_seconds(guest.pid)

@@ -292,12 +292,17 @@ struct vmitrace_capture {
 
 /* VMITRACE_SET_BREAKPOINT_EX: 32 bytes + 4 per value (count <= 16). */
 #define VMITRACE_MAX_BLOCK_VALUES 16
+/* block_flags */
+#define VMITRACE_BLOCK_FROM_CAPTURE 1 /* the value: u64 word block_reg of the first capture */
+#define VMITRACE_BLOCK_BITMAP 2       /* block_values: a set of 0..511 (bit v of word v/32) */
+#define VMITRACE_BLOCK_BITMAP_VALUES 512
 struct vmitrace_breakpoint_ex {
     uint64_t gva;
-    uint8_t run_on;     /* 1: hits do not wait for a reply, except where block_reg holds */
-    uint8_t block_reg;  /* one of the values (general register, x86 encoding: 0 rax, 1 rcx, */
-    uint8_t count;      /* ... 15 r15; its low 32 bits are compared) */
-    uint8_t padding[5];
+    uint8_t run_on;      /* 1: hits do not wait for a reply, except where the value is */
+    uint8_t block_reg;   /* one of block_values. The value: the low 32 bits of a general */
+    uint8_t count;       /* register (block_reg, x86 encoding: 0 rax ... 15 r15), or of */
+    uint8_t block_flags; /* a captured word (FROM_CAPTURE, block_reg 0-31) */
+    uint8_t padding[4];
     struct vmitrace_capture captures[VMITRACE_CAPTURES];
     uint32_t block_values[VMITRACE_MAX_BLOCK_VALUES];
 };

@@ -279,14 +279,16 @@ static uint32_t event_seq;
 static GMutex bp_lock;
 /*
  * How a breakpoint's hits are delivered: as the connection says, or (run_on)
- * without waiting for a reply unless a register holds one of a few values;
- * and what guest memory each hit carries.
+ * without waiting for a reply unless a register or a captured word holds one
+ * of a few values (or a value in a 512-bit set); and what guest memory each
+ * hit carries.
  */
 struct bp_rule {
     uint64_t gva; /* the hash key points here */
     bool run_on;
     uint8_t block_reg;
     uint8_t count;
+    uint8_t block_flags;
     uint32_t block_values[VMITRACE_MAX_BLOCK_VALUES];
     struct vmitrace_capture captures[VMITRACE_CAPTURES]; /* copied into each hit's event */
 };
@@ -1043,8 +1045,38 @@ struct bp_payload {
     uint8_t data[VMITRACE_CAPTURES * VMITRACE_MAX_CAPTURE];
 };
 
-static void on_breakpoint_hit(struct vcpu *v, const struct site *s, const struct bp_rule *rule,
-                              bool no_wait)
+/*
+ * Whether a hit under this rule may go on without waiting for the reply (p: the
+ * hit's captures). A captured value that could not be read waits.
+ */
+static bool hit_runs_on(struct vcpu *v, const struct bp_rule *rule, const struct bp_payload *p)
+{
+    if (!rule->run_on) {
+        return false;
+    }
+    uint32_t value;
+    if (rule->block_flags & VMITRACE_BLOCK_FROM_CAPTURE) {
+        size_t at = (size_t)rule->block_reg * 8;
+        if (p->captured.length[0] < at + sizeof(value)) {
+            return false;
+        }
+        memcpy(&value, p->data + at, sizeof(value));
+    } else {
+        value = (uint32_t)read_reg(v, gpr_by_number[rule->block_reg]);
+    }
+    if (rule->block_flags & VMITRACE_BLOCK_BITMAP) {
+        return value < VMITRACE_BLOCK_BITMAP_VALUES &&
+               !(rule->block_values[value / 32] & (1u << (value % 32)));
+    }
+    for (unsigned i = 0; i < rule->count; i++) {
+        if (rule->block_values[i] == value) {
+            return false;
+        }
+    }
+    return true;
+}
+
+static void on_breakpoint_hit(struct vcpu *v, const struct site *s, const struct bp_rule *rule)
 {
     struct bp_payload p = { .bp = { .gpa = breakpoint_gpa(v, s->gva), .insn_len = s->len } };
     size_t len = sizeof(p.bp);
@@ -1070,7 +1102,7 @@ static void on_breakpoint_hit(struct vcpu *v, const struct site *s, const struct
         flags = VMITRACE_EVENT_CAPTURED;
     }
     deliver_event(v, KVMI_EVENT_BREAKPOINT, s->gva, true, &p, len, cfg.reply_timeout_ms,
-                  no_wait, flags);
+                  rule && hit_runs_on(v, rule, &p), flags);
 }
 
 static bool breakpoint_set(uint64_t gva)
@@ -1093,20 +1125,6 @@ static bool breakpoint_rule(uint64_t gva, struct bp_rule *rule)
     return found != NULL;
 }
 
-/* Whether a hit under this rule may go on without waiting for the reply. */
-static bool hit_runs_on(struct vcpu *v, const struct bp_rule *rule)
-{
-    if (!rule->run_on) {
-        return false;
-    }
-    uint32_t value = (uint32_t)read_reg(v, gpr_by_number[rule->block_reg]);
-    for (unsigned i = 0; i < rule->count; i++) {
-        if (rule->block_values[i] == value) {
-            return false;
-        }
-    }
-    return true;
-}
 
 /*
  * QEMU shares a translation between virtual addresses that map the same
@@ -1143,13 +1161,13 @@ static void on_site(unsigned vcpu_index, void *userdata)
         break;
     case SITE_INT3:
         if (event_enabled(v, KVMI_EVENT_BREAKPOINT)) {
-            on_breakpoint_hit(v, s, NULL, false);
+            on_breakpoint_hit(v, s, NULL);
         }
         break;
     case SITE_BREAKPOINT: {
         struct bp_rule rule;
         if (event_enabled(v, KVMI_EVENT_BREAKPOINT) && breakpoint_rule(s->gva, &rule)) {
-            on_breakpoint_hit(v, s, &rule, hit_runs_on(v, &rule));
+            on_breakpoint_hit(v, s, &rule);
         }
         break;
     }
@@ -1512,7 +1530,12 @@ static bool parse_breakpoint(const struct kvmi_msg_hdr *hdr, const uint8_t *payl
         return false;
     }
     memcpy(&req, payload, fixed);
-    if (req.run_on > 1 || req.count > VMITRACE_MAX_BLOCK_VALUES || req.block_reg > 15 ||
+    bool from_capture = req.block_flags & VMITRACE_BLOCK_FROM_CAPTURE;
+    if (req.run_on > 1 || req.count > VMITRACE_MAX_BLOCK_VALUES ||
+        req.block_reg > (from_capture ? VMITRACE_MAX_CAPTURE / 8 - 1 : 15) ||
+        (req.block_flags & ~(VMITRACE_BLOCK_FROM_CAPTURE | VMITRACE_BLOCK_BITMAP)) ||
+        ((req.block_flags & VMITRACE_BLOCK_BITMAP) &&
+         req.count != VMITRACE_BLOCK_BITMAP_VALUES / 32) ||
         !all_zero(req.padding, sizeof(req.padding)) ||
         hdr->size != fixed + req.count * sizeof(uint32_t)) {
         return false;
@@ -1526,9 +1549,15 @@ static bool parse_breakpoint(const struct kvmi_msg_hdr *hdr, const uint8_t *payl
         }
         rule->captures[i] = *c;
     }
+    /* A value from the first capture must lie inside it. */
+    if (from_capture && (req.captures[0].base == VMITRACE_CAPTURE_NONE ||
+                         req.captures[0].length < (req.block_reg + 1u) * 8)) {
+        return false;
+    }
     rule->gva = req.gva;
     rule->run_on = req.run_on == 1;
     rule->block_reg = req.block_reg;
+    rule->block_flags = req.block_flags;
     rule->count = req.count;
     memcpy(rule->block_values, payload + fixed, req.count * sizeof(uint32_t));
     return true;

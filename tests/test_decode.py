@@ -423,3 +423,12 @@ def test_ia32_argument_whose_value_could_not_be_read_is_flagged():
     call = dec.decode_entry(img.mem, img.cr3, 192, [0, 4096, 1, 1, 3, 0], {5: "unreadable"})
     assert call.name == "mmap2" and [a["error"] for a in call.args][4:] == [None, "unreadable"]
     assert call.args[5]["value"] == "?" and call.args[4]["value"] == "0x3"
+
+
+def test_which_calls_read_guest_memory():
+    """What lets a call's exit run on: its decoding needs nothing but registers."""
+    _, dec = setup()
+    reads = {nr: dec.reads_memory(nr) for nr in TABLE}
+    assert {nr for nr, yes in reads.items() if yes} == {0, 1, 4, 22, 42, 43, 46, 47, 59, 61, 257,
+                                                        332, 435}
+    assert not dec.reads_memory(12345)  # not in the table: raw registers only

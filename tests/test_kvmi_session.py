@@ -172,6 +172,36 @@ def test_commands_round_trip(listener) -> None:
     peer.close()
 
 
+def test_extended_breakpoint_wire_bytes_and_checks(listener) -> None:
+    peer, s = connect(listener)
+    seen: list[bytes] = []
+
+    def host(p: HostPeer, msg_id: int, seq: int, payload: bytes) -> bool:
+        seen.append(payload)
+        p.reply(msg_id, seq, 0)
+        return True
+
+    peer.serve(host)
+    assert abi.block_bitmap([0, 33, 511]) == (1, 2) + (0,) * 13 + (1 << 31,)
+    with pytest.raises(ValueError):
+        abi.block_bitmap([512])
+    pt_regs = (4, 0, 168)
+    flags = abi.VMITRACE_BLOCK_FROM_CAPTURE | abi.VMITRACE_BLOCK_BITMAP
+    s.set_breakpoint_ex(0xFFFF_FFFF_8100_0000, True, 15, abi.block_bitmap([3]), [pt_regs], flags)
+    assert seen == [struct.pack("<QBBBB4xBxHiBxHi16I", 0xFFFF_FFFF_8100_0000, 1, 15, 16, 3,
+                                4, 168, 0, 0xFF, 0, 0, 8, *(0,) * 15)]
+    for bad in (dict(block_reg=21, captures=[pt_regs], block_flags=1),  # word 21 > 168 bytes
+                dict(block_reg=0, captures=[], block_flags=1),           # no first capture
+                dict(block_values=[1, 2], captures=[pt_regs], block_flags=2),  # not 16 words
+                dict(block_flags=4),                                     # unknown flag
+                dict(block_reg=16)):                                     # no register 16
+        with pytest.raises(ValueError):
+            s.set_breakpoint_ex(0x1000, True, **bad)
+    assert len(seen) == 1  # refused before sending
+    s.close()
+    peer.close()
+
+
 def test_read_physical_is_chunked_by_page(listener) -> None:
     peer, s = connect(listener)
     memory = bytes(range(256)) * 64  # 16 KiB image at gpa 0x10000

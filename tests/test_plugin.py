@@ -449,6 +449,44 @@ def test_run_on_breakpoint_with_captures_waits_only_on_chosen_values(lab):
     assert not [e for e in lab.since(after, abi.KVMI_EVENT_BREAKPOINT) if e.arch.regs.rip == target]
 
 
+def test_run_on_breakpoint_waits_on_a_captured_value(lab):
+    """The value a run-on hit checks can be a word of its first capture, and the values a
+    512-bit set: do_sys_openat2's third argument (rdx) points at the kernel's struct open_how
+    {flags, mode, resolve}; cat's open has mode 0."""
+    s = lab.session
+    target = lab.symbols("do_sys_openat2")["do_sys_openat2"]
+    path = b"/proc/version"
+    REG_RDX, REG_RSI, REG_RDI, MODE_WORD = 2, 6, 7, 1
+    how = ((REG_RDX, 0, 24), (REG_RSI, 0, len(path)))
+    from_capture = abi.VMITRACE_BLOCK_FROM_CAPTURE
+    bitmap = from_capture | abi.VMITRACE_BLOCK_BITMAP
+    cases = [  # (captures, values, flags, whether cat's open waits)
+        (how, abi.block_bitmap([0, 511]), bitmap, True),
+        (how, abi.block_bitmap([1, 0o644]), bitmap, False),
+        (how, [0o600, 0], from_capture, True),
+        (how, [0o600], from_capture, False),
+        # an unreadable first capture (rdi is AT_FDCWD) waits whatever the values
+        (((REG_RDI, 0, 8), how[1]), [], from_capture, True),
+    ]
+    for vcpu in range(lab.vcpus):
+        s.control_events(vcpu, abi.KVMI_EVENT_BREAKPOINT, True)
+    hits = []
+    try:
+        for captures, values, flags, _ in cases:
+            s.set_breakpoint_ex(target, True, MODE_WORD if captures is how else 0, values,
+                                captures, flags)
+            mark = lab.mark()
+            lab.run_ok(f"cat {path.decode()}")
+            hits.append(lab.wait_for(lambda e: e.event_id == abi.KVMI_EVENT_BREAKPOINT and
+                                     e.captured is not None and e.captured[1] == path, mark))
+    finally:
+        s.clear_breakpoint(target)
+    assert [hit.blocking for hit in hits] == [waits for *_, waits in cases]
+    flags, mode, resolve = struct.unpack("<QQQ", hits[0].captured[0])
+    assert flags & 3 == 0 and mode == 0 and resolve == 0  # O_RDONLY
+    assert hits[-1].captured[0] == b""
+
+
 @pytest.mark.parametrize("payload", [
     struct.pack("<QBBB5x", 0x1000, 1, 0, 0),                                  # short
     struct.pack("<QBBB5xBxHiBxHi", 0x1000, 2, 0, 0, 0xFF, 0, 0, 0xFF, 0, 0),  # run_on 2
@@ -459,6 +497,12 @@ def test_run_on_breakpoint_with_captures_waits_only_on_chosen_values(lab):
     struct.pack("<QBBB5xBxHiBxHi", 0x1000, 1, 0, 0, 4, 257, 0, 0xFF, 0, 0),   # capture too long
     struct.pack("<QBBB5xBxHiBxHi", 0x1000, 1, 0, 0, 17, 8, 0, 0xFF, 0, 0),    # no base 17
     struct.pack("<QBBB4xBBxHiBxHi", 0x1000, 1, 0, 0, 1, 0xFF, 0, 0, 0xFF, 0, 0),  # padding
+    struct.pack("<QBBBB4xBxHiBxHi", 0x1000, 1, 0, 0, 4, 0xFF, 0, 0, 0xFF, 0, 0),  # flag 4
+    struct.pack("<QBBBB4xBxHiBxHi15I", 0x1000, 1, 0, 15, 2, 0xFF, 0, 0, 0xFF, 0, 0,
+                *range(15)),                                                # bitmap of 15
+    struct.pack("<QBBBB4xBxHiBxHi", 0x1000, 1, 0, 0, 1, 0xFF, 0, 0, 0xFF, 0, 0),  # no capture
+    struct.pack("<QBBBB4xBxHiBxHi", 0x1000, 1, 2, 0, 1, 4, 16, 0, 0xFF, 0, 0),  # word 2 of 2
+    struct.pack("<QBBBB4xBxHiBxHi", 0x1000, 1, 32, 0, 1, 4, 256, 0, 0xFF, 0, 0),  # word 32
 ])
 def test_extended_breakpoint_refuses_malformed_requests(lab, payload):
     with pytest.raises(KvmEINVAL):

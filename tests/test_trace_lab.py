@@ -9,6 +9,7 @@ import time
 import pytest
 
 from guestlab import workloads as wl
+from tracer.monitors import kernel as k
 from test_trace_support import (TracedLab, arg, from_execve, parse_strace, program_calls,
                                 strace_output, syscalls_of, vmitrace_sequence)
 
@@ -330,36 +331,58 @@ def test_no_integrity_alarm_and_few_unpaired(lab):
     assert losses["dropped_records"] == 0
 
 
-def test_entries_run_on_and_blocking_entries_decode_the_same(lab):
-    """Entries of ordinary calls do not stop the vCPU (the host copies pt_regs and the current
-    task into the event); with the entry breakpoint's hits waiting (what `--blocking-entries`
-    installs), and with plain breakpoints without captures (hosts without the extended
-    breakpoint: the monitor reads pt_regs itself), the same calls decode to the same values."""
+def test_run_on_and_blocking_syscalls_decode_the_same(lab):
+    """Entries of ordinary calls, and exits of calls whose decoding reads no guest memory, do
+    not stop the vCPU (the host copies pt_regs and the current task into the event, and checks
+    the captured number against the exit rule's bitmap); with every hit waiting (what
+    `--blocking-syscalls` installs), and with plain breakpoints without captures (hosts
+    without the extended breakpoint: the monitor reads pt_regs itself), the same calls decode
+    to the same values."""
     tracer, session = lab.tracer, lab.session
-    entry = tracer.syscalls.entry_site
-    rule = tracer.ctx.breakpoint_rules[entry]
-    assert rule.run_on and {59, 60, 231, 322} <= set(rule.block_values)  # execve, exit wait
+    ctx, sites = tracer.ctx, (tracer.syscalls.entry_site, tracer.syscalls.return_site)
+    rules = [ctx.breakpoint_rules[site] for site in sites]
+    assert rules[0].run_on and {59, 60, 231, 322} <= set(rules[0].block_values)
+    waits = tracer.syscalls.exits_that_wait()
+    assert rules[1].run_on and {0, 1, 2, 257, 59, 61} <= set(waits)  # read, write, open(at)
+    assert not {3, 12, 39} & set(waits)                                # close, brk, getpid
+    exit_handler = ctx.breakpoints[sites[1]]
+    exits: list[tuple[int, bool]] = []  # (number, whether the vCPU waited) of each exit
+
+    def watch_exit(event, regs):
+        if event.captured and event.captured[0]:
+            exits.append((k.PT_REGS.unpack(event.captured[0])[k.R_ORIG_AX], event.blocking))
+        exit_handler(event, regs)
+
     program = wl.WORKLOAD_BINARIES["file"]
     actions = ["openat", "write", "close", "openat", "read", "close", "exit_group"]
-    ran_on = tracer.ctx.events_run_on
-    pid, _, _ = lab.run_pid(program)
-    assert tracer.ctx.events_run_on > ran_on + len(actions)
-    pids = [pid]
+    ctx.breakpoints[sites[1]] = watch_exit
     try:
-        for waiting in (lambda: session.set_breakpoint_ex(entry, False, captures=rule.captures),
-                        lambda: session.set_breakpoint(entry)):
-            waiting()
-            ran_on = tracer.ctx.events_run_on
+        ran_on = ctx.events_run_on
+        pids = [lab.run_pid(program)[0]]
+        assert ctx.events_run_on > ran_on + len(actions)
+        waited = {nr: blocking for nr, blocking in exits}
+        assert waited[3] is False and waited[0] is True and waited[1] is True, waited
+        assert waited[257] is True, waited
+        for waiting in (lambda site, rule: session.set_breakpoint_ex(site, False,
+                                                                     captures=rule.captures),
+                        lambda site, rule: session.set_breakpoint(site)):
+            for site, rule in zip(sites, rules):
+                waiting(site, rule)
+            ran_on = ctx.events_run_on
             pids.append(lab.run_pid(program)[0])
-            assert tracer.ctx.events_run_on == ran_on
+            assert ctx.events_run_on == ran_on
     finally:
-        session.set_breakpoint_ex(entry, True, rule.block_reg, rule.block_values, rule.captures)
+        ctx.breakpoints[sites[1]] = exit_handler
+        for site, rule in zip(sites, rules):
+            session.set_breakpoint_ex(site, True, rule.block_reg, rule.block_values,
+                                      rule.captures, rule.block_flags)
     records = lab.records()
     for calls in (after_startup(program_calls(records, p, program)) for p in pids):
         assert [r["action"] for r in calls] == actions
         assert arg(calls[0], "filename")["value"] == wl.FILE_PATH
         assert arg(calls[0], "flags")["value"] == "O_WRONLY|O_CREAT|O_TRUNC"
         assert calls[0]["ret"] == 3 and calls[1]["ret"] == wl.FILE_BYTES
+        assert calls[2]["ret"] == 0 and calls[4]["ret"] == wl.FILE_BYTES
 
 
 def test_signal_at_syscall_exit_keeps_the_entry_arguments(lab):

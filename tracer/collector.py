@@ -78,7 +78,9 @@ class TraceOptions:
     hypercalls: bool = True
     hv_events: bool = False       # also emit raw CR/MSR events as records
     spin_us: int = 0              # Session busy-poll before sleeping for an event (0: off)
-    async_entries: bool = True    # syscall entries run on without a reply where the host can
+    # syscall entries, and exits that read no guest memory, run on without a reply where
+    # the host can (False: every entry and exit waits)
+    run_on_syscalls: bool = True
     observer_host: str | None = field(default_factory=socket.gethostname)
 
 
@@ -242,7 +244,7 @@ class VmTracer:
                 "int3 patching through WRITE_PHYSICAL is not implemented, so system calls "
                 "cannot be traced on it")
         self.ctx.breakpoint_rules_supported = s.check_command(abi.VMITRACE_SET_BREAKPOINT_EX)
-        self.ctx.run_on_allowed = self.options.async_entries
+        self.ctx.run_on_allowed = self.options.run_on_syscalls
         wanted = [abi.KVMI_EVENT_BREAKPOINT, abi.KVMI_EVENT_MSR, abi.KVMI_EVENT_CR]
         if self.options.hypercalls:
             wanted.append(abi.KVMI_EVENT_HYPERCALL)
@@ -340,7 +342,8 @@ class VmTracer:
                     rule = rules.get(gva)
                     if rule is not None:
                         self.session.set_breakpoint_ex(gva, rule.run_on, rule.block_reg,
-                                                       rule.block_values, rule.captures)
+                                                       rule.block_values, rule.captures,
+                                                       rule.block_flags)
                     else:
                         self.session.set_breakpoint(gva)
                 except kerr.KvmiError as exc:

@@ -145,6 +145,9 @@ _RETURNS_ADDR = frozenset({"mmap", "mremap", "brk", "shmat"})
 _OUT_KINDS = frozenset({"buf_out", "stat_out", "statx_out", "msghdr_out", "pipefd_out",
                         "sockaddr_out", "str_out",
                         "wait_status_out"})
+# Argument kinds whose decoding reads guest memory at the entry (IN) or exit (OUT).
+_MEMORY_KINDS = _OUT_KINDS | {_PATH, "target_path", _STR, "buf_in", "sockaddr_in",
+                              "msghdr_in", "clone_args", "argv", "envp"}
 _O_CREAT_OR_TMPFILE = 0o100 | 0o20000000
 _NO_RETRY = frozenset({"execve", "execveat", "exit", "exit_group"})
 
@@ -240,6 +243,20 @@ class SyscallDecoder:
     def number(self, name: str) -> int | None:
         info = self._by_name.get(name)
         return info.nr if info else None
+
+    def reads_memory(self, nr: int) -> bool:
+        """Whether decoding call `nr` reads guest memory (an IN argument at its entry or an
+        OUT one at its exit); False: its registers alone decode it."""
+        info = self.syscalls.get(nr & self.word_mask)
+        if info is None or info.prototype is None:
+            return False  # shown as raw registers
+        spec = _SPECS.get(info.name, ())
+        for pos, (c_type, _name) in enumerate(info.prototype):
+            kind = spec[pos] if pos < len(spec) else None
+            if kind in _MEMORY_KINDS or (kind is None and "*" in c_type and "char" in c_type
+                                         and "const" in c_type):
+                return True
+        return False
 
     # -- entry ------------------------------------------------------------------------------
     def decode_entry(self, mem: GuestMemory | None, cr3: int, nr: int,

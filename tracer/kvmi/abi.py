@@ -586,6 +586,10 @@ VMITRACE_SET_BREAKPOINT_EX = 0x7F04
 VMITRACE_EVENT_NO_REPLY = 1  # the vCPU did not wait; no reply is expected
 VMITRACE_EVENT_CAPTURED = 2  # kvmi_event_breakpoint is followed by vmitrace_captured + data
 VMITRACE_MAX_BLOCK_VALUES = 16
+# vmitrace_breakpoint_ex.block_flags
+VMITRACE_BLOCK_FROM_CAPTURE = 1  # the value: u64 word `block_reg` (0-31) of the first capture
+VMITRACE_BLOCK_BITMAP = 2        # block_values (16 words): the set of 0..511 whose bits are set
+VMITRACE_BLOCK_BITMAP_VALUES = 512
 VMITRACE_CAPTURES = 2
 VMITRACE_CAPTURE_GS_BASE = 16  # vmitrace_capture.base: GS base (0-15: general registers)
 VMITRACE_CAPTURE_NONE = 0xFF
@@ -599,13 +603,26 @@ VMITRACE_CAPTURE = _def("vmitrace_capture", [
     "base = general register 0-15 (x86 encoding) or 16 (GS base); base 0xff: unused.")
 VMITRACE_BREAKPOINT_EX = _def("vmitrace_breakpoint_ex", [
     ("gva", "u64"), ("run_on", "u8"), ("block_reg", "u8"), ("count", "u8"),
-    ("padding", ("u8", 5)),
+    ("block_flags", "u8"), ("padding", ("u8", 4)),
     ("capture0", VMITRACE_CAPTURE), ("capture1", VMITRACE_CAPTURE),
     ("block_values", flex("u32"))], 32,
     "Breakpoint whose hits carry two captures of guest memory taken at the hit; with "
     "run_on=1 they do not wait for a reply, unless the low 32 bits of general register "
     "`block_reg` (x86 encoding: 0 rax, 1 rcx, 2 rdx, 3 rbx, 4 rsp, 5 rbp, 6 rsi, 7 rdi, "
-    "8-15 r8-r15) equal one of the `count` (at most 16) block_values.")
+    "8-15 r8-r15) equal one of the `count` (at most 16) block_values. block_flags: "
+    "VMITRACE_BLOCK_FROM_CAPTURE takes the value from u64 word `block_reg` of the first "
+    "capture instead (unreadable: the hit waits); VMITRACE_BLOCK_BITMAP makes the 16 "
+    "block_values a 512-bit set (bit v%32 of word v/32; values from 512 up always wait).")
+
+
+def block_bitmap(values: Iterable[int]) -> tuple[int, ...]:
+    """block_values for VMITRACE_BLOCK_BITMAP: the set `values` (each 0-511) as 16 words."""
+    words = [0] * (VMITRACE_BLOCK_BITMAP_VALUES // 32)
+    for value in values:
+        if not 0 <= value < VMITRACE_BLOCK_BITMAP_VALUES:
+            raise ValueError(f"{value} is outside a block bitmap's 0-511")
+        words[value // 32] |= 1 << (value % 32)
+    return tuple(words)
 VMITRACE_CAPTURED = _def("vmitrace_captured", [
     ("length", ("u16", 2)), ("padding", "u32")], 8,
     "After kvmi_event_breakpoint when kvmi_event.flags has VMITRACE_EVENT_CAPTURED: the bytes "

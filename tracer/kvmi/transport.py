@@ -822,20 +822,30 @@ class Session:
     def set_breakpoint_ex(self, gva: int, run_on: bool = False, block_reg: int = 0,
                           block_values: Sequence[int] = (),
                           captures: Sequence[tuple[int, int, int]] = (),
-                          timeout: float | None = None) -> None:
+                          block_flags: int = 0, timeout: float | None = None) -> None:
         """Breakpoint at ``gva`` whose hits carry ``captures``: up to two (base, offset, length)
         regions of guest memory copied at the hit (``event.captured``), base = a general
         register (x86 encoding) or ``abi.VMITRACE_CAPTURE_GS_BASE``, length 1-256. With
         ``run_on`` the hits need no reply (the vCPU runs on; ``event.blocking`` is False),
         except those where the low 32 bits of register ``block_reg`` (0 = rax, 6 = rsi) equal
-        one of ``block_values`` (at most 16): those wait as usual. Setting an address again
-        replaces its rule (vmitrace hosts only).
+        one of ``block_values`` (at most 16): those wait as usual. ``block_flags``:
+        ``abi.VMITRACE_BLOCK_FROM_CAPTURE`` takes the value from u64 word ``block_reg`` of
+        the first capture instead; ``abi.VMITRACE_BLOCK_BITMAP`` makes ``block_values`` a
+        512-bit set (``abi.block_bitmap``). Setting an address again replaces its rule
+        (vmitrace hosts only).
         """
-        if len(block_values) > abi.VMITRACE_MAX_BLOCK_VALUES or not 0 <= block_reg <= 15 or \
-                len(captures) > abi.VMITRACE_CAPTURES:
-            raise ValueError(f"block_reg {block_reg} with {len(block_values)} values and "
-                             f"{len(captures)} captures: at most "
-                             f"{abi.VMITRACE_MAX_BLOCK_VALUES} values of registers 0-15 and "
+        from_capture = bool(block_flags & abi.VMITRACE_BLOCK_FROM_CAPTURE)
+        bitmap = bool(block_flags & abi.VMITRACE_BLOCK_BITMAP)
+        max_reg = abi.VMITRACE_MAX_CAPTURE // 8 - 1 if from_capture else 15
+        if len(block_values) > abi.VMITRACE_MAX_BLOCK_VALUES or not 0 <= block_reg <= max_reg \
+                or len(captures) > abi.VMITRACE_CAPTURES or \
+                block_flags & ~(abi.VMITRACE_BLOCK_FROM_CAPTURE | abi.VMITRACE_BLOCK_BITMAP) or \
+                (bitmap and len(block_values) != abi.VMITRACE_MAX_BLOCK_VALUES) or \
+                (from_capture and (not captures or captures[0][2] < (block_reg + 1) * 8)):
+            raise ValueError(f"block_reg {block_reg} (flags {block_flags:#x}) with "
+                             f"{len(block_values)} values and {len(captures)} captures: at "
+                             f"most {abi.VMITRACE_MAX_BLOCK_VALUES} values (a bitmap: exactly "
+                             f"that many), registers 0-15 or words inside the first capture, "
                              f"{abi.VMITRACE_CAPTURES} captures")
         regions = [dict(base=base, offset=offset, length=length)
                    for base, offset, length in captures]
@@ -844,7 +854,7 @@ class Session:
         self._call(abi.VMITRACE_SET_BREAKPOINT_EX, None, timeout,
                    tail=abi.pack_flex("u32", list(block_values)), gva=gva,
                    run_on=int(run_on), block_reg=block_reg, count=len(block_values),
-                   capture0=regions[0], capture1=regions[1])
+                   block_flags=block_flags, capture0=regions[0], capture1=regions[1])
 
     def clear_breakpoint(self, gva: int, timeout: float | None = None) -> None:
         """Remove the breakpoint at ``gva``."""

@@ -73,13 +73,15 @@ class FastRegs:
 class BreakpointRule:
     """What a vmitrace host (VMITRACE_SET_BREAKPOINT_EX) adds to a breakpoint's hits:
     `captures`, (base, offset, length) regions of guest memory copied at the hit, and with
-    `run_on`, no wait for the reply except where general register `block_reg` holds one of
-    `block_values`."""
+    `run_on`, no wait for the reply except where general register `block_reg` (or with
+    abi.VMITRACE_BLOCK_FROM_CAPTURE in `block_flags`, word `block_reg` of the first capture)
+    holds one of `block_values` (with abi.VMITRACE_BLOCK_BITMAP: a value of that set)."""
 
     captures: tuple[tuple[int, int, int], ...]
     run_on: bool = False
     block_reg: int = 0
     block_values: tuple[int, ...] = ()
+    block_flags: int = 0
 
 
 @dataclass
@@ -131,7 +133,7 @@ class VmContext:
         self.breakpoints: dict[int, Callable[[Any, FastRegs], None]] = {}
         self.install_queue: list[int] = []
         # Set by the collector: whether the host takes breakpoint rules, and whether hits may
-        # run on without a reply (TraceOptions.async_entries); the rules installed, by gva.
+        # run on without a reply (TraceOptions.run_on_syscalls); the rules installed, by gva.
         self.breakpoint_rules_supported = False
         self.run_on_allowed = False
         self.breakpoint_rules: dict[int, BreakpointRule] = {}

@@ -69,7 +69,8 @@ from sinks.schema import KIND_PROCESS, KIND_SYSCALL
 from tracer.decode import DecodedCall, SyscallDecoder
 from tracer.memory import UnreadableMemory
 from tracer.monitors import kernel as k
-from tracer.kvmi.abi import VMITRACE_CAPTURE_GS_BASE
+from tracer.kvmi.abi import (VMITRACE_BLOCK_BITMAP, VMITRACE_BLOCK_BITMAP_VALUES,
+                             VMITRACE_BLOCK_FROM_CAPTURE, VMITRACE_CAPTURE_GS_BASE, block_bitmap)
 from tracer.monitors.base import BreakpointRule, FastRegs, VmContext, process_fields
 
 log = logging.getLogger(__name__)
@@ -172,16 +173,33 @@ class SyscallMonitor:
         captures = ((REG_RSP, 0, k.PT_REGS_SIZE),  # at both sites, rsp points at pt_regs
                     (VMITRACE_CAPTURE_GS_BASE, layout.current_offset, 8))
         entry_rule = BreakpointRule(captures)
+        exit_rule = BreakpointRule(captures)
         if MOVSLQ_EAX_RSI in text[:site - entry]:
             waits = tuple(sorted(n for n in (self.decoder.number(name)
                                              for name in EXECS | NO_RETURN) if n is not None))
             entry_rule = BreakpointRule(captures, run_on=True, block_reg=REG_RSI,
                                         block_values=waits)
+            exit_rule = BreakpointRule(captures, run_on=True, block_reg=k.R_ORIG_AX,
+                                       block_values=block_bitmap(self.exits_that_wait()),
+                                       block_flags=VMITRACE_BLOCK_FROM_CAPTURE |
+                                       VMITRACE_BLOCK_BITMAP)
         self.ctx.add_breakpoint(site, self.on_entry, entry_rule)
-        self.ctx.add_breakpoint(site + 5, self.on_exit, BreakpointRule(captures))
+        self.ctx.add_breakpoint(site + 5, self.on_exit, exit_rule)
         log.info("syscall breakpoints at %#x (entry) and %#x (return)", site, site + 5)
         if self.ia32_decoder is not None:
             self._install_ia32(kernel_cr3, self.ia32_decoder)
+
+    def exits_that_wait(self) -> list[int]:
+        """64-bit calls whose exit must wait for its reply when entries run on: those whose
+        decoding reads guest memory (user buffers the caller may reuse once it returns; the
+        entry's IN arguments too, since its record is built after the caller could run),
+        and those after which the monitors read task state (exec, credentials, name).
+        Numbers with no entry in the table read nothing and run on."""
+        decoder = self.decoder
+        special = {decoder.number(name) for name in EXECS | NO_RETURN | CHANGES_TASK}
+        return sorted(nr for nr in decoder.syscalls
+                      if nr < VMITRACE_BLOCK_BITMAP_VALUES and
+                      (decoder.reads_memory(nr) or nr in special))
 
     def _install_ia32(self, kernel_cr3: int, decoder: SyscallDecoder) -> None:
         """Break at each 32-bit entry stub's call of its C handler that this kernel has."""
