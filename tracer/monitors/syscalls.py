@@ -54,8 +54,16 @@ rsi (found by its `movslq %eax,%rsi`; without it every entry waits). What the vC
 once it runs on is in those captures: pt_regs (the kernel rewrites them for rt_sigreturn and
 for signal delivery on the way out) and the current task (another may run on that vCPU
 while the call sleeps). What stays in guest memory, the call's user buffers, cannot change before the
-caller runs again, and it does not run again before its exit is answered: the exit still
-blocks, and events are handled in order, so the entry is decoded first.
+caller runs again, and it does not run again before its exit is answered: the exit blocks,
+and events are handled in order, so the entry is decoded first.
+
+The exit runs on too when the call's decoding reads no guest memory at all (close, brk, mmap,
+getpid, ...: `exits_that_wait`), since then nothing the caller does next can change its
+record: the exit's rule has the host compare the captured pt_regs->orig_ax (the number; -1
+after rt_sigreturn, which waits) with a bitmap of the calls that must wait. Those are the
+calls with IN or OUT memory arguments, execve, and the calls after which task attributes
+are read again (credentials, name). A task's later events, its death included, arrive after
+such an exit and are handled in order.
 """
 from __future__ import annotations
 
