@@ -3,18 +3,22 @@ the protocol's own encoder (the guest cannot be made to, e.g., clear CR0.WP on d
 guest memory is an image built in the test."""
 from __future__ import annotations
 
+import socket
 import struct
 import threading
 import time
+import uuid
 
 import pytest
 
 from sinks.schema import RecordFactory, records_to_batch
+from support.kvmi_peer import HostPeer, msr_payload
 from test_memory_support import GuestImage
 from tracer.collector import MemorySink, RecordPump, TraceOptions, VmTracer
 from tracer.decode import SyscallDecoder, SyscallInfo
 from tracer.kvmi import abi
 from tracer.kvmi.protocol import build_event, decode_event
+from tracer.kvmi.transport import Session
 from tracer.monitors.base import FastRegs, Filters, VmContext
 from tracer.monitors.integrity import IntegrityMonitor
 from tracer.monitors import kernel as k
@@ -289,3 +293,40 @@ def test_raw_hypervisor_event_records_when_asked():
         [("hv_event", "cr", 4, 0x30), ("hv_event", "msr", 0x176, 0xFFFF0000)]
     assert sink.records[0]["reg_name"] == "CR4" and sink.records[0]["vcpu"] == 1
     records_to_batch(sink.records)
+
+
+def test_events_queued_at_the_stop_are_handled_before_the_session_closes():
+    """Hosts whose vCPUs run on past their events leave several queued when tracing stops:
+    the tracer switches its events off and handles what was received (a recording of the
+    session holds those events, and replays them), before it closes the session."""
+    from test_trace_support import lab_profile
+    ours, theirs = socket.socketpair()
+    peer = HostPeer(theirs)
+    peer.send_handshake(uuid.UUID(int=7), "stopping")
+    session = Session.from_socket(ours, command_timeout=5)
+    peer.read_handshake_answer()
+    commands: list[tuple[int, bytes]] = []
+
+    def host(p: HostPeer, msg_id: int, seq: int, payload: bytes) -> bool:
+        commands.append((msg_id, payload))
+        p.reply(msg_id, seq, 0)
+        return True
+
+    sink = MemorySink()
+    pump = RecordPump([sink])
+    tracer = VmTracer(session, lab_profile("6.1"), pump,
+                      TraceOptions(hv_events=True, integrity=False))
+    tracer.enabled_events = [abi.KVMI_EVENT_MSR]
+    for seq in range(1, 4):
+        peer.send_event(seq, 0, abi.KVMI_EVENT_MSR, msr_payload(0x176, 0, seq))
+    deadline = time.monotonic() + 5
+    while session.pending_events() < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    peer.serve(host)
+    summary = tracer.close()
+    pump.close()
+    assert summary["events"] == 3
+    assert [r["new_value"] for r in sink.records if r["kind"] == "hv_event"] == [1, 2, 3]
+    assert commands[0] == (abi.KVMI_CONTROL_EVENTS, struct.pack("<H6xHB5x", 0,
+                                                               abi.KVMI_EVENT_MSR, 0))
+    assert session.closed

@@ -33,7 +33,6 @@ Counters (column `counter` of loss records; per VM, emitted as deltas per interv
 Host requirements: the vmitrace instrumentation-breakpoint extension (our QEMU plugin). On
 hosts without it (stock kvmi-v7 kernels) int3 patching through WRITE_PHYSICAL would be needed;
 it is not implemented and `VmTracer.start` refuses such hosts with a clear SetupError.
-Only the 64-bit SYSCALL path is traced (int 0x80 / sysenter compat entries are not).
 """
 from __future__ import annotations
 
@@ -228,6 +227,7 @@ class VmTracer:
         self.event_clock: Any = None
         self._installer: threading.Thread | None = None
         self._last_loss_ns = clock()
+        self.enabled_events: list[int] = []  # per-vCPU events start() switched on
 
     # -- records ----------------------------------------------------------------------------
     def _emit(self, record: dict[str, Any]) -> None:
@@ -254,6 +254,7 @@ class VmTracer:
                 continue
             for vcpu in range(self.vcpus):
                 s.control_events(vcpu, event_id, True)
+            self.enabled_events.append(event_id)
         for vcpu in range(self.vcpus):
             s.control_msr(vcpu, MSR_LSTAR, True)
         if self.options.integrity:
@@ -405,31 +406,36 @@ class VmTracer:
                 self._install_queued()
                 event = s.next_event(timeout=0.2)
                 if event is not None:
-                    if self.event_clock is not None:
-                        self.event_clock.at_event(event)
-                    try:
-                        self.handle(event)
-                    except (LayoutError, SetupError):
-                        s.reply(event)
-                        raise
-                    except UnreadableMemory as exc:
-                        self.ctx.loss.add("unreadable_event")
-                        log.debug("event %r: %s", event, exc)
-                    except kerr.ConnectionClosed:
-                        raise
-                    except Exception:  # noqa: BLE001 - a monitor bug must not stall the guest
-                        self.ctx.loss.add("monitor_error")
-                        log.exception("monitor failed on %r", event)
-                    s.reply(event)
-                    self._run_deferred()
-                    # Periodic loss records, paced by event times (not by idle wake-ups) so
-                    # that a replay emits them where the live run did.
-                    now = self.ctx.clock()
-                    if now - self._last_loss_ns >= self.options.loss_interval_s * 1e9:
-                        self._last_loss_ns = now
-                        self.ctx.emit_losses()
+                    self._process(event)
         except kerr.ConnectionClosed as exc:
             log.info("VM %s: connection closed (%s)", self.ctx.vm_id, exc)
+
+    def _process(self, event: Any) -> None:
+        """Handle one event, reply, then run the work its handlers deferred."""
+        s = self.session
+        if self.event_clock is not None:
+            self.event_clock.at_event(event)
+        try:
+            self.handle(event)
+        except (LayoutError, SetupError):
+            s.reply(event)
+            raise
+        except UnreadableMemory as exc:
+            self.ctx.loss.add("unreadable_event")
+            log.debug("event %r: %s", event, exc)
+        except kerr.ConnectionClosed:
+            raise
+        except Exception:  # noqa: BLE001 - a monitor bug must not stall the guest
+            self.ctx.loss.add("monitor_error")
+            log.exception("monitor failed on %r", event)
+        s.reply(event)
+        self._run_deferred()
+        # Periodic loss records, paced by event times (not by idle wake-ups) so that a
+        # replay emits them where the live run did.
+        now = self.ctx.clock()
+        if now - self._last_loss_ns >= self.options.loss_interval_s * 1e9:
+            self._last_loss_ns = now
+            self.ctx.emit_losses()
 
     def _run_deferred(self) -> None:
         """The monitors' after-reply work, overlapping the guest's run to its next event."""
@@ -459,7 +465,12 @@ class VmTracer:
             del self.ctx.breakpoints[gva]
 
     def close(self) -> dict[str, Any]:
-        """Remove breakpoints, answer what is still outstanding, emit the final losses."""
+        """Switch events off, handle those already received, remove breakpoints, answer what
+        is still outstanding, emit the final losses.
+
+        Every event received is handled, those queued at the stop too (vCPUs that run on
+        past their events leave several): a recording of the session then replays to the
+        same records."""
         if self.closed:
             return self.summary()
         self.closed = True
@@ -467,10 +478,17 @@ class VmTracer:
         self._run_deferred()  # what the last event left, while its memory is readable
         if not getattr(s, "closed", False):
             try:
+                for event_id in self.enabled_events:
+                    for vcpu in range(self.vcpus):
+                        s.control_events(vcpu, event_id, False)
+                # The host sent every event before its last reply: they are all queued.
+                for _ in range(s.pending_events()):
+                    event = s.next_event(timeout=0)
+                    if event is None:
+                        break
+                    self._process(event)
                 self._remove_instrumentation()
-                for vcpu in range(self.vcpus):
-                    s.control_events(vcpu, abi.KVMI_EVENT_BREAKPOINT, False)
-            except kerr.KvmiError as exc:
+            except (kerr.KvmiError, LayoutError, SetupError) as exc:
                 log.info("VM %s: cleanup: %s", self.ctx.vm_id, exc)
             for event in s.unanswered():  # release vCPUs still waiting on us
                 try:
