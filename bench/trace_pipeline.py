@@ -9,7 +9,8 @@ three states, alternating --repeat times in this one run (so load from elsewhere
              CR/MSR integrity events, hypercalls; every syscall decoded; records go to a null
              sink (counted, then discarded). Where the host offers
              VMITRACE_SET_BREAKPOINT_EX (`vmitrace trace`'s default there), 64-bit entries
-             run on with their registers captured by the host, except execve/exit; exits
+             run on with their registers captured by the host, except execve/exit and
+             calls that change credentials or the task's name (a bitmap); exits
              wait for their reply only when the call's decoding reads guest memory (or
              changes the task): the host checks the captured number against a bitmap
   blocking   the same with every entry and exit waiting for its reply

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from guestlab import workloads as wl
+from tracer.kvmi import abi
 from tracer.monitors import kernel as k
 from test_trace_support import (TracedLab, arg, from_execve, parse_strace, program_calls,
                                 strace_output, syscalls_of, vmitrace_sequence)
@@ -341,7 +342,11 @@ def test_run_on_and_blocking_syscalls_decode_the_same(lab):
     tracer, session = lab.tracer, lab.session
     ctx, sites = tracer.ctx, (tracer.syscalls.entry_site, tracer.syscalls.return_site)
     rules = [ctx.breakpoint_rules[site] for site in sites]
-    assert rules[0].run_on and {59, 60, 231, 322} <= set(rules[0].block_values)
+    assert rules[0].run_on and rules[0].block_flags == abi.VMITRACE_BLOCK_BITMAP
+    assert rules[0].block_values == abi.block_bitmap(tracer.syscalls.entries_that_wait())
+    entries_wait = set(tracer.syscalls.entries_that_wait())
+    assert {59, 60, 231, 322, 105, 157} <= entries_wait  # execve(at), exit(_group), setuid, prctl
+    assert not {0, 1, 3, 257} & entries_wait             # read, write, close, openat run on
     waits = tracer.syscalls.exits_that_wait()
     assert rules[1].run_on and {0, 1, 2, 257, 59, 61} <= set(waits)  # read, write, open(at)
     assert not {3, 12, 39} & set(waits)                                # close, brk, getpid

@@ -49,8 +49,9 @@ which the caller may reuse as soon as it runs.
 Where the host offers it (vmitrace's VMITRACE_SET_BREAKPOINT_EX), the host copies pt_regs
 and the current task into both events at the hit (no reads on the way to the reply), and
 the 64-bit entry does not wait for a reply at all, except for execve/execveat/exit/
-exit_group: the host checks the number, which `entry_SYSCALL_64` passes to do_syscall_64 in
-rsi (found by its `movslq %eax,%rsi`; without it every entry waits). What the vCPU changes
+exit_group and the calls that change credentials or the task's name (`entries_that_wait`):
+the host checks the number, which `entry_SYSCALL_64` passes to do_syscall_64 in rsi (found
+by its `movslq %eax,%rsi`; without it every entry waits), against a bitmap. What the vCPU changes
 once it runs on is in those captures: pt_regs (the kernel rewrites them for rt_sigreturn and
 for signal delivery on the way out) and the current task (another may run on that vCPU
 while the call sleeps). What stays in guest memory, the call's user buffers, cannot change before the
@@ -183,10 +184,9 @@ class SyscallMonitor:
         entry_rule = BreakpointRule(captures)
         exit_rule = BreakpointRule(captures)
         if MOVSLQ_EAX_RSI in text[:site - entry]:
-            waits = tuple(sorted(n for n in (self.decoder.number(name)
-                                             for name in EXECS | NO_RETURN) if n is not None))
             entry_rule = BreakpointRule(captures, run_on=True, block_reg=REG_RSI,
-                                        block_values=waits)
+                                        block_values=block_bitmap(self.entries_that_wait()),
+                                        block_flags=VMITRACE_BLOCK_BITMAP)
             exit_rule = BreakpointRule(captures, run_on=True, block_reg=k.R_ORIG_AX,
                                        block_values=block_bitmap(self.exits_that_wait()),
                                        block_flags=VMITRACE_BLOCK_FROM_CAPTURE |
@@ -196,6 +196,14 @@ class SyscallMonitor:
         log.info("syscall breakpoints at %#x (entry) and %#x (return)", site, site + 5)
         if self.ia32_decoder is not None:
             self._install_ia32(kernel_cr3, self.ia32_decoder)
+
+    def entries_that_wait(self) -> list[int]:
+        """64-bit calls whose entry must wait for its reply when entries run on: those that
+        replace or end the address space (decoded before it goes), and those that change
+        the task's attributes (credentials, name), which its records must show as they were
+        before the call."""
+        numbers = (self.decoder.number(name) for name in EXECS | NO_RETURN | CHANGES_TASK)
+        return sorted(n for n in numbers if n is not None and n < VMITRACE_BLOCK_BITMAP_VALUES)
 
     def exits_that_wait(self) -> list[int]:
         """64-bit calls whose exit must wait for its reply when entries run on: those whose
