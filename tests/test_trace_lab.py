@@ -68,6 +68,11 @@ def test_file_workload_lifecycle(lab):
         [r["event_type"] for r in procs][-2:] == ["exec", "exit"]  # sh may exec first
     start, exec_, exit_ = procs[0], procs[-2], procs[-1]
     assert start["ppid"] == ppid
+    # The new task ran on from ret_from_fork; its start record still shows it as it was
+    # there (its parent's image), since its execve entry waited until that was read.
+    fork_return = lab.tracer.ctx.layout.address("ret_from_fork")
+    assert lab.tracer.ctx.breakpoint_rules[fork_return].run_on
+    assert start["comm"] != "wl-file" and start["exe"] != wl.WORKLOAD_BINARIES["file"]
     assert exec_["exe"] == wl.WORKLOAD_BINARIES["file"] and exec_["comm"] == "wl-file"
     assert exec_["argv"] == [wl.WORKLOAD_BINARIES["file"]]
     assert exit_["exit_code"] == wl.WORKLOAD_EXIT_OK and exit_["comm"] == "wl-file"

@@ -2,6 +2,10 @@
 
 * start: a breakpoint on `ret_from_fork`, where every new task runs first (current = the new
   task, its CR3 loaded); thread-group leaders that are not kernel threads are new processes.
+  Where the host takes breakpoint rules, the hit carries the current task and the new task
+  runs on without waiting: what the record reads of it cannot change before the collector
+  has handled its events in order, since the calls that change it (exec, exit,
+  credentials, name) wait at their entries, and its death waits at `do_exit`.
 * exec: emitted by the syscall monitor when execve/execveat returns 0 (the new image's comm,
   exe and argv are read then).
 * exit: a breakpoint on `do_exit(code)`, which every exiting task goes through (exit,
@@ -17,7 +21,8 @@ from typing import Any
 from sinks.schema import KIND_PROCESS
 from tracer.decode.consts import signal_name
 from tracer.memory import UnreadableMemory
-from tracer.monitors.base import FastRegs, VmContext, process_fields
+from tracer.kvmi.abi import VMITRACE_CAPTURE_GS_BASE
+from tracer.monitors.base import BreakpointRule, FastRegs, VmContext, process_fields
 
 
 class ProcessMonitor:
@@ -28,12 +33,16 @@ class ProcessMonitor:
     def install(self) -> list[str]:
         """Set the lifecycle breakpoints; returns the names of those the kernel lacks."""
         missing = []
-        for name, handler in (("ret_from_fork", self.on_fork_return), ("do_exit", self.on_exit)):
+        current = ((VMITRACE_CAPTURE_GS_BASE, self.ctx.layout.current_offset, 8),)
+        # do_exit waits: the task's memory and task_struct go soon after it.
+        for name, handler, rule in (
+                ("ret_from_fork", self.on_fork_return, BreakpointRule(current, run_on=True)),
+                ("do_exit", self.on_exit, None)):
             address = self.ctx.layout.address(name)
             if address is None:
                 missing.append(name)
                 continue
-            self.ctx.add_breakpoint(address, handler)
+            self.ctx.add_breakpoint(address, handler, rule)
         return missing
 
     def snapshot(self, cr3: int) -> int | None:
@@ -67,8 +76,15 @@ class ProcessMonitor:
 
     def on_fork_return(self, event: Any, regs: FastRegs) -> None:
         ctx = self.ctx
+        captured = event.captured
         try:
-            task = ctx.tasks.current(regs.cr3, regs.gs_base)
+            if captured is not None and len(captured[0]) == 8:
+                task = int.from_bytes(captured[0], "little")
+            elif event.blocking:
+                task = ctx.tasks.current(regs.cr3, regs.gs_base)
+            else:  # the host could not read it, and the new task ran on
+                raise UnreadableMemory(regs.gs_base + ctx.layout.current_offset,
+                                       "current task not captured at the hit")
             ctx.tasks.forget(task)  # a reused task_struct address is a new task
             info = ctx.tasks.info(regs.cr3, task, user_cr3=regs.cr3)
         except UnreadableMemory:
