@@ -305,11 +305,12 @@ def test_events_queued_at_the_stop_are_handled_before_the_session_closes():
     peer.send_handshake(uuid.UUID(int=7), "stopping")
     session = Session.from_socket(ours, command_timeout=5)
     peer.read_handshake_answer()
-    commands: list[tuple[int, bytes]] = []
+    commands: list[tuple[int, int, bytes]] = []
 
     def host(p: HostPeer, msg_id: int, seq: int, payload: bytes) -> bool:
-        commands.append((msg_id, payload))
-        p.reply(msg_id, seq, 0)
+        commands.append((msg_id, seq, payload))
+        if msg_id != abi.KVMI_EVENT_REPLY:
+            p.reply(msg_id, seq, 0)
         return True
 
     sink = MemorySink()
@@ -327,6 +328,8 @@ def test_events_queued_at_the_stop_are_handled_before_the_session_closes():
     pump.close()
     assert summary["events"] == 3
     assert [r["new_value"] for r in sink.records if r["kind"] == "hv_event"] == [1, 2, 3]
-    assert commands[0] == (abi.KVMI_CONTROL_EVENTS, struct.pack("<H6xHB5x", 0,
-                                                               abi.KVMI_EVENT_MSR, 0))
-    assert session.closed
+    # events off first, then the three events handled and answered
+    assert commands[0][::2] == (abi.KVMI_CONTROL_EVENTS,
+                                struct.pack("<H6xHB5x", 0, abi.KVMI_EVENT_MSR, 0))
+    assert [seq for msg_id, seq, _ in commands if msg_id == abi.KVMI_EVENT_REPLY] == [1, 2, 3]
+    assert session.closed and session.error is None

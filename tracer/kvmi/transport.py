@@ -397,9 +397,16 @@ class Session:
 
         Raises :class:`ConnectionClosed` once the connection is closed and the queue is empty.
         """
+        cv = self._cv
+        with cv:  # fast path: an event is already queued (one lock round trip)
+            if self._queue:
+                event = self._queue.popleft()
+                if len(self._queue) + 1 >= self._soft_limit:
+                    cv.notify_all()  # a reader held back by a full queue
+                self._consumer_left = time.monotonic()  # keeps the reader thread parked
+                return event
         deadline = None if timeout is None else time.monotonic() + timeout
         me = threading.current_thread()
-        cv = self._cv
         with cv:
             self._consumers += 1
         try:
