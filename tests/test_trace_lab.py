@@ -395,6 +395,25 @@ def test_run_on_and_blocking_syscalls_decode_the_same(lab):
         assert calls[2]["ret"] == 0 and calls[4]["ret"] == wl.FILE_BYTES
 
 
+def test_credential_change_recorded_with_the_caller_as_it_was(lab):
+    """busybox su drops to another user in its own process, then execs a shell: its setuid
+    record shows uid 0 (the call's entry waits until it is read: the kernel changes the
+    credentials before the exit), and the shell's calls show the new uid."""
+    out = lab.run("grep -q ^vmtuser: /etc/passwd || "
+                  "echo 'vmtuser:x:4321:4321:vmtuser:/:/bin/sh' >> /etc/passwd; "
+                  "su vmtuser -s /bin/sh -c 'echo vmitrace-pid $$ $(id -u)'")
+    pid, uid = map(int, out.split("vmitrace-pid ")[1].split()[:2])
+    assert uid == 4321
+    calls = syscalls_of(lab.records(), pid)
+    names = [r["action"] for r in calls]
+    su_setuid = calls[names.index("setuid")]  # su's; the shell it execs calls setuid again
+    assert arg(su_setuid, "uid")["value"] == "4321" and su_setuid["ret"] == 0
+    assert su_setuid["uid"] == 0 and calls[names.index("setgid")]["uid"] == 0
+    shell = calls[names.index("setuid") + 1]
+    assert shell["action"] == "execve" and shell["uid"] == 4321
+    assert all(r["uid"] == 4321 for r in calls[names.index("setuid") + 1:])
+
+
 def test_signal_at_syscall_exit_keeps_the_entry_arguments(lab):
     """kill() of oneself: before the call's exit the kernel rewrites pt_regs for the signal
     handler, and rt_sigreturn rewrites them again; the records keep the calls' own values."""
