@@ -1125,7 +1125,6 @@ static bool breakpoint_rule(uint64_t gva, struct bp_rule *rule)
     return found != NULL;
 }
 
-
 /*
  * QEMU shares a translation between virtual addresses that map the same
  * physical code (PC-relative blocks), and the rip register is not kept up to

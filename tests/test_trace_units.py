@@ -323,9 +323,10 @@ def test_events_queued_at_the_stop_are_handled_before_the_session_closes():
     deadline = time.monotonic() + 5
     while session.pending_events() < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
-    peer.serve(host)
+    served = peer.serve(host)
     summary = tracer.close()
     pump.close()
+    served.join(timeout=5)  # the host has read everything up to the session's close
     assert summary["events"] == 3
     assert [r["new_value"] for r in sink.records if r["kind"] == "hv_event"] == [1, 2, 3]
     # events off first, then the three events handled and answered

@@ -173,6 +173,11 @@ def _int_bits(c_type: str) -> int:
     return 32
 
 
+def _is_string_type(c_type: str) -> bool:
+    """A prototype type decoded as a NUL-terminated string (`const char *`)."""
+    return "*" in c_type and "char" in c_type and "const" in c_type
+
+
 def _is_unsigned(c_type: str) -> bool:
     t = c_type.replace("const ", "").strip()
     return t.startswith("unsigned") or t.startswith("u") and t[1:2].isdigit() or \
@@ -253,8 +258,7 @@ class SyscallDecoder:
         spec = _SPECS.get(info.name, ())
         for pos, (c_type, _name) in enumerate(info.prototype):
             kind = spec[pos] if pos < len(spec) else None
-            if kind in _MEMORY_KINDS or (kind is None and "*" in c_type and "char" in c_type
-                                         and "const" in c_type):
+            if kind in _MEMORY_KINDS or (kind is None and _is_string_type(c_type)):
                 return True
         return False
 
@@ -405,7 +409,7 @@ class SyscallDecoder:
     def _by_type(self, mem: GuestMemory | None, cr3: int, c_type: str, arg_name: str,
                  value: int) -> dict[str, Any]:
         if "*" in c_type:
-            if "char" in c_type and "const" in c_type:
+            if _is_string_type(c_type):
                 return self._string(mem, cr3, c_type, arg_name, value, self.limits.max_string)
             return _arg(arg_name, c_type, _pointer(value))
         bits = min(_int_bits(c_type), self.word_bits)
