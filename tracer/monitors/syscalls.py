@@ -43,8 +43,9 @@ Most of the work is done after the event's reply, while the guest runs (VmContex
 an entry only the task and the saved registers are read before the vCPU goes on. The call's
 user memory cannot change meanwhile, since the caller waits in the kernel, unless another
 thread of the process writes it (the same window strace has). Calls that replace or end the
-address space (execve, exit) are decoded before the reply; so are OUT parameters at exit,
-which the caller may reuse as soon as it runs.
+address space (execve, exit) or change the task's credentials or name are decoded before the
+reply (DECODED_AT_ENTRY); so are OUT parameters at exit, which the caller may reuse as soon
+as it runs.
 
 Where the host offers it (vmitrace's VMITRACE_SET_BREAKPOINT_EX), the host copies pt_regs
 and the current task into both events at the hit (no reads on the way to the reply), and
@@ -93,6 +94,9 @@ CHANGES_TASK = frozenset({"setuid", "setgid", "setreuid", "setregid", "setresuid
                           "setfsuid", "setfsgid", "prctl", "capset", "setgroups",
                           "setuid32", "setgid32", "setreuid32", "setregid32", "setresuid32",
                           "setresgid32", "setfsuid32", "setfsgid32", "setgroups32"})
+# Calls decoded before their entry is answered: they replace or end the address space, or
+# change what the records show of the task (which must be read as it was before the call).
+DECODED_AT_ENTRY = EXECS | NO_RETURN | CHANGES_TASK
 # 32-bit entry stubs, the C handler each calls with the pt_regs pointer in rdi (= rsp), where
 # the system call number is in pt_regs at that call, and for the vDSO's fast stubs, which
 # pt_regs slot holds the user stack pointer where the sixth argument is (None: it is in bp).
@@ -198,11 +202,9 @@ class SyscallMonitor:
             self._install_ia32(kernel_cr3, self.ia32_decoder)
 
     def entries_that_wait(self) -> list[int]:
-        """64-bit calls whose entry must wait for its reply when entries run on: those that
-        replace or end the address space (decoded before it goes), and those that change
-        the task's attributes (credentials, name), which its records must show as they were
-        before the call."""
-        numbers = (self.decoder.number(name) for name in EXECS | NO_RETURN | CHANGES_TASK)
+        """64-bit calls whose entry must wait for its reply when entries run on: those
+        DECODED_AT_ENTRY."""
+        numbers = (self.decoder.number(name) for name in DECODED_AT_ENTRY)
         return sorted(n for n in numbers if n is not None and n < VMITRACE_BLOCK_BITMAP_VALUES)
 
     def exits_that_wait(self) -> list[int]:
@@ -212,7 +214,7 @@ class SyscallMonitor:
         and those after which the monitors read task state (exec, credentials, name).
         Numbers with no entry in the table read nothing and run on."""
         decoder = self.decoder
-        special = {decoder.number(name) for name in EXECS | NO_RETURN | CHANGES_TASK}
+        special = set(self.entries_that_wait())
         return sorted(nr for nr in decoder.syscalls
                       if nr < VMITRACE_BLOCK_BITMAP_VALUES and
                       (decoder.reads_memory(nr) or nr in special))
@@ -261,7 +263,7 @@ class SyscallMonitor:
         if abi.arg6_stack is not None:  # read before the reply: the caller's stack is live
             pt, arg6_error = self._fast_entry_regs(pt, abi.arg6_stack, task, cr3)
         name = abi.decoder.name(pt[abi.nr])
-        if name in EXECS or name in NO_RETURN:
+        if name in DECODED_AT_ENTRY:
             self._enter(abi, task, pt, name, now, event.vcpu, cr3, arg6_error)
         else:
             ctx.defer(partial(self._enter, abi, task, pt, name, now, event.vcpu, cr3, arg6_error))
