@@ -330,8 +330,9 @@ class SyscallMonitor:
             call = abi.decoder.decode_entry(ctx.mem, cr3, nr, args,
                                             {5: arg6_error} if arg6_error else None)
         if name in NO_RETURN:
-            if call is not None:
-                self._emit(abi, call, info, now, vcpu, pt[k.R_IP], cr3, event_type="enter")
+            if call is not None:  # decoded; the record is built after the reply
+                ctx.defer(partial(self._emit, abi, call, info, now, vcpu, pt[k.R_IP], cr3,
+                                  event_type="enter"))
             self.pending.pop(task, None)
             return
         old = self.pending.get(task)
@@ -378,8 +379,8 @@ class SyscallMonitor:
         info = pending.info
         if call.name in EXECS and call.ret == 0:
             info = self._after_exec(cr3, task, call) or info
-            self._emit(abi, call, info, pending.time_ns, pending.vcpu, pending.user_ip, cr3,
-                       event_type="call", exit_vcpu=event.vcpu)
+            ctx.defer(partial(self._emit, abi, call, info, pending.time_ns, pending.vcpu,
+                              pending.user_ip, cr3, event_type="call", exit_vcpu=event.vcpu))
             return
         if call.name in CHANGES_TASK:
             ctx.tasks.forget(task)
@@ -412,7 +413,8 @@ class SyscallMonitor:
 
     def _after_exec(self, cr3: int, task: int, call: DecodedCall | None) -> Any:
         """A task replaced its image: refresh what is known of it, complete the execve's
-        unreadable arguments from the new stack, emit the exec lifecycle record."""
+        unreadable arguments from the new stack, emit the exec lifecycle record (built after
+        the reply, from what was read before it)."""
         ctx = self.ctx
         ctx.tasks.forget(task)
         try:
@@ -425,6 +427,7 @@ class SyscallMonitor:
             self.decoder.replace_exec_args(call, recovered)  # by name: either ABI's decoder
         if ctx.filters.task_selected(info.pid, info.tid, info.comm):
             path = recovered.get("path", (None, False))[0]
-            ctx.record(KIND_PROCESS, "exec", action="exec", **process_fields(info),
-                       argv=info.argv, path=path, parent_process_uid=info.parent_process_uid)
+            ctx.defer(partial(ctx.record, KIND_PROCESS, "exec", ctx.clock(), action="exec",
+                              **process_fields(info), argv=info.argv, path=path,
+                              parent_process_uid=info.parent_process_uid))
         return info
