@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 from collections import namedtuple
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 # --------------------------------------------------------------------------------------------
 # Constants (C names)
@@ -627,6 +627,31 @@ VMITRACE_CAPTURED = _def("vmitrace_captured", [
     ("length", ("u16", 2)), ("padding", "u32")], 8,
     "After kvmi_event_breakpoint when kvmi_event.flags has VMITRACE_EVENT_CAPTURED: the bytes "
     "of each capture follow (length 0: not configured or unreadable).")
+# VMITRACE_SET_CAPTURE_TABLE (docs/kvmi-vendor-extension.md)
+VMITRACE_SET_CAPTURE_TABLE = 0x7F05
+VMITRACE_EVENT_TABLE_CAPTURED = 4  # vmitrace_table_captured + pointer captures follow
+VMITRACE_TABLE_STRING = 1          # vmitrace_table_entry.flags: stop after the first NUL
+VMITRACE_TABLE_SIGNED_LENGTH = 2   # the length word is signed; negative: capture nothing
+VMITRACE_TABLE_NO_LENGTH = 0xFF    # vmitrace_table_entry.length_word: max_length bytes
+VMITRACE_MAX_TABLE_ENTRIES = 2048
+VMITRACE_MAX_TABLE_CAPTURES = 4    # entries per key, and pointer captures per event
+VMITRACE_MAX_POINTER_CAPTURE = 8192
+
+
+class CaptureTableEntry(NamedTuple):
+    """One vmitrace_table_entry: at hits whose key word holds `key`, capture up to
+    `max_length` bytes at the address in u64 word `pointer_word` of the first capture,
+    bounded by word `length_word` (None: no bound word); `string`: stop after the first NUL;
+    `signed_length`: a negative length word captures nothing."""
+
+    key: int
+    pointer_word: int
+    max_length: int
+    length_word: int | None = None
+    string: bool = False
+    signed_length: bool = False
+
+
 VMITRACE_DELIVERY = _def("vmitrace_delivery", [("blocking", "u8"), ("padding", ("u8", 7))], 8,
                          "blocking=0: events are delivered without waiting for replies.")
 

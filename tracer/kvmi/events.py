@@ -8,7 +8,7 @@ first access, so a monitor that never looks at registers pays nothing for them.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from . import abi
 
@@ -116,20 +116,32 @@ class XsetbvEvent(Event):
     event_id, name = abi.KVMI_EVENT_XSETBV, "KVMI_EVENT_XSETBV"
 
 
+class PointerCapture(NamedTuple):
+    """Guest memory a vmitrace host copied at a breakpoint hit from an address held in the
+    hit's first capture (VMITRACE_SET_CAPTURE_TABLE): `data` read at `gva`; `faulted`: the
+    byte at gva + len(data) could not be read."""
+
+    gva: int
+    data: bytes
+    faulted: bool
+
+
 class BreakpointEvent(Event):
     """A breakpoint hit: ``gpa`` of the instruction, ``insn_len``; ``arch.regs.rip`` = GVA."""
 
-    __slots__ = ("gpa", "insn_len", "captured")
+    __slots__ = ("gpa", "insn_len", "captured", "pointer_captures")
     event_id, name = abi.KVMI_EVENT_BREAKPOINT, "KVMI_EVENT_BREAKPOINT"
     fields = ("gpa", "insn_len")
 
     def __init__(self, seq: int, vcpu: int, raw: bytes, blocking: bool,
-                 gpa: int, insn_len: int, captured: tuple[bytes, ...] | None = None) -> None:
+                 gpa: int, insn_len: int, captured: tuple[bytes, ...] | None = None,
+                 pointer_captures: tuple[PointerCapture, ...] = ()) -> None:
         self.seq, self.vcpu, self.raw, self.blocking, self._arch = seq, vcpu, raw, blocking, None
         self.gpa, self.insn_len = gpa, insn_len
         # vmitrace hosts: guest memory copied at the hit (VMITRACE_SET_BREAKPOINT_EX);
         # an empty capture was unreadable
         self.captured = captured
+        self.pointer_captures = pointer_captures  # VMITRACE_SET_CAPTURE_TABLE's, in order
 
 
 class HypercallEvent(Event):
