@@ -8,6 +8,9 @@ import struct
 from test_memory_support import GuestImage
 from tracer.decode import Limits, SyscallDecoder, SyscallInfo
 from tracer.decode import consts as c
+from tracer.decode.syscalls import RETURN_VALUE, CaptureSpec
+from tracer.kvmi.events import PointerCapture
+from tracer.memory import CapturedMemory, UnreadableMemory
 
 # Prototypes as the kernel's syscall_metadata spells them (x86-64 numbers).
 TABLE = {
@@ -432,3 +435,112 @@ def test_which_calls_read_guest_memory():
     assert {nr for nr, yes in reads.items() if yes} == {0, 1, 4, 22, 42, 43, 46, 47, 59, 61, 257,
                                                         332, 435}
     assert not dec.reads_memory(12345)  # not in the table: raw registers only
+
+
+# -- decoding from a host's pointer captures (VMITRACE_SET_CAPTURE_TABLE) --------------------
+
+def host_capture(img, spec, raw_args, ret=0):
+    """What a vmitrace host copies for `spec` at a hit (docs/kvmi-vendor-extension.md): the
+    bounded bytes at the argument's address, cut after the first NUL for strings, stopped
+    (faulted) at the first byte it cannot translate."""
+    gva = raw_args[spec.pos]
+    if spec.length_pos is None:
+        want = spec.max_length
+    elif spec.length_pos == RETURN_VALUE:
+        want = 0 if ret >= 2**63 else min(ret, spec.max_length)
+    else:
+        want = min(raw_args[spec.length_pos], spec.max_length)
+    data = bytearray()
+    faulted = gva == 0
+    while not faulted and len(data) < want:
+        addr = gva + len(data)
+        chunk = min(want - len(data), 0x1000 - (addr & 0xFFF))
+        try:
+            data += img.mem.read_virtual(img.cr3, addr, chunk)
+        except UnreadableMemory:
+            faulted = True
+        if spec.string and b"\0" in data:
+            del data[data.index(b"\0") + 1:]
+            break
+    return PointerCapture(gva, bytes(data), faulted)
+
+
+def decoded(call):
+    return call.args, call.typed, call.ret, call.errno
+
+
+def decode_from_captures(img, dec, nr, raw, ret, scribble):
+    """Decode call `nr` from captures taken at its entry and exit, after `scribble` changed
+    the guest's memory (the caller ran on); returns the call and the CapturedMemory reads
+    that went to live memory."""
+    entry_specs, exit_specs = dec.capture_plan(nr)
+    at_entry = CapturedMemory(img.mem, [host_capture(img, s, raw) for s in entry_specs])
+    call = dec.decode_entry(at_entry, img.cr3, nr, raw)
+    at_exit = CapturedMemory(img.mem, [host_capture(img, s, raw, ret) for s in exit_specs])
+    scribble()
+    dec.decode_exit(at_exit, img.cr3, call, ret)
+    return call, at_entry.live_reads + at_exit.live_reads
+
+
+def test_captured_calls_decode_as_live_reads_did_before_the_caller_ran_on():
+    img, dec = setup()
+    img.write(U, b"/tmp/vmitrace-wl-file.dat\0")
+    img.write(U + 0x100, b"hello\nworld" + b"x" * 100)
+    img.write(U + 0x300, struct.pack("<HH4s8x", socket.AF_INET, socket.htons(7777),
+                                     socket.inet_aton("127.0.0.1")))
+    img.write(U + 0x400, struct.pack("<ii", 5, 6))
+    img.write(U + 0x500, struct.pack("<QQQIII4xQqqq", 1, 42, 1, 0o100644, 0, 0, 0, 12, 4096, 1))
+    img.write(U + 0x600, struct.pack("<I", 3 << 8))
+    img.write(U + 0x8000 - 2, b"ab")  # a string running into an unmapped page
+    calls = [(257, [2**64 - 100, U, 0o1101, 0o644, 0, 0], 3),
+             (257, [2**64 - 100, U + 0x8000 - 2, 0, 0, 0, 0], 2**64 - 14),
+             (257, [2**64 - 100, 0, 0, 0, 0, 0], 2**64 - 14),
+             (1, [1, U + 0x100, 3000], 3000), (1, [1, U + 0x100, 5], 5),
+             (0, [3, U + 0x100, 4096], 7), (0, [3, U + 0x100, 4096], 2**64 - 11),
+             (42, [3, U + 0x300, 16], 0), (22, [U + 0x400], 0), (4, [U, U + 0x500], 0),
+             (61, [2**64 - 1, U + 0x600, 0, 0], 77), (9, [0, 8192, 3, 0x22, 2**64 - 1, 0], U)]
+    pristine = bytes(img.ram)
+    for nr, raw, ret in calls:
+        live = dec.decode_exit(img.mem, img.cr3, dec.decode_entry(img.mem, img.cr3, nr, raw), ret)
+
+        def scribble():
+            for gva in (U, U + 0x100, U + 0x300, U + 0x400, U + 0x500, U + 0x600):
+                img.write(gva, b"\xee" * 0x80)
+        call, live_reads = decode_from_captures(img, dec, nr, raw, ret, scribble)
+        assert decoded(call) == decoded(live), dec.name(nr)
+        assert live_reads == 0, dec.name(nr)
+        img.ram[:] = pristine
+
+
+def test_captured_strings_keep_the_live_bounds_and_faults():
+    img = GuestImage()
+    img.map_new(U, 2)
+    dec = SyscallDecoder(TABLE, Limits(max_string=100))
+    for text in (b"a" * 99, b"a" * 100, b"a" * 101, b"a" * 500):
+        img.write(U, text + b"\0")
+        raw = [0, U, 0, 0, 0, 0]
+        live = dec.decode_exit(img.mem, img.cr3, dec.decode_entry(img.mem, img.cr3, 257, raw), 3)
+        call, live_reads = decode_from_captures(img, dec, 257, raw, 3, lambda: None)
+        assert decoded(call) == decoded(live) and live_reads == 0
+        assert args_by_name(call)["filename"]["truncated"] == (len(text) > 100)
+
+
+def test_a_read_no_capture_holds_goes_live_and_is_counted():
+    img, dec = setup()
+    img.write(U, b"/etc/passwd\0")
+    mem = CapturedMemory(img.mem, [PointerCapture(U + 0x800, b"other\0", False)])
+    call = dec.decode_entry(mem, img.cr3, 257, [0, U, 0, 0, 0, 0])
+    assert args_by_name(call)["filename"]["value"] == "/etc/passwd"
+    assert mem.live_reads == 1
+
+
+def test_capture_plan_covers_bounded_arguments_and_refuses_the_rest():
+    _img, dec = setup()
+    assert dec.capture_plan(257) == ([CaptureSpec(1, 4097, string=True)],
+                                     [CaptureSpec(1, 4097, string=True)])
+    assert dec.capture_plan(0) == ([], [CaptureSpec(1, 64, length_pos=RETURN_VALUE)])
+    assert dec.capture_plan(1) == ([CaptureSpec(1, 64, length_pos=2)],
+                                   [CaptureSpec(1, 64, length_pos=2)])
+    assert dec.capture_plan(9) == ([], [])  # registers alone
+    for name in ("execve", "accept", "sendmsg", "recvmsg"):  # argv, sockaddr_out, msghdr
+        assert dec.capture_plan(dec.number(name)) is None, name

@@ -27,6 +27,9 @@ Counters (column `counter` of loss records; per VM, emitted as deltas per interv
               breakpoint_install_failed
   not losses  inflight_at_attach  returns of syscalls entered before tracing began
               inflight_at_stop    syscalls still in progress when tracing stopped
+              read_after_run_on   reads of a call's memory that its host's captures did
+                                  not hold, made after its vCPU ran on (the value may be
+                                  newer than the call's); none are expected
               restarted           syscalls the kernel restarts (recorded, then seen again)
               guest_int3          the guest's own int3 (re-injected to the guest)
 
@@ -244,6 +247,8 @@ class VmTracer:
                 "int3 patching through WRITE_PHYSICAL is not implemented, so system calls "
                 "cannot be traced on it")
         self.ctx.breakpoint_rules_supported = s.check_command(abi.VMITRACE_SET_BREAKPOINT_EX)
+        self.ctx.capture_tables_supported = self.ctx.breakpoint_rules_supported and \
+            s.check_command(abi.VMITRACE_SET_CAPTURE_TABLE)
         self.ctx.run_on_allowed = self.options.run_on_syscalls
         wanted = [abi.KVMI_EVENT_BREAKPOINT, abi.KVMI_EVENT_MSR, abi.KVMI_EVENT_CR]
         if self.options.hypercalls:
@@ -341,6 +346,11 @@ class VmTracer:
             for gva in addresses:
                 try:
                     rule = rules.get(gva)
+                    if rule is not None and rule.table:
+                        # Hits wait until the table is in place: those that run on rely
+                        # on its captures. Setting the rule keeps the table.
+                        self.session.set_breakpoint_ex(gva, False, captures=rule.captures)
+                        self.session.set_capture_table(gva, rule.table_key_word, rule.table)
                     if rule is not None:
                         self.session.set_breakpoint_ex(gva, rule.run_on, rule.block_reg,
                                                        rule.block_values, rule.captures,

@@ -19,7 +19,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 PAGE_SIZE = 0x1000
 PAGE_MASK = ~(PAGE_SIZE - 1)
@@ -318,3 +318,59 @@ class GuestMemory:
             return pointers, self.read_virtual(cr3, addr, width) != bytes(width)
         except UnreadableMemory:
             return pointers, True
+
+
+class CapturedMemory:
+    """Guest memory as a host copied it at an event (pointer captures: objects with `gva`,
+    `data` and `faulted`), in front of the live memory.
+
+    Reads that a capture holds are answered from it, with the fault it met where it stopped
+    (as the live read would have raised then); any other read goes to `live` and is counted
+    in `live_reads`: after a vCPU ran on, such a read may see what the guest wrote since.
+    """
+
+    def __init__(self, live: GuestMemory, captures: Sequence[Any]) -> None:
+        self.live = live
+        self.captures = captures
+        self.live_reads = 0
+
+    def _capture_at(self, gva: int) -> Any:
+        for capture in self.captures:
+            if 0 <= gva - capture.gva <= len(capture.data):
+                return capture
+        return None
+
+    def read_virtual(self, cr3: int, gva: int, size: int) -> bytes:
+        capture = self._capture_at(gva)
+        if capture is not None:
+            start = gva - capture.gva
+            if start + size <= len(capture.data):
+                return capture.data[start:start + size]
+            if capture.faulted:
+                raise UnreadableMemory(capture.gva + len(capture.data), "unmapped at the event")
+        self.live_reads += 1
+        return self.live.read_virtual(cr3, gva, size)
+
+    def read_u32(self, cr3: int, gva: int) -> int:
+        return int.from_bytes(self.read_virtual(cr3, gva, 4), "little")
+
+    def read_cstring(self, cr3: int, gva: int, max_len: int = 4096) -> CString:
+        """As GuestMemory.read_cstring, from a capture that holds the string's end (its NUL,
+        `max_len` + 1 bytes, or the fault that stopped it)."""
+        capture = self._capture_at(gva)
+        if capture is not None:
+            data = capture.data[gva - capture.gva:]
+            nul = data.find(b"\0", 0, max_len + 1)
+            if nul >= 0:
+                return CString(data[:nul])
+            if len(data) > max_len:
+                return CString(data[:max_len], truncated=True)
+            if capture.faulted:
+                return CString(data, error_address=capture.gva + len(capture.data))
+        self.live_reads += 1
+        return self.live.read_cstring(cr3, gva, max_len)
+
+    def read_pointer_array(self, cr3: int, gva: int, max_count: int,
+                           width: int = 8) -> tuple[list[int], bool]:
+        self.live_reads += 1  # never captured (argv and envp: their calls wait)
+        return self.live.read_pointer_array(cr3, gva, max_count, width)

@@ -57,6 +57,22 @@ class Counters:
     truncated: int = 0
 
 
+RETURN_VALUE = -1  # CaptureSpec.length_pos: the call's return value bounds the length
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """Guest memory a host can copy at a hit for one argument, so that decoding needs no
+    read after the vCPU ran on: up to `max_length` bytes at argument `pos`'s address, bounded
+    by argument `length_pos` (RETURN_VALUE: the return value, signed; None: no bound);
+    `string`: up to and including the first NUL."""
+
+    pos: int
+    max_length: int
+    length_pos: int | None = None
+    string: bool = False
+
+
 @dataclass
 class DecodedCall:
     """One system call being decoded: entry fields now, exit fields when it returns."""
@@ -261,6 +277,53 @@ class SyscallDecoder:
             if kind in _MEMORY_KINDS or (kind is None and _is_string_type(c_type)):
                 return True
         return False
+
+    def capture_plan(self, nr: int) -> tuple[list[CaptureSpec], list[CaptureSpec]] | None:
+        """What to capture at call `nr`'s entry (its IN arguments) and exit (its OUT ones,
+        and the IN ones again for the retry of those unreadable at entry) so that decoding
+        it reads nothing else (see `capture_spec`); None if some argument needs more (argv,
+        msghdr, sockaddr_out: addresses or lengths held in guest memory). Both lists are
+        empty for calls whose registers alone decode them."""
+        info = self.syscalls.get(nr & self.word_mask)
+        if info is None or info.prototype is None:
+            return [], []
+        spec = _SPECS.get(info.name, ())
+        entry: list[CaptureSpec] = []
+        exit_: list[CaptureSpec] = []
+        for pos, (c_type, _name) in enumerate(info.prototype):
+            kind = spec[pos] if pos < len(spec) else None
+            if kind is None:
+                if not _is_string_type(c_type):
+                    continue
+                kind = _STR
+            if kind not in _MEMORY_KINDS:
+                continue
+            capture = self.capture_spec(info.name, pos, kind)
+            if capture is None:
+                return None
+            if kind in _OUT_KINDS:
+                exit_.append(capture)
+            else:
+                entry.append(capture)
+        return entry, entry + exit_
+
+    def capture_spec(self, name: str, pos: int, kind: str) -> CaptureSpec | None:
+        """The capture that holds every byte decoding argument `pos` (of memory kind `kind`)
+        of call `name` reads, or None if no single bounded region does."""
+        lim = self.limits
+        if kind in (_PATH, "target_path", _STR) or (kind == "str_out" and name == "getcwd"):
+            return CaptureSpec(pos, lim.max_string + 1, string=True)  # +1: a NUL at max_string
+        if kind == "buf_in":
+            return CaptureSpec(pos, lim.max_buffer_preview, length_pos=pos + 1)
+        if kind == "sockaddr_in":
+            return CaptureSpec(pos, lim.max_sockaddr, length_pos=pos + 1)
+        if kind == "buf_out":
+            return CaptureSpec(pos, lim.max_buffer_preview, length_pos=RETURN_VALUE)
+        if kind == "str_out":
+            return CaptureSpec(pos, lim.max_string, length_pos=RETURN_VALUE)
+        fixed = {"clone_args": _CLONE_ARGS.size, "pipefd_out": 8, "stat_out": _STAT.size,
+                 "statx_out": _STATX.size, "wait_status_out": 4}.get(kind)
+        return None if fixed is None else CaptureSpec(pos, fixed)
 
     # -- entry ------------------------------------------------------------------------------
     def decode_entry(self, mem: GuestMemory | None, cr3: int, nr: int,

@@ -82,6 +82,10 @@ class BreakpointRule:
     block_reg: int = 0
     block_values: tuple[int, ...] = ()
     block_flags: int = 0
+    # Pointer captures (abi.VMITRACE_SET_CAPTURE_TABLE): entries selected by word
+    # `table_key_word` of the first capture; they arrive as `event.pointer_captures`.
+    table: tuple[abi.CaptureTableEntry, ...] = ()
+    table_key_word: int = 0
 
 
 @dataclass
@@ -135,6 +139,7 @@ class VmContext:
         # Set by the collector: whether the host takes breakpoint rules, and whether hits may
         # run on without a reply (TraceOptions.run_on_syscalls); the rules installed, by gva.
         self.breakpoint_rules_supported = False
+        self.capture_tables_supported = False
         self.run_on_allowed = False
         self.breakpoint_rules: dict[int, BreakpointRule] = {}
         self.layout: Any = None   # KernelLayout once the slide is known
@@ -166,6 +171,8 @@ class VmContext:
         if rule is not None and self.breakpoint_rules_supported:
             if rule.run_on and not self.run_on_allowed:
                 rule = replace(rule, run_on=False)
+            if rule.table and not self.capture_tables_supported:
+                rule = replace(rule, table=())
             self.breakpoint_rules[gva] = rule
         self.install_queue.append(gva)
 

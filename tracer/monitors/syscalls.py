@@ -67,6 +67,15 @@ after rt_sigreturn, which waits) with a bitmap of the calls that must wait. Thos
 calls with IN or OUT memory arguments, execve, and the calls after which task attributes
 are read again (credentials, name). A task's later events, its death included, arrive after
 such an exit and are handled in order.
+
+Where the host also takes pointer-capture tables (VMITRACE_SET_CAPTURE_TABLE), the calls
+with memory arguments that bounded captures hold (paths, read/write buffers, socket
+addresses passed in, struct stat, wait status, ...: SyscallDecoder.capture_plan) run on at
+both sites as well: keyed by orig_ax, the host copies the IN arguments at the entry and the
+OUT ones (with the IN ones again, for those the kernel had still to fault in) at the exit,
+and the call is decoded from those copies (memory.CapturedMemory). A read they do not hold
+goes to live memory and is counted (`read_after_run_on`). Calls with addresses or lengths
+held in guest memory (execve's argv, msghdr, accept's sockaddr) still wait at their exit.
 """
 from __future__ import annotations
 
@@ -74,14 +83,17 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Sequence
 
 from sinks.schema import KIND_PROCESS, KIND_SYSCALL
 from tracer.decode import DecodedCall, SyscallDecoder
-from tracer.memory import UnreadableMemory
+from tracer.decode.syscalls import RETURN_VALUE, CaptureSpec
+from tracer.kvmi.events import PointerCapture
+from tracer.memory import CapturedMemory, GuestMemory, UnreadableMemory
 from tracer.monitors import kernel as k
 from tracer.kvmi.abi import (VMITRACE_BLOCK_BITMAP, VMITRACE_BLOCK_BITMAP_VALUES,
-                             VMITRACE_BLOCK_FROM_CAPTURE, VMITRACE_CAPTURE_GS_BASE, block_bitmap)
+                             VMITRACE_BLOCK_FROM_CAPTURE, VMITRACE_CAPTURE_GS_BASE,
+                             CaptureTableEntry, block_bitmap)
 from tracer.monitors.base import BreakpointRule, FastRegs, VmContext, process_fields
 
 log = logging.getLogger(__name__)
@@ -163,6 +175,8 @@ class SyscallMonitor:
                           (k.R_DI, k.R_SI, k.R_DX, k.R_R10, k.R_R8, k.R_R9),
                           decoder.number("restart_syscall"))
         self.ia32_decoder = ia32_decoder
+        # 64-bit calls decoded from the host's pointer captures: their exits run on
+        self.captured_calls: set[int] = set()
         self.pending: dict[int, Pending] = {}
         self.seen_tasks: set[int] = set()
         self.entry_site: int | None = None
@@ -189,13 +203,16 @@ class SyscallMonitor:
         entry_rule = BreakpointRule(captures)
         exit_rule = BreakpointRule(captures)
         if MOVSLQ_EAX_RSI in text[:site - entry]:
+            entry_table, exit_table = self._capture_tables()
             entry_rule = BreakpointRule(captures, run_on=True, block_reg=REG_RSI,
                                         block_values=block_bitmap(self.entries_that_wait()),
-                                        block_flags=VMITRACE_BLOCK_BITMAP)
+                                        block_flags=VMITRACE_BLOCK_BITMAP, table=entry_table,
+                                        table_key_word=k.R_ORIG_AX)
             exit_rule = BreakpointRule(captures, run_on=True, block_reg=k.R_ORIG_AX,
                                        block_values=block_bitmap(self.exits_that_wait()),
                                        block_flags=VMITRACE_BLOCK_FROM_CAPTURE |
-                                       VMITRACE_BLOCK_BITMAP)
+                                       VMITRACE_BLOCK_BITMAP, table=exit_table,
+                                       table_key_word=k.R_ORIG_AX)
         self.ctx.add_breakpoint(site, self.on_entry, entry_rule)
         self.ctx.add_breakpoint(site + 5, self.on_exit, exit_rule)
         log.info("syscall breakpoints at %#x (entry) and %#x (return)", site, site + 5)
@@ -211,14 +228,45 @@ class SyscallMonitor:
     def exits_that_wait(self) -> list[int]:
         """64-bit calls whose exit must wait for its reply when entries run on: those whose
         decoding reads guest memory (user buffers the caller may reuse once it returns; the
-        entry's IN arguments too, since its record is built after the caller could run),
-        and those after which the monitors read task state (exec, credentials, name).
-        Numbers with no entry in the table read nothing and run on."""
+        entry's IN arguments too, since its record is built after the caller could run)
+        that the host does not capture (`captured_calls`), and those after which the
+        monitors read task state (exec, credentials, name). Numbers with no entry in the
+        table read nothing and run on."""
         decoder = self.decoder
         special = set(self.entries_that_wait())
         return sorted(nr for nr in decoder.syscalls
-                      if nr < VMITRACE_BLOCK_BITMAP_VALUES and
+                      if nr < VMITRACE_BLOCK_BITMAP_VALUES and nr not in self.captured_calls and
                       (decoder.reads_memory(nr) or nr in special))
+
+    def _capture_tables(self) -> tuple[tuple[CaptureTableEntry, ...],
+                                       tuple[CaptureTableEntry, ...]]:
+        """Pointer-capture tables for the entry and return sites, keyed by pt_regs->orig_ax,
+        where the host takes them and hits may run on: every 64-bit call whose memory
+        arguments a bounded capture holds (SyscallDecoder.capture_plan) is decoded from what
+        the host copied at its entry and exit, so neither waits. Sets `captured_calls`."""
+        ctx = self.ctx
+        if not (ctx.capture_tables_supported and ctx.run_on_allowed):
+            return (), ()
+        words = self.x86_64.args
+        special = set(self.entries_that_wait())
+
+        def entries(nr: int, specs: list[CaptureSpec]) -> list[CaptureTableEntry]:
+            return [CaptureTableEntry(
+                nr, words[c.pos], c.max_length, string=c.string,
+                length_word=None if c.length_pos is None else
+                k.R_AX if c.length_pos == RETURN_VALUE else words[c.length_pos],
+                signed_length=c.length_pos == RETURN_VALUE) for c in specs]
+        entry_table: list[CaptureTableEntry] = []
+        exit_table: list[CaptureTableEntry] = []
+        for nr in sorted(self.decoder.syscalls):
+            plan = self.decoder.capture_plan(nr)
+            if nr >= VMITRACE_BLOCK_BITMAP_VALUES or nr in special or plan is None or \
+                    not self.decoder.reads_memory(nr):
+                continue
+            entry_table += entries(nr, plan[0])
+            exit_table += entries(nr, plan[1])
+            self.captured_calls.add(nr)
+        return tuple(entry_table), tuple(exit_table)
 
     def _install_ia32(self, kernel_cr3: int, decoder: SyscallDecoder) -> None:
         """Break at each 32-bit entry stub's call of its C handler that this kernel has."""
@@ -267,7 +315,8 @@ class SyscallMonitor:
         if name in DECODED_AT_ENTRY:
             self._enter(abi, task, pt, name, now, event.vcpu, cr3, arg6_error)
         else:
-            ctx.defer(partial(self._enter, abi, task, pt, name, now, event.vcpu, cr3, arg6_error))
+            ctx.defer(partial(self._enter, abi, task, pt, name, now, event.vcpu, cr3, arg6_error,
+                              event.pointer_captures))
 
     def _fast_entry_regs(self, pt: tuple[int, ...], stack: int, task: int, cr3: int
                          ) -> tuple[tuple[int, ...], str | None]:
@@ -311,8 +360,20 @@ class SyscallMonitor:
             log.debug("syscall state unreadable at %#x: %s", regs.rip, exc)
             return None
 
+    def _memory_for(self, abi: Abi, nr: int, captures: Sequence[PointerCapture]
+                    ) -> GuestMemory | CapturedMemory:
+        """What a call's decoding reads: the host's captures of it where its exit runs on."""
+        if abi is self.x86_64 and nr in self.captured_calls:
+            return CapturedMemory(self.ctx.mem, captures)
+        return self.ctx.mem
+
+    def _count_live_reads(self, mem: GuestMemory | CapturedMemory) -> None:
+        if isinstance(mem, CapturedMemory) and mem.live_reads:
+            self.ctx.loss.add("read_after_run_on", mem.live_reads)
+
     def _enter(self, abi: Abi, task: int, pt: tuple[int, ...], name: str, now: int, vcpu: int,
-               cr3: int, arg6_error: str | None = None) -> None:
+               cr3: int, arg6_error: str | None = None,
+               captures: Sequence[PointerCapture] = ()) -> None:
         """Decode an entry and keep it for its exit."""
         ctx = self.ctx
         try:
@@ -328,8 +389,10 @@ class SyscallMonitor:
         call = None
         if selected:
             args = tuple(pt[i] for i in abi.args)
-            call = abi.decoder.decode_entry(ctx.mem, cr3, nr, args,
+            mem = self._memory_for(abi, nr, captures)
+            call = abi.decoder.decode_entry(mem, cr3, nr, args,
                                             {5: arg6_error} if arg6_error else None)
+            self._count_live_reads(mem)
         if name in NO_RETURN:
             if call is not None:  # decoded; the record is built after the reply
                 ctx.defer(partial(self._emit, abi, call, info, now, vcpu, pt[k.R_IP], cr3,
@@ -376,7 +439,9 @@ class SyscallMonitor:
             ctx.defer(partial(self._emit, abi, call, pending.info, pending.time_ns, pending.vcpu,
                               pending.user_ip, pending.cr3, event_type="call", restarted=True))
             return
-        abi.decoder.decode_exit(ctx.mem, cr3, call, ret)
+        mem = self._memory_for(abi, call.nr, event.pointer_captures)
+        abi.decoder.decode_exit(mem, cr3, call, ret)
+        self._count_live_reads(mem)
         info = pending.info
         if call.name in EXECS and call.ret == 0:
             info = self._after_exec(cr3, task, call) or info
