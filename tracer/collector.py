@@ -340,23 +340,10 @@ class VmTracer:
         addresses = list(queue_)
         queue_.clear()
 
-        rules = self.ctx.breakpoint_rules
-
         def install() -> None:
             for gva in addresses:
                 try:
-                    rule = rules.get(gva)
-                    if rule is not None and rule.table:
-                        # Hits wait until the table is in place: those that run on rely
-                        # on its captures. Setting the rule keeps the table.
-                        self.session.set_breakpoint_ex(gva, False, captures=rule.captures)
-                        self.session.set_capture_table(gva, rule.table_key_word, rule.table)
-                    if rule is not None:
-                        self.session.set_breakpoint_ex(gva, rule.run_on, rule.block_reg,
-                                                       rule.block_values, rule.captures,
-                                                       rule.block_flags)
-                    else:
-                        self.session.set_breakpoint(gva)
+                    self.install_breakpoint(gva)
                 except kerr.KvmiError as exc:
                     self.ctx.loss.add("breakpoint_install_failed")
                     self.notes.append(f"breakpoint at {gva:#x} not set: {exc}")
@@ -364,6 +351,20 @@ class VmTracer:
         self._installer = threading.Thread(target=install, daemon=True,
                                            name=f"vmitrace-bp-{self.ctx.vm_id[:8]}")
         self._installer.start()
+
+    def install_breakpoint(self, gva: int) -> None:
+        """Ask the host for the breakpoint at `gva` with its rule (VmContext.add_breakpoint)."""
+        rule = self.ctx.breakpoint_rules.get(gva)
+        if rule is None:
+            self.session.set_breakpoint(gva)
+            return
+        if rule.table:
+            # Hits wait until the table is in place: those that run on rely on its
+            # captures. Setting the rule afterwards keeps the table.
+            self.session.set_breakpoint_ex(gva, False, captures=rule.captures)
+            self.session.set_capture_table(gva, rule.table_key_word, rule.table)
+        self.session.set_breakpoint_ex(gva, rule.run_on, rule.block_reg, rule.block_values,
+                                       rule.captures, rule.block_flags)
 
     def _forget_task(self, task: int) -> None:
         self.syscalls.pending.pop(task, None)

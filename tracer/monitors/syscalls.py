@@ -362,8 +362,9 @@ class SyscallMonitor:
 
     def _memory_for(self, abi: Abi, nr: int, captures: Sequence[PointerCapture]
                     ) -> GuestMemory | CapturedMemory:
-        """What a call's decoding reads: the host's captures of it where its exit runs on."""
-        if abi is self.x86_64 and nr in self.captured_calls:
+        """What a call's decoding reads: the host's captures of it, if its exit runs on and
+        the event has them (plain breakpoints, which all wait, have none)."""
+        if captures and abi is self.x86_64 and nr in self.captured_calls:
             return CapturedMemory(self.ctx.mem, captures)
         return self.ctx.mem
 
