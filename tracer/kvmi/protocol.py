@@ -49,7 +49,8 @@ _CAPTURED = abi.VMITRACE_CAPTURED.struct
 _CAPTURED_PADDING = abi.VMITRACE_CAPTURED.padding_struct.unpack_from  # type: ignore[union-attr]
 _CAPTURED_MIN = abi.KVMI_EVENT_BREAKPOINT_.size + abi.VMITRACE_CAPTURED.size
 _TABLE_CAPTURED_SIZE = abi.VMITRACE_TABLE_CAPTURED.size
-_TABLE_CAPTURED_PADDING = abi.VMITRACE_TABLE_CAPTURED.padding_struct.unpack_from  # type: ignore[union-attr]
+_TABLE_CAPTURED_PADDING = \
+    abi.VMITRACE_TABLE_CAPTURED.padding_struct.unpack_from  # type: ignore[union-attr]
 _POINTER_CAPTURE = abi.VMITRACE_POINTER_CAPTURE.struct.unpack_from  # gva, length, faulted, padding
 _POINTER_CAPTURE_SIZE = abi.VMITRACE_POINTER_CAPTURE.size
 _MAX_PAYLOAD = abi.KVMI_MSG_SIZE
