@@ -37,6 +37,7 @@ enum {
     VMITRACE_CLEAR_BREAKPOINT = 0x7f02,
     VMITRACE_SET_DELIVERY = 0x7f03,
     VMITRACE_SET_BREAKPOINT_EX = 0x7f04,
+    VMITRACE_SET_CAPTURE_TABLE = 0x7f05,
 };
 
 /* Event ids. */
@@ -310,11 +311,51 @@ struct vmitrace_breakpoint_ex {
 /* kvmi_event.flags */
 #define VMITRACE_EVENT_NO_REPLY 1 /* the vCPU did not wait; the introspector must not reply */
 #define VMITRACE_EVENT_CAPTURED 2 /* kvmi_event_breakpoint is followed by vmitrace_captured */
+#define VMITRACE_EVENT_TABLE_CAPTURED 4 /* then vmitrace_table_captured (pointer captures) */
 
 /* Then length[0] bytes of the first capture, length[1] of the second (0: unreadable). */
 struct vmitrace_captured {
     uint16_t length[VMITRACE_CAPTURES];
     uint32_t padding;
+};
+
+/* VMITRACE_SET_CAPTURE_TABLE: 16 bytes + 8 per entry (count <= 2048, 0 removes the table). */
+#define VMITRACE_MAX_TABLE_ENTRIES 2048
+#define VMITRACE_MAX_TABLE_CAPTURES 4 /* entries per key, and pointer captures per event */
+#define VMITRACE_MAX_POINTER_CAPTURE 8192
+#define VMITRACE_TABLE_KEYS 512
+#define VMITRACE_TABLE_NO_LENGTH 0xff
+/* vmitrace_table_entry.flags */
+#define VMITRACE_TABLE_STRING 1        /* stop after the first NUL (included) */
+#define VMITRACE_TABLE_SIGNED_LENGTH 2 /* the length word is signed; negative: nothing */
+struct vmitrace_capture_table {
+    uint64_t gva;
+    uint8_t key_word; /* u64 word of the first capture whose low 32 bits select entries */
+    uint8_t padding[3];
+    uint32_t count;
+};
+
+struct vmitrace_table_entry {
+    uint16_t key;         /* 0-511 */
+    uint8_t pointer_word; /* u64 word of the first capture: the address */
+    uint8_t length_word;  /* u64 word bounding the length; VMITRACE_TABLE_NO_LENGTH: none */
+    uint16_t max_length;  /* 1-VMITRACE_MAX_POINTER_CAPTURE */
+    uint8_t flags;
+    uint8_t padding;
+};
+
+/* After the captured bytes, with VMITRACE_EVENT_TABLE_CAPTURED: count pointer captures,
+ * then the bytes of each, in order. */
+struct vmitrace_table_captured {
+    uint8_t count; /* 1-VMITRACE_MAX_TABLE_CAPTURES */
+    uint8_t padding[7];
+};
+
+struct vmitrace_pointer_capture {
+    uint64_t gva;    /* where the bytes were read */
+    uint16_t length; /* bytes that follow */
+    uint8_t faulted; /* 1: the byte at gva + length could not be read */
+    uint8_t padding[5];
 };
 
 struct vmitrace_delivery {
@@ -337,5 +378,28 @@ static_assert(sizeof(struct kvmi_get_registers_reply) == 8 + 144 + 312 + 8, "get
 static_assert(sizeof(struct kvmi_get_version_reply) == 16, "version");
 static_assert(sizeof(struct vmitrace_capture) == 8, "capture");
 static_assert(sizeof(struct vmitrace_captured) == 8, "captured");
+static_assert(sizeof(struct vmitrace_capture_table) == 16, "capture table");
+static_assert(sizeof(struct vmitrace_table_entry) == 8, "table entry");
+static_assert(sizeof(struct vmitrace_table_captured) == 8, "table captured");
+static_assert(sizeof(struct vmitrace_pointer_capture) == 16, "pointer capture");
+
+/*
+ * The extension's messages that may exceed KVMI_MSG_SIZE (the header's u16 size holds
+ * them): a full capture table, and a breakpoint event with every capture.
+ */
+#define VMITRACE_POINTER_CAPTURES_SIZE                                                     \
+    (sizeof(struct vmitrace_table_captured) +                                              \
+     VMITRACE_MAX_TABLE_CAPTURES *                                                         \
+         (sizeof(struct vmitrace_pointer_capture) + VMITRACE_MAX_POINTER_CAPTURE))
+#define VMITRACE_TABLE_MSG_SIZE                                                            \
+    (sizeof(struct vmitrace_capture_table) +                                               \
+     VMITRACE_MAX_TABLE_ENTRIES * sizeof(struct vmitrace_table_entry))
+#define VMITRACE_EVENT_MSG_SIZE                                                            \
+    (sizeof(struct kvmi_event) + sizeof(struct kvmi_event_breakpoint) +                    \
+     sizeof(struct vmitrace_captured) + VMITRACE_CAPTURES * VMITRACE_MAX_CAPTURE +         \
+     VMITRACE_POINTER_CAPTURES_SIZE)
+static_assert(VMITRACE_TABLE_MSG_SIZE == 16400, "table message");
+static_assert(VMITRACE_EVENT_MSG_SIZE == 33920 && VMITRACE_EVENT_MSG_SIZE <= UINT16_MAX,
+              "event message");
 
 #endif

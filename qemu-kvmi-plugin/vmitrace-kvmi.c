@@ -53,6 +53,8 @@ VMITRACE_EXPORT int qemu_plugin_version = VMITRACE_QEMU_PLUGIN_API_VERSION;
 #define MAX_KNOWN_MSRS 256
 #define MAX_QUEUED_COMMANDS 64
 #define MAX_HANDSHAKE_BYTES (64 * 1024)
+/* The largest message the introspector may send: a full capture table. */
+#define MAX_INCOMING MAX(KVMI_MSG_SIZE, VMITRACE_TABLE_MSG_SIZE)
 #define MAX_SITES 100000 /* instrumented instructions remembered between flushes */
 #define UNHOOK_WAIT_MS 2000
 /* Non-blocking events are batched: one write wakes the introspector for many. */
@@ -193,6 +195,7 @@ struct vcpu {
     bool started;
     GByteArray *regbuf;
     uint8_t *rx; /* message buffer for reading the socket while in an event */
+    uint8_t *pointers; /* a hit's pointer captures (VMITRACE_POINTER_CAPTURES_SIZE) */
     /* Actual minus translated address of the running block (see on_site_block). */
     uint64_t rip_delta;
     /* While in an event: its rip (the rip register is stale inside a block). */
@@ -278,6 +281,17 @@ static uint32_t event_seq;
 /* Instrumentation breakpoints, VM-wide by guest virtual address. */
 static GMutex bp_lock;
 /*
+ * A breakpoint's capture table (VMITRACE_SET_CAPTURE_TABLE), its entries grouped by key.
+ * Reference counted (g_atomic_rc_box): a hit holds it while the rule may be replaced.
+ */
+struct capture_table {
+    size_t min_capture; /* first-capture bytes holding every word the table reads */
+    uint8_t key_word;
+    uint8_t count[VMITRACE_TABLE_KEYS];  /* entries per key */
+    uint16_t first[VMITRACE_TABLE_KEYS]; /* index of the key's first entry */
+    struct vmitrace_table_entry entries[];
+};
+/*
  * How a breakpoint's hits are delivered: as the connection says, or (run_on)
  * without waiting for a reply unless a register or a captured word holds one
  * of a few values (or a value in a 512-bit set); and what guest memory each
@@ -291,7 +305,9 @@ struct bp_rule {
     uint8_t block_flags;
     uint32_t block_values[VMITRACE_MAX_BLOCK_VALUES];
     struct vmitrace_capture captures[VMITRACE_CAPTURES]; /* copied into each hit's event */
+    struct capture_table *table; /* NULL: none; one reference held by the rule */
 };
+static_assert(offsetof(struct bp_rule, gva) == 0, "the hash key frees the rule");
 static GHashTable *breakpoints; /* &rule->gva -> struct bp_rule * */
 static unsigned bp_count;       /* read lock-free at translation time */
 
@@ -381,12 +397,13 @@ static bool send_message(unsigned generation, uint16_t id, uint32_t seq, bool ba
                          const void *c, size_t clen)
 {
     size_t total = alen + blen + clen;
+    size_t max = id == KVMI_EVENT ? VMITRACE_EVENT_MSG_SIZE : KVMI_MSG_SIZE;
     uint8_t stackbuf[1024];
     uint8_t *buf = total + 8 <= sizeof(stackbuf) ? stackbuf : g_malloc(total + 8);
     struct kvmi_msg_hdr hdr = { .id = id, .size = (uint16_t)total, .seq = seq };
     bool ok = false;
 
-    if (total > KVMI_MSG_SIZE) {
+    if (total > max) {
         logmsg("refusing to send an oversized message (id %u, %zu bytes)", id, total);
         goto out;
     }
@@ -770,8 +787,8 @@ static gint64 deadline_after(unsigned ms)
  * to take.
  */
 static uint8_t deliver_event(struct vcpu *v, uint8_t event_id, uint64_t rip, bool have_arch,
-                             const void *payload, size_t payload_len, unsigned timeout_ms,
-                             bool no_wait, uint8_t flags)
+                             const void *payload, size_t payload_len, const void *tail,
+                             size_t tail_len, unsigned timeout_ms, bool no_wait, uint8_t flags)
 {
     struct kvmi_event ev = { .size = sizeof(ev), .vcpu = (uint16_t)v->index, .event = event_id };
     uint32_t seq = __atomic_add_fetch(&event_seq, 1, __ATOMIC_RELAXED);
@@ -796,7 +813,7 @@ static uint8_t deliver_event(struct vcpu *v, uint8_t event_id, uint64_t rip, boo
     }
     /* A run-on breakpoint's hit goes out at once: the introspector works while we run. */
     if (!send_message(generation, KVMI_EVENT, seq, !conn_blocking, &ev, sizeof(ev), payload,
-                      payload_len, NULL, 0)) {
+                      payload_len, tail, tail_len)) {
         blocking = false;
     }
     if (!blocking) {
@@ -867,8 +884,8 @@ static uint8_t deliver_event(struct vcpu *v, uint8_t event_id, uint64_t rip, boo
 static uint8_t send_event(struct vcpu *v, uint8_t event_id, uint64_t rip, bool have_arch,
                           const void *payload, size_t payload_len, unsigned timeout_ms)
 {
-    return deliver_event(v, event_id, rip, have_arch, payload, payload_len, timeout_ms, false,
-                         0);
+    return deliver_event(v, event_id, rip, have_arch, payload, payload_len, NULL, 0, timeout_ms,
+                         false, 0);
 }
 
 static bool event_enabled(struct vcpu *v, unsigned event_id)
@@ -1020,22 +1037,41 @@ static void on_wrmsr(struct vcpu *v, const struct site *s)
     send_event(v, KVMI_EVENT_MSR, s->gva, true, &ev, sizeof(ev), cfg.reply_timeout_ms);
 }
 
-/* Copy guest virtual memory through v's current page tables; false if a page is unmapped. */
-static bool read_virtual(struct vcpu *v, uint64_t gva, uint8_t *dst, size_t len)
+/*
+ * Copy up to len bytes of guest virtual memory through v's current page tables, stopping
+ * at the first page that does not translate (*faulted) or, for a string, after its first
+ * NUL. Returns the bytes copied.
+ */
+static size_t copy_virtual(struct vcpu *v, uint64_t gva, uint8_t *dst, size_t len, bool string,
+                           bool *faulted)
 {
     uint64_t cr0 = read_reg(v, R_CR0), cr3 = read_reg(v, R_CR3), cr4 = read_reg(v, R_CR4);
     uint64_t efer = read_reg(v, R_EFER);
-    while (len) {
-        size_t chunk = MIN(len, 4096 - (size_t)(gva & 4095));
+    size_t done = 0;
+
+    *faulted = false;
+    while (done < len) {
+        size_t chunk = MIN(len - done, 4096 - (size_t)(gva & 4095));
         uint64_t gpa = translate_gva(cr0, cr3, cr4, efer, gva);
-        if (gpa == ~0ull || !ram_read(gpa, dst, chunk)) {
-            return false;
+        if (gpa == UNMAPPED_GVA || !ram_read(gpa, dst + done, chunk)) {
+            *faulted = true;
+            break;
+        }
+        const uint8_t *nul = string ? memchr(dst + done, 0, chunk) : NULL;
+        if (nul) {
+            return (size_t)(nul - dst) + 1;
         }
         gva += chunk;
-        dst += chunk;
-        len -= chunk;
+        done += chunk;
     }
-    return true;
+    return done;
+}
+
+/* Copy guest virtual memory through v's current page tables; false if a page is unmapped. */
+static bool read_virtual(struct vcpu *v, uint64_t gva, uint8_t *dst, size_t len)
+{
+    bool faulted;
+    return copy_virtual(v, gva, dst, len, false, &faulted) == len;
 }
 
 /* A breakpoint event's payload: kvmi_event_breakpoint, then the rule's captures if any. */
@@ -1076,10 +1112,65 @@ static bool hit_runs_on(struct vcpu *v, const struct bp_rule *rule, const struct
     return true;
 }
 
+static uint64_t captured_word(const struct bp_payload *p, unsigned word)
+{
+    uint64_t value;
+    memcpy(&value, p->data + (size_t)word * 8, sizeof(value));
+    return value;
+}
+
+/*
+ * The pointer captures of a hit (p: its captures) that the table chooses, into
+ * v->pointers: vmitrace_table_captured, a vmitrace_pointer_capture each, their bytes.
+ * Returns their length; 0 if the first capture was not read or no entry has the key.
+ */
+static size_t capture_pointers(struct vcpu *v, const struct capture_table *t,
+                               const struct bp_payload *p)
+{
+    if (p->captured.length[0] < t->min_capture) {
+        return 0; /* unread (0), which bounds every word below */
+    }
+    uint32_t key = (uint32_t)captured_word(p, t->key_word);
+    if (key >= VMITRACE_TABLE_KEYS || t->count[key] == 0) {
+        return 0;
+    }
+    struct vmitrace_table_captured head = { .count = t->count[key] };
+    struct vmitrace_pointer_capture *pcs = (void *)(v->pointers + sizeof(head));
+    size_t used = sizeof(head) + head.count * sizeof(*pcs);
+
+    memcpy(v->pointers, &head, sizeof(head));
+    for (unsigned i = 0; i < head.count; i++) {
+        const struct vmitrace_table_entry *e = &t->entries[t->first[key] + i];
+        uint64_t want = e->max_length;
+        if (e->length_word != VMITRACE_TABLE_NO_LENGTH) {
+            uint64_t bound = captured_word(p, e->length_word);
+            if ((e->flags & VMITRACE_TABLE_SIGNED_LENGTH) && (int64_t)bound < 0) {
+                bound = 0;
+            }
+            want = MIN(want, bound);
+        }
+        struct vmitrace_pointer_capture pc = { .gva = captured_word(p, e->pointer_word) };
+        bool faulted = false;
+        size_t got = 0;
+        if (want && !pc.gva) {
+            faulted = true; /* a NULL pointer, never read */
+        } else if (want) {
+            got = copy_virtual(v, pc.gva, v->pointers + used, want,
+                               e->flags & VMITRACE_TABLE_STRING, &faulted);
+        }
+        pc.length = (uint16_t)got;
+        pc.faulted = faulted;
+        memcpy(&pcs[i], &pc, sizeof(pc));
+        used += got;
+    }
+    return used;
+}
+
 static void on_breakpoint_hit(struct vcpu *v, const struct site *s, const struct bp_rule *rule)
 {
     struct bp_payload p = { .bp = { .gpa = breakpoint_gpa(v, s->gva), .insn_len = s->len } };
     size_t len = sizeof(p.bp);
+    size_t pointers_len = 0;
     uint8_t flags = 0;
 
     if (rule && (rule->captures[0].base != VMITRACE_CAPTURE_NONE ||
@@ -1100,9 +1191,12 @@ static void on_breakpoint_hit(struct vcpu *v, const struct site *s, const struct
         }
         len = offsetof(struct bp_payload, data) + used;
         flags = VMITRACE_EVENT_CAPTURED;
+        if (rule->table && (pointers_len = capture_pointers(v, rule->table, &p))) {
+            flags |= VMITRACE_EVENT_TABLE_CAPTURED;
+        }
     }
-    deliver_event(v, KVMI_EVENT_BREAKPOINT, s->gva, true, &p, len, cfg.reply_timeout_ms,
-                  rule && hit_runs_on(v, rule, &p), flags);
+    deliver_event(v, KVMI_EVENT_BREAKPOINT, s->gva, true, &p, len, v->pointers, pointers_len,
+                  cfg.reply_timeout_ms, rule && hit_runs_on(v, rule, &p), flags);
 }
 
 static bool breakpoint_set(uint64_t gva)
@@ -1113,16 +1207,31 @@ static bool breakpoint_set(uint64_t gva)
     return set;
 }
 
-/* The rule of the breakpoint at gva (copied out); false if there is none. */
+/*
+ * The rule of the breakpoint at gva (copied out, with a reference to its table that the
+ * caller releases); false if there is none.
+ */
 static bool breakpoint_rule(uint64_t gva, struct bp_rule *rule)
 {
     g_mutex_lock(&bp_lock);
     const struct bp_rule *found = g_hash_table_lookup(breakpoints, &gva);
     if (found) {
         *rule = *found;
+        if (rule->table) {
+            g_atomic_rc_box_acquire(rule->table);
+        }
     }
     g_mutex_unlock(&bp_lock);
     return found != NULL;
+}
+
+static void free_rule(gpointer key)
+{
+    struct bp_rule *rule = key;
+    if (rule->table) {
+        g_atomic_rc_box_release(rule->table);
+    }
+    g_free(rule);
 }
 
 /*
@@ -1167,6 +1276,9 @@ static void on_site(unsigned vcpu_index, void *userdata)
         struct bp_rule rule;
         if (event_enabled(v, KVMI_EVENT_BREAKPOINT) && breakpoint_rule(s->gva, &rule)) {
             on_breakpoint_hit(v, s, &rule);
+            if (rule.table) {
+                g_atomic_rc_box_release(rule.table);
+            }
         }
         break;
     }
@@ -1281,7 +1393,8 @@ static void on_vcpu_init(qemu_plugin_id_t id, unsigned int vcpu_index)
     g_once(&reg_handles_once, lookup_register_handles, NULL);
     struct vcpu *v = &vcpus[vcpu_index];
     v->regbuf = g_byte_array_sized_new(64);
-    v->rx = g_malloc(KVMI_MSG_SIZE);
+    v->rx = g_malloc(MAX_INCOMING);
+    v->pointers = g_malloc(VMITRACE_POINTER_CAPTURES_SIZE);
     __atomic_store_n(&v->present, true, __ATOMIC_RELEASE);
     set_attention(vcpu_index); /* first block: CREATE_VCPU / hold */
 }
@@ -1374,6 +1487,7 @@ static bool command_supported(unsigned id)
     case VMITRACE_CLEAR_BREAKPOINT:
     case VMITRACE_SET_DELIVERY:
     case VMITRACE_SET_BREAKPOINT_EX:
+    case VMITRACE_SET_CAPTURE_TABLE:
         return true;
     case KVMI_READ_PHYSICAL:
     case KVMI_WRITE_PHYSICAL:
@@ -1581,6 +1695,94 @@ static int update_breakpoint(const struct kvmi_msg_hdr *hdr, const uint8_t *payl
     __atomic_store_n(&bp_count, g_hash_table_size(breakpoints), __ATOMIC_RELAXED);
     g_mutex_unlock(&bp_lock);
     return changed ? 1 : 0;
+}
+
+/*
+ * Parse a VMITRACE_SET_CAPTURE_TABLE payload; false if malformed. *table: its entries
+ * grouped by key, in table order (NULL for an empty table); *min_capture: the bytes of
+ * the first capture that its words need.
+ */
+static bool parse_capture_table(const struct kvmi_msg_hdr *hdr, const uint8_t *payload,
+                                uint64_t *gva, size_t *min_capture, struct capture_table **table)
+{
+    struct vmitrace_capture_table req;
+    struct vmitrace_table_entry e;
+    uint8_t count[VMITRACE_TABLE_KEYS] = { 0 };
+    const uint8_t *raw = payload + sizeof(req);
+    const unsigned words = VMITRACE_MAX_CAPTURE / 8;
+
+    if (hdr->size < sizeof(req)) {
+        return false;
+    }
+    memcpy(&req, payload, sizeof(req));
+    if (!all_zero(req.padding, sizeof(req.padding)) || req.count > VMITRACE_MAX_TABLE_ENTRIES ||
+        hdr->size != sizeof(req) + req.count * sizeof(e) || req.key_word >= words) {
+        return false;
+    }
+    unsigned max_word = req.key_word;
+    for (unsigned i = 0; i < req.count; i++) {
+        memcpy(&e, raw + i * sizeof(e), sizeof(e));
+        bool bounded = e.length_word != VMITRACE_TABLE_NO_LENGTH;
+        if (e.key >= VMITRACE_TABLE_KEYS || e.pointer_word >= words ||
+            (bounded && e.length_word >= words) || e.max_length == 0 ||
+            e.max_length > VMITRACE_MAX_POINTER_CAPTURE ||
+            (e.flags & ~(VMITRACE_TABLE_STRING | VMITRACE_TABLE_SIGNED_LENGTH)) || e.padding ||
+            count[e.key] == VMITRACE_MAX_TABLE_CAPTURES) {
+            return false;
+        }
+        count[e.key]++;
+        max_word = MAX(max_word, MAX(e.pointer_word, bounded ? e.length_word : 0u));
+    }
+    *gva = req.gva;
+    *min_capture = (max_word + 1) * 8;
+    *table = NULL;
+    if (req.count == 0) {
+        return true;
+    }
+    struct capture_table *t = g_atomic_rc_box_alloc0(sizeof(*t) + req.count * sizeof(e));
+    t->min_capture = *min_capture;
+    t->key_word = req.key_word;
+    memcpy(t->count, count, sizeof(count));
+    for (unsigned key = 0, next = 0; key < VMITRACE_TABLE_KEYS; key++) {
+        t->first[key] = (uint16_t)next;
+        next += count[key];
+    }
+    memset(count, 0, sizeof(count)); /* now: entries placed per key */
+    for (unsigned i = 0; i < req.count; i++) {
+        memcpy(&e, raw + i * sizeof(e), sizeof(e));
+        t->entries[t->first[e.key] + count[e.key]++] = e;
+    }
+    *table = t;
+    return true;
+}
+
+/* VMITRACE_SET_CAPTURE_TABLE: 0 or -error. */
+static int set_capture_table(const struct kvmi_msg_hdr *hdr, const uint8_t *payload)
+{
+    uint64_t gva;
+    size_t min_capture;
+    struct capture_table *table;
+    int err = 0;
+
+    if (!parse_capture_table(hdr, payload, &gva, &min_capture, &table)) {
+        return -KVM_EINVAL;
+    }
+    g_mutex_lock(&bp_lock);
+    struct bp_rule *rule = g_hash_table_lookup(breakpoints, &gva);
+    if (!rule || rule->captures[0].base == VMITRACE_CAPTURE_NONE) {
+        err = -KVM_ENOENT;
+    } else if (rule->captures[0].length < min_capture) {
+        err = -KVM_EINVAL;
+    } else {
+        struct capture_table *old = rule->table;
+        rule->table = table;
+        table = old;
+    }
+    g_mutex_unlock(&bp_lock);
+    if (table) {
+        g_atomic_rc_box_release(table); /* the replaced one, or the refused new one */
+    }
+    return err;
 }
 
 /* Serve one command on the reader thread; vCPU-context ones are queued. */
@@ -1799,6 +2001,9 @@ static void handle_command(unsigned generation, const struct kvmi_msg_hdr *hdr,
         }
         break;
     }
+    case VMITRACE_SET_CAPTURE_TABLE:
+        err = set_capture_table(hdr, payload);
+        break;
     case VMITRACE_SET_DELIVERY: {
         struct vmitrace_delivery req;
         if (size != sizeof(req)) {
@@ -1944,9 +2149,10 @@ static enum read_result read_one_message(int fd, unsigned generation, int wait_m
     if (ready < 0 || !read_all(fd, &hdr, sizeof(hdr), deadline)) {
         return READ_BROKEN; /* also the introspector's orderly close */
     }
-    if (hdr.size > KVMI_MSG_SIZE) {
-        logmsg("message id %u claims %u bytes (max %d): dropping the connection", hdr.id,
-               hdr.size, KVMI_MSG_SIZE);
+    size_t max = hdr.id == VMITRACE_SET_CAPTURE_TABLE ? VMITRACE_TABLE_MSG_SIZE : KVMI_MSG_SIZE;
+    if (hdr.size > max) {
+        logmsg("message id %u claims %u bytes (max %zu): dropping the connection", hdr.id,
+               hdr.size, max);
         return READ_BROKEN;
     }
     if (!read_all(fd, payload, hdr.size, deadline)) {
@@ -2026,7 +2232,7 @@ static bool reader_parked(void)
 
 static void serve_connection(int fd, unsigned generation)
 {
-    uint8_t *payload = g_malloc(KVMI_MSG_SIZE);
+    uint8_t *payload = g_malloc(MAX_INCOMING);
 
     for (;;) {
         if (reader_parked()) {
@@ -2255,8 +2461,8 @@ VMITRACE_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *
         g_cond_init(&vcpus[i].cond);
         g_queue_init(&vcpus[i].commands);
     }
-    conn.batch = g_byte_array_sized_new(BATCH_FLUSH_BYTES + KVMI_MSG_SIZE + 8);
-    breakpoints = g_hash_table_new_full(g_int64_hash, g_int64_equal, g_free, NULL);
+    conn.batch = g_byte_array_sized_new(BATCH_FLUSH_BYTES + VMITRACE_EVENT_MSG_SIZE + 8);
+    breakpoints = g_hash_table_new_full(g_int64_hash, g_int64_equal, free_rule, NULL);
     sites = g_hash_table_new_full(site_hash, site_equal, g_free, NULL);
     attention_board = qemu_plugin_scoreboard_new(sizeof(uint64_t));
     register_callbacks();

@@ -109,6 +109,10 @@ INDEPENDENT: dict[str, str] = {
     "vmitrace_capture": "BxHi",
     "vmitrace_breakpoint_ex": "QBBBB4x" + "BxHi" * 2,  # + u32 block_values[count]
     "vmitrace_captured": "2H4x",
+    "vmitrace_capture_table": "QB3xI",  # + vmitrace_table_entry[count]
+    "vmitrace_table_entry": "HBBHBx",
+    "vmitrace_table_captured": "B7x",
+    "vmitrace_pointer_capture": "QHB5x",
 }
 
 SIZES = {  # from the headers (sizeof)
@@ -249,7 +253,10 @@ def test_constants_match_the_dialect() -> None:
            "KVM_EPERM": 1, "KVM_ENOENT": 2, "KVM_E2BIG": 7, "KVM_EAGAIN": 11, "KVM_ENOMEM": 12,
            "KVM_EFAULT": 14, "KVM_EBUSY": 16, "KVM_EINVAL": 22, "KVM_EOPNOTSUPP": 95,
            "KVM_ENOSYS": 1000, "VMITRACE_SET_BREAKPOINT": 0x7F01,
-           "VMITRACE_CLEAR_BREAKPOINT": 0x7F02, "VMITRACE_SET_DELIVERY": 0x7F03}
+           "VMITRACE_CLEAR_BREAKPOINT": 0x7F02, "VMITRACE_SET_DELIVERY": 0x7F03,
+           "VMITRACE_SET_BREAKPOINT_EX": 0x7F04, "VMITRACE_SET_CAPTURE_TABLE": 0x7F05,
+           # the largest messages of the extension, as the plugin's kvmi-wire.h pins them
+           "VMITRACE_TABLE_MSG_SIZE": 16400, "VMITRACE_EVENT_MSG_SIZE": 33920}
     consts = abi.constants()
     for name, value in ids.items():
         assert consts[name] == value, name
@@ -292,6 +299,10 @@ def test_cli_abi_json() -> None:
         assert doc["structs"][name]["size"] == struct.calcsize("<" + fmt), name
     arch = doc["structs"]["kvmi_event_arch"]["fields"]
     assert arch["sregs"] == {"offset": 152, "size": 312, "type": "struct kvm_sregs"}
+    assert doc["commands"]["VMITRACE_SET_CAPTURE_TABLE"] == {
+        "id": 0x7F05, "vcpu_hdr": False, "request": "vmitrace_capture_table", "reply": None}
+    assert doc["structs"]["vmitrace_capture_table"]["fields"]["entries"] == {
+        "offset": 16, "size": 0, "type": "struct vmitrace_table_entry[0]", "flexible_array": True}
 
 
 def test_cli_abi_table_and_help() -> None:

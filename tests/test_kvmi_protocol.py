@@ -9,11 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from support.kvmi_peer import (HDR, QEMU2INTRO, breakpoint_payload, cr_payload, event_message,
+from support.kvmi_peer import (ARCH_SIZE, HDR, QEMU2INTRO, breakpoint_payload,
+                               captured_breakpoint_payload, cr_payload, event_message,
                                msr_payload, arch_bytes)
 from tracer.kvmi import abi, errors
-from tracer.kvmi.events import BreakpointEvent, CrEvent, Event, MsrEvent
-from tracer.kvmi.protocol import (CommandReply, Handshake, IntrospectorProtocol,
+from tracer.kvmi.events import BreakpointEvent, CrEvent, Event, MsrEvent, PointerCapture
+from tracer.kvmi.protocol import (CommandReply, Handshake, IntrospectorProtocol, build_event,
                                   encode_event_reply)
 
 VM = uuid.UUID("12345678-1234-5678-9abc-def012345678")
@@ -126,6 +127,77 @@ def test_event_no_reply_flag() -> None:
     assert (flagged.cr, flagged.old_value, flagged.new_value) == (3, 1, 2)
 
 
+CAPTURED, TABLE = abi.VMITRACE_EVENT_CAPTURED, abi.VMITRACE_EVENT_TABLE_CAPTURED
+
+
+def test_pointer_captures_decode_in_table_order() -> None:
+    """vmitrace's VMITRACE_SET_CAPTURE_TABLE: pointer captures after the captured bytes."""
+    pt_regs = bytes(range(168))
+    pointers = [(0x7FFC_0000_1000, b"/tmp/vmitrace-wl-file.dat\0", 0),
+                (0x4C_5FF0, b"x" * 16, 1),  # the page after these bytes did not translate
+                (0, b"", 1),                # a NULL pointer
+                (0x7FFC_0000_2000, b"", 0)]  # a length word of 0 (or negative)
+    msg = event_message(9, 1, abi.KVMI_EVENT_BREAKPOINT,
+                        captured_breakpoint_payload(0x1000, 5, [pt_regs, b"\x01" * 8], pointers),
+                        arch=bytes(ARCH_SIZE), flags=CAPTURED | TABLE | abi.VMITRACE_EVENT_NO_REPLY)
+    p = ready()
+    events = [e for b in msg for e in p.receive_data(bytes([b]))]  # byte by byte
+    (ev,) = events
+    assert isinstance(ev, BreakpointEvent) and not ev.blocking
+    assert (ev.gpa, ev.insn_len, ev.captured) == (0x1000, 5, (pt_regs, b"\x01" * 8))
+    assert ev.pointer_captures == tuple(PointerCapture(gva, data, bool(faulted))
+                                        for gva, data, faulted in pointers)
+    assert build_event(9, 1, abi.KVMI_EVENT_BREAKPOINT, blocking=False, gpa=0x1000, insn_len=5,
+                       captured=[pt_regs, b"\x01" * 8], pointer_captures=ev.pointer_captures) == msg
+    # Without the flag there are none, and the captures alone fill the message.
+    (plain,) = ready().receive_data(event_message(
+        1, 0, 4, captured_breakpoint_payload(0x1000, 5, [pt_regs]), flags=CAPTURED))
+    assert plain.captured == (pt_regs, b"") and plain.pointer_captures == ()
+
+
+def test_largest_pointer_capture_event_exceeds_kvmi_msg_size() -> None:
+    full = [(0x1000 * k, bytes([k]) * abi.VMITRACE_MAX_POINTER_CAPTURE, 0) for k in range(1, 5)]
+    msg = event_message(1, 0, 4, captured_breakpoint_payload(1, 1, [bytes(256)] * 2, full),
+                        flags=CAPTURED | TABLE)
+    assert len(msg) - 8 == abi.VMITRACE_EVENT_MSG_SIZE > abi.KVMI_MSG_SIZE
+    p = ready()
+    events = [e for k in range(0, len(msg), 4096) for e in p.receive_data(msg[k:k + 4096])]
+    assert [pc.data for pc in events[0].pointer_captures] == [data for _, data, _ in full]
+    with pytest.raises(errors.OversizeMessage):
+        ready().receive_data(HDR.pack(abi.KVMI_EVENT, abi.VMITRACE_EVENT_MSG_SIZE + 1, 2))
+
+
+def _table_tail(tail: bytes, flags: int = CAPTURED | TABLE) -> bytes:
+    return event_message(1, 0, 4, captured_breakpoint_payload(1, 1, [b"abc"]) + tail,
+                         flags=flags)
+
+
+_ONE = struct.pack("<B7x", 1) + struct.pack("<QHB5x", 0x1000, 2, 0) + b"ok"
+
+
+@pytest.mark.parametrize("msg", [
+    _table_tail(_ONE, flags=TABLE),                                   # without CAPTURED
+    event_message(1, 0, 4, breakpoint_payload(1, 1), flags=TABLE),    # likewise
+    event_message(1, 0, 1, cr_payload(3, 1, 2) + _ONE, flags=CAPTURED | TABLE),  # not a bp
+    _table_tail(b""),                                                 # flag, nothing follows
+    _table_tail(_ONE[:7]),                                            # a cut header
+    _table_tail(struct.pack("<B7x", 0)),                              # count 0
+    _table_tail(struct.pack("<B7x", 5) + struct.pack("<QHB5x", 1, 0, 0) * 5),  # count 5
+    _table_tail(struct.pack("<B6xB", 1, 1) + _ONE[8:]),               # header padding
+    _table_tail(_ONE[:8] + struct.pack("<QHB4xB", 0x1000, 2, 0, 1) + b"ok"),  # capture padding
+    _table_tail(_ONE[:8] + struct.pack("<QHB5x", 0x1000, 2, 2) + b"ok"),      # faulted 2
+    _table_tail(_ONE[:8] + struct.pack("<QHB5x", 0x1000, 8193, 0) + bytes(8193)),  # > 8192
+    _table_tail(struct.pack("<B7x", 2) + _ONE[8:]),                   # 2 captures, 1 header
+    _table_tail(_ONE[:-1]),                                           # bytes missing
+    _table_tail(_ONE + b"!"),                                         # bytes left over
+])
+def test_malformed_pointer_captures(msg: bytes) -> None:
+    p = ready()
+    with pytest.raises(errors.MalformedMessage):
+        p.receive_data(msg)
+    assert p.state == "failed"
+
+
 @pytest.mark.parametrize("mutate,error", [
     (lambda m: m[:13] + b"\x02" + m[14:], errors.MalformedMessage),  # unknown kvmi_event.flags
     (lambda m: m[:14] + b"\x01" + m[15:], errors.MalformedMessage),  # kvmi_event.padding
@@ -187,7 +259,7 @@ def test_abandoned_command_reply_is_dropped() -> None:
 @pytest.mark.parametrize("data,error", [
     (reply_bytes(5, 77), errors.SequenceError),  # nobody asked
     (reply_bytes(0x1234, 1), errors.UnknownMessage),
-    (HDR.pack(1, 8185, 1), errors.OversizeMessage),
+    (HDR.pack(5, 8185, 1), errors.OversizeMessage),
     (HDR.pack(5, 4, 1) + bytes(4), errors.MalformedMessage),  # shorter than kvmi_error_code
     (HDR.pack(5, 8, 1) + struct.pack("<iI", 0, 1), errors.MalformedMessage),  # err padding
     (HDR.pack(5, 8, 1) + struct.pack("<iI", 5, 0), errors.MalformedMessage),  # err > 0

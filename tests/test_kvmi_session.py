@@ -202,6 +202,48 @@ def test_extended_breakpoint_wire_bytes_and_checks(listener) -> None:
     peer.close()
 
 
+def test_capture_table_wire_bytes_and_checks(listener) -> None:
+    peer, s = connect(listener)
+    seen: list[tuple[int, bytes]] = []
+
+    def host(p: HostPeer, msg_id: int, seq: int, payload: bytes) -> bool:
+        seen.append((msg_id, payload))
+        p.reply(msg_id, seq, 0)
+        return True
+
+    peer.serve(host)
+    Entry = abi.CaptureTableEntry
+    site = 0xFFFF_FFFF_8100_0000
+    s.set_capture_table(site, 15, [
+        Entry(257, 13, 4096, string=True),                          # openat: path at si
+        Entry(1, 13, 8192, length_word=12),                         # write: buf at si, dx
+        Entry(0, 13, 8192, length_word=10, signed_length=True)])    # read: ax at the exit
+    entry = struct.Struct("<HBBHBx")  # vmitrace_table_entry
+    assert seen == [(abi.VMITRACE_SET_CAPTURE_TABLE,
+                     struct.pack("<QB3xI", site, 15, 3) + entry.pack(257, 13, 0xFF, 4096, 1)
+                     + entry.pack(1, 13, 12, 8192, 0) + entry.pack(0, 13, 10, 8192, 2))]
+    s.set_capture_table(site, 15, [])  # removes it
+    assert seen[-1] == (abi.VMITRACE_SET_CAPTURE_TABLE, struct.pack("<QB3xI", site, 15, 0))
+    # The largest table is bigger than KVMI_MSG_SIZE; the message carries it whole.
+    full = [Entry(k % 512, 0, 1) for k in range(abi.VMITRACE_MAX_TABLE_ENTRIES)]
+    s.set_capture_table(site, 0, full)
+    assert len(seen[-1][1]) == 16 + 8 * 2048 == abi.VMITRACE_TABLE_MSG_SIZE > abi.KVMI_MSG_SIZE
+    sent = len(seen)
+    for key_word, bad in ((32, []),                                   # word 32
+                          (0, full + [Entry(0, 0, 1)]),               # 2049 entries
+                          (0, [Entry(512, 0, 1)]),                    # key 512
+                          (0, [Entry(3, 32, 1)]),                     # pointer word 32
+                          (0, [Entry(3, 0, 1, length_word=32)]),      # length word 32
+                          (0, [Entry(3, 0, 0)]),                      # max_length 0
+                          (0, [Entry(3, 0, 8193)]),                   # max_length 8193
+                          (0, [Entry(3, 0, 1)] * 5)):                 # 5 entries for key 3
+        with pytest.raises(ValueError):
+            s.set_capture_table(site, key_word, bad)
+    assert len(seen) == sent  # refused before sending
+    s.close()
+    peer.close()
+
+
 def test_read_physical_is_chunked_by_page(listener) -> None:
     peer, s = connect(listener)
     memory = bytes(range(256)) * 64  # 16 KiB image at gpa 0x10000

@@ -24,7 +24,9 @@ import guestlab
 from guestlab import workloads
 from tracer.kvmi import abi
 from tracer.kvmi.errors import (ConnectionClosed, KvmEINVAL, KvmENOENT, KvmEOPNOTSUPP)
+from tracer.kvmi.events import PointerCapture
 from tracer.kvmi.transport import Listener, Session
+from tracer.monitors.syscalls import find_call_site
 
 pytestmark = pytest.mark.guest
 
@@ -47,7 +49,7 @@ SUPPORTED_COMMANDS = {
     abi.KVMI_CONTROL_MSR, abi.KVMI_GET_REGISTERS, abi.KVMI_READ_PHYSICAL,
     abi.KVMI_WRITE_PHYSICAL, abi.KVMI_VCPU_TRANSLATE_GVA,
     abi.VMITRACE_SET_BREAKPOINT, abi.VMITRACE_CLEAR_BREAKPOINT, abi.VMITRACE_SET_DELIVERY,
-    abi.VMITRACE_SET_BREAKPOINT_EX,
+    abi.VMITRACE_SET_BREAKPOINT_EX, abi.VMITRACE_SET_CAPTURE_TABLE,
 }
 SUPPORTED_EVENTS = {
     abi.KVMI_EVENT_UNHOOK, abi.KVMI_EVENT_CR, abi.KVMI_EVENT_MSR, abi.KVMI_EVENT_BREAKPOINT,
@@ -209,7 +211,7 @@ def test_version_guest_and_vcpu_info(lab):
 
 def test_check_command_and_check_event_tell_the_truth(lab):
     s = lab.session
-    for command in list(range(64)) + [0x7F00, 0x7F01, 0x7F02, 0x7F03, 0x7F04]:
+    for command in list(range(64)) + [0x7F00, 0x7F01, 0x7F02, 0x7F03, 0x7F04, 0x7F05, 0x7F06]:
         assert s.check_command(command) == (command in SUPPORTED_COMMANDS), command
     for event in range(16):
         assert s.check_event(event) == (event in SUPPORTED_EVENTS), event
@@ -509,6 +511,259 @@ def test_extended_breakpoint_refuses_malformed_requests(lab, payload):
         lab.session.request(abi.VMITRACE_SET_BREAKPOINT_EX, payload)
 
 
+# -- capture tables: guest memory a hit points at ------------------------------------------------
+
+UNMAPPED = 2**64 - 1
+REG_RSP = 4
+PT_REGS = (REG_RSP, 0, 168)  # at both syscall sites rsp points at the task's pt_regs
+# u64 words of pt_regs
+W_R10, W_AX, W_DX, W_SI, W_DI, W_ORIG_AX, W_SP = 7, 10, 12, 13, 14, 15, 19
+NR_READ, NR_WRITE, NR_ACCEPT, NR_EXECVE, NR_OPENAT = 0, 1, 43, 59, 257
+EISDIR = 21
+Entry = abi.CaptureTableEntry
+
+
+def read_kernel(s: Session, gva: int, size: int) -> bytes:
+    out = b""
+    while len(out) < size:
+        address = gva + len(out)
+        chunk = min(size - len(out), 4096 - (address & 0xFFF))
+        out += s.read_physical(s.translate_gva(0, address), chunk)
+    return out
+
+
+def syscall_sites(lab: Lab) -> tuple[int, int]:
+    """entry_SYSCALL_64's `call do_syscall_64` and the instruction after it (the exit)."""
+    syms = lab.symbols("entry_SYSCALL_64", "do_syscall_64")
+    entry = syms["entry_SYSCALL_64"]
+    site = find_call_site(read_kernel(lab.session, entry, 512), entry, syms["do_syscall_64"])
+    assert site is not None
+    return site, site + 5
+
+
+def pt_regs(event: Any) -> tuple[int, ...]:
+    return struct.unpack("<21Q", event.captured[0])
+
+
+def is_call(site: int, nr: int, **words: int) -> Callable[[Any], bool]:
+    """Predicate: a hit at `site` whose pt_regs hold system call `nr` and these words."""
+    index = {"di": W_DI, "si": W_SI, "dx": W_DX, "r10": W_R10, "ax": W_AX}
+
+    def match(e: Any) -> bool:
+        if e.event_id != abi.KVMI_EVENT_BREAKPOINT or e.arch.regs.rip != site or \
+                not e.captured or not e.captured[0]:
+            return False
+        regs = pt_regs(e)
+        return regs[W_ORIG_AX] == nr and all(regs[index[w]] == v for w, v in words.items())
+    return match
+
+
+def test_capture_table_at_the_syscall_entry(lab):
+    """Keyed by orig_ax: openat's path (a string), write's buffer bounded by dx, and faulted
+    captures: a NULL pointer (accept's addr), an unmapped one (write's fd), and execve's
+    filename read on to the end of the stack it lies in (checked while the vCPU waits)."""
+    s = lab.session
+    entry_site, _ = syscall_sites(lab)
+    program = workloads.WORKLOAD_BINARIES["file"].encode() + b"\0"
+    page_after: dict[int, int] = {}
+
+    def check_fault(session: Session, event: Any) -> None:
+        if event.blocking and is_call(entry_site, NR_EXECVE)(event):
+            capture = event.pointer_captures[0]
+            page_after[event.seq] = session.translate_gva(event.vcpu,
+                                                          capture.gva + len(capture.data))
+        return None
+
+    for vcpu in range(lab.vcpus):
+        s.control_events(vcpu, abi.KVMI_EVENT_BREAKPOINT, True)
+    lab.handler = check_fault
+    try:
+        # Every hit runs on but execve's (orig_ax, word 15 of pt_regs, in the bitmap).
+        s.set_breakpoint_ex(entry_site, True, W_ORIG_AX, abi.block_bitmap([NR_EXECVE]),
+                            [PT_REGS], abi.VMITRACE_BLOCK_FROM_CAPTURE | abi.VMITRACE_BLOCK_BITMAP)
+        s.set_capture_table(entry_site, W_ORIG_AX, [
+            Entry(NR_OPENAT, W_SI, 4096, string=True),
+            Entry(NR_WRITE, W_SI, 8192, length_word=W_DX),
+            Entry(NR_WRITE, W_DI, 64),      # the fd as an address: nothing maps it
+            Entry(NR_EXECVE, W_DI, 8192),   # no length, not a string: up to the first hole
+            Entry(NR_ACCEPT, W_SI, 16)])    # accept(fd, NULL, NULL)
+        mark = lab.mark()
+        # env execs its argument: the filename lies in env's argument strings, which end
+        # 8 bytes below the top of its stack, where the mapping ends.
+        lab.run_ok("/bin/busybox env " + program[:-1].decode())
+        lab.run_ok(workloads.WORKLOAD_BINARIES["tcp"])
+        path = workloads.FILE_PATH.encode() + b"\0"
+        opened = lab.wait_for(lambda e: is_call(entry_site, NR_OPENAT)(e) and
+                              e.pointer_captures[0].data == path, mark)
+        written = lab.wait_for(is_call(entry_site, NR_WRITE, di=3, dx=workloads.FILE_BYTES),
+                               mark)
+        executed = lab.wait_for(lambda e: is_call(entry_site, NR_EXECVE)(e) and
+                                e.pointer_captures[0].data.startswith(program), mark)
+        accepted = lab.wait_for(is_call(entry_site, NR_ACCEPT), mark)
+        other = lab.wait_for(lambda e: any(is_call(entry_site, nr)(e) for nr in (3, 9, 12)),
+                             mark)  # close, mmap, brk
+    finally:
+        lab.handler = None
+        s.clear_breakpoint(entry_site)
+    assert not opened.blocking and executed.blocking
+    assert opened.pointer_captures == (PointerCapture(pt_regs(opened)[W_SI], path, False),)
+    assert written.pointer_captures == (
+        PointerCapture(pt_regs(written)[W_SI], workloads.FILE_CONTENT, False),
+        PointerCapture(3, b"", True))
+    (filename,) = executed.pointer_captures
+    assert filename.gva == pt_regs(executed)[W_DI] and filename.faulted
+    assert filename.data.endswith(b"/bin/busybox\0" + bytes(8)), filename.data  # exec's own
+    assert page_after[executed.seq] == UNMAPPED
+    assert accepted.pointer_captures == (PointerCapture(0, b"", True),)  # NULL: not read
+    assert other.pointer_captures == ()  # no entry for its number: no pointer captures
+
+
+def test_capture_table_at_the_syscall_exit_bounds_by_a_signed_result(lab):
+    """At the exit (after `call do_syscall_64`) pt_regs->ax holds the result: a read's
+    buffer bounded by it, and nothing for a failing read (negative ax)."""
+    s = lab.session
+    _, exit_site = syscall_sites(lab)
+    for vcpu in range(lab.vcpus):
+        s.control_events(vcpu, abi.KVMI_EVENT_BREAKPOINT, True)
+    try:
+        s.set_breakpoint_ex(exit_site, True, 0, [], [PT_REGS])
+        s.set_capture_table(exit_site, W_ORIG_AX, [
+            Entry(NR_READ, W_SI, 8192, length_word=W_AX, signed_length=True)])
+        mark = lab.mark()
+        lab.run_ok(workloads.WORKLOAD_BINARIES["file"])
+        lab.guest.run("read x < /")  # read(2) of a directory: -EISDIR
+        good = lab.wait_for(is_call(exit_site, NR_READ, ax=workloads.FILE_BYTES), mark)
+        failed = lab.wait_for(is_call(exit_site, NR_READ, ax=2**64 - EISDIR), mark)
+    finally:
+        s.clear_breakpoint(exit_site)
+    assert good.pointer_captures == (PointerCapture(pt_regs(good)[W_SI], workloads.FILE_CONTENT,
+                                                    False),)
+    assert failed.pointer_captures == (PointerCapture(pt_regs(failed)[W_SI], b"", False),)
+
+
+def test_setting_the_breakpoint_again_drops_its_table(lab):
+    s = lab.session
+    entry_site, _ = syscall_sites(lab)
+    table = [Entry(NR_OPENAT, W_SI, 4096, string=True)]
+    opened = is_call(entry_site, NR_OPENAT, dx=workloads.FILE_WRITE_FLAGS,
+                     r10=workloads.FILE_MODE)  # wl-file's first openat
+
+    def set_again() -> None:
+        s.set_breakpoint_ex(entry_site, True, 0, [], [PT_REGS])
+
+    def open_file() -> Any:
+        mark = lab.mark()
+        lab.run_ok(workloads.WORKLOAD_BINARIES["file"])
+        return lab.wait_for(opened, mark)
+
+    for vcpu in range(lab.vcpus):
+        s.control_events(vcpu, abi.KVMI_EVENT_BREAKPOINT, True)
+    with_table, without = [], []
+    try:
+        for reset in (set_again, lambda: s.set_breakpoint(entry_site),
+                      lambda: s.clear_breakpoint(entry_site),
+                      lambda: s.set_capture_table(entry_site, W_ORIG_AX, [])):  # removes it
+            set_again()
+            s.set_capture_table(entry_site, W_ORIG_AX, table)
+            with_table.append(open_file())
+            reset()
+            set_again()
+            without.append(open_file())
+        # A plain breakpoint has no first capture: no table for it.
+        s.set_breakpoint(entry_site)
+        with pytest.raises(KvmENOENT):
+            s.set_capture_table(entry_site, W_ORIG_AX, table)
+    finally:
+        s.clear_breakpoint(entry_site)
+    with pytest.raises(KvmENOENT):
+        s.set_capture_table(entry_site, W_ORIG_AX, table)
+    path = workloads.FILE_PATH.encode() + b"\0"
+    assert [e.pointer_captures[0].data for e in with_table] == [path] * 4
+    assert [e.pointer_captures for e in without] == [()] * 4
+
+
+def test_capture_table_replaced_while_hits_run(lab):
+    """Tables replaced, removed and dropped (by resetting the breakpoint) while every vCPU
+    takes hits that use them: the guest runs on and every event is well formed."""
+    s = lab.session
+    entry_site, _ = syscall_sites(lab)
+    tables = ([Entry(NR_OPENAT, W_SI, 4096, string=True)],
+              [Entry(NR_OPENAT, W_SI, 64), Entry(NR_READ, W_SI, 64, length_word=W_DX)], [])
+    for vcpu in range(lab.vcpus):
+        s.control_events(vcpu, abi.KVMI_EVENT_BREAKPOINT, True)
+    loops = [lab.run_ok("(while true; do cat /proc/version; done) > /dev/null 2>&1 & echo $!")
+             for _ in range(lab.vcpus)]
+    mark = lab.mark()
+    try:
+        s.set_breakpoint_ex(entry_site, True, 0, [], [PT_REGS])
+        deadline, rounds = time.monotonic() + 3, 0
+        while time.monotonic() < deadline:
+            if rounds % 50 == 49:
+                s.set_breakpoint_ex(entry_site, True, 0, [], [PT_REGS])
+            s.set_capture_table(entry_site, W_ORIG_AX, tables[rounds % len(tables)])
+            rounds += 1
+    finally:
+        s.clear_breakpoint(entry_site)
+        lab.run_ok("kill " + " ".join(pid.strip() for pid in loops))
+    hits = [e for e in lab.since(mark, abi.KVMI_EVENT_BREAKPOINT) if e.arch.regs.rip == entry_site]
+    assert any(e.pointer_captures for e in hits)
+    for e in hits:
+        assert len(e.pointer_captures) <= 2
+        for pc in e.pointer_captures:
+            assert pc.gva == pt_regs(e)[W_SI]
+    lab.run_ok("cat /proc/version")
+
+
+def _table(gva: int, key_word: int, *entries: tuple, count: int | None = None,
+           padding: bytes = bytes(3)) -> bytes:
+    """A raw vmitrace_capture_table payload; entries are (key, pointer_word, length_word,
+    max_length, flags[, padding])."""
+    head = struct.pack("<QB3sI", gva, key_word, padding, len(entries) if count is None else count)
+    return head + b"".join(struct.pack("<HBBHBB", *(e + (0,) * (6 - len(e)))) for e in entries)
+
+
+BP = 0x1000  # a breakpoint of the test below (never executed), first capture 16 bytes
+OK = (1, 0, 0xFF, 8, 0)  # a valid entry
+
+
+@pytest.mark.parametrize("payload,error", [
+    (_table(BP, 0)[:15], KvmEINVAL),                                 # short
+    (_table(BP, 0, OK, count=2), KvmEINVAL),                         # 1 entry of 2
+    (_table(BP, 0, OK) + b"\0", KvmEINVAL),                          # a byte too many
+    (_table(BP, 0, count=2049), KvmEINVAL),                          # above 2048
+    (_table(BP, 0, OK, padding=b"\0\1\0"), KvmEINVAL),               # header padding
+    (_table(BP, 32, OK), KvmEINVAL),                                 # key word 32
+    (_table(BP, 2, OK), KvmEINVAL),                                  # past the first capture
+    (_table(BP, 0, (512, 0, 0xFF, 8, 0)), KvmEINVAL),                # key 512
+    (_table(BP, 0, (1, 32, 0xFF, 8, 0)), KvmEINVAL),                 # pointer word 32
+    (_table(BP, 0, (1, 2, 0xFF, 8, 0)), KvmEINVAL),                  # past the first capture
+    (_table(BP, 0, (1, 0, 32, 8, 0)), KvmEINVAL),                    # length word 32
+    (_table(BP, 0, (1, 0, 2, 8, 0)), KvmEINVAL),                     # past the first capture
+    (_table(BP, 0, (1, 0, 0xFF, 0, 0)), KvmEINVAL),                  # max_length 0
+    (_table(BP, 0, (1, 0, 0xFF, 8193, 0)), KvmEINVAL),               # max_length 8193
+    (_table(BP, 0, (1, 0, 0xFF, 8, 4)), KvmEINVAL),                  # unknown flag
+    (_table(BP, 0, (1, 0, 0xFF, 8, 0, 1)), KvmEINVAL),               # entry padding
+    (_table(BP, 0, *[OK] * 5), KvmEINVAL),                           # 5 entries for key 1
+    (_table(BP + 1, 0, OK), KvmENOENT),                              # no breakpoint there
+    (_table(BP + 2, 0, OK), KvmENOENT),                              # one without captures
+    (_table(BP + 3, 0, OK), KvmENOENT),                              # only a second capture
+    (_table(BP + 3, 0), KvmENOENT),                                  # (also to remove one)
+])
+def test_capture_table_refuses_malformed_requests(lab, payload, error):
+    s = lab.session
+    s.set_breakpoint_ex(BP, True, 0, [], [(REG_RSP, 0, 16)])
+    s.set_breakpoint(BP + 2)
+    s.set_breakpoint_ex(BP + 3, True, 0, [], [(0xFF, 0, 0), (REG_RSP, 0, 16)])
+    try:
+        with pytest.raises(error):
+            s.request(abi.VMITRACE_SET_CAPTURE_TABLE, payload)
+        s.set_capture_table(BP, 1, [Entry(3, 0, 8, length_word=1)])  # the largest words
+    finally:
+        for gva in (BP, BP + 2, BP + 3):
+            s.clear_breakpoint(gva)
+    lab.run_ok("true")
+
+
 # -- hypercalls, pauses ------------------------------------------------------------------------
 
 def test_vmcall_program_yields_hypercall_with_its_rax(lab):
@@ -742,7 +997,7 @@ def _fuzz_commands(conn: socket.socket, vcpus: int, count: int = 1500) -> None:
     rng = random.Random(1234)
     ids = [i for i in range(2, 64) if i != abi.KVMI_WRITE_PHYSICAL] + [
         abi.VMITRACE_SET_BREAKPOINT, abi.VMITRACE_CLEAR_BREAKPOINT, abi.VMITRACE_SET_DELIVERY,
-        0x7F7F, 0xFFFF]
+        abi.VMITRACE_SET_CAPTURE_TABLE, 0x7F7F, 0xFFFF]
     errors: collections.Counter = collections.Counter()
     for seq in range(1000, 1000 + count):
         msg_id = rng.choice(ids)

@@ -12,7 +12,7 @@ import socket
 import struct
 import threading
 import uuid as uuidlib
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 HDR = struct.Struct("<HHI")  # kvmi_msg_hdr: id, size, seq
 ERR = struct.Struct("<iI")  # kvmi_error_code: err, padding
@@ -20,8 +20,9 @@ VCPU_HDR = struct.Struct("<HHI")  # kvmi_vcpu_hdr: vcpu, padding1, padding2
 # kvmi_qemu2introspector: struct_size, uuid[16], padding, start_time, name[64]
 QEMU2INTRO = struct.Struct("<I16sIq64s")
 INTRO2QEMU = struct.Struct("<I20s")  # kvmi_introspector2qemu: struct_size, cookie_hash[20]
-# kvmi_event common: size, vcpu, event, padding[3]; then kvmi_event_arch (536 bytes):
-EVENT_COMMON = struct.Struct("<HHB3x")
+# kvmi_event common: size, vcpu, event, flags (vmitrace; padding in standard KVMI),
+# padding[2]; then kvmi_event_arch (536 bytes):
+EVENT_COMMON = struct.Struct("<HHBB2x")
 ARCH_HEAD = struct.Struct("<BxH4x")  # mode, padding1, view, padding2[4]
 KVM_REGS = struct.Struct("<18Q")
 KVM_SEGMENT = struct.Struct("<QIH8BBx")  # base limit selector type..avl unusable padding
@@ -49,8 +50,9 @@ def arch_bytes(mode: int = 8, rip: int = 0, rax: int = 0, cr3: int = 0,
 
 
 def event_message(seq: int, vcpu: int, event_id: int, payload: bytes = b"",
-                  arch: bytes | None = None) -> bytes:
-    body = EVENT_COMMON.pack(8 + ARCH_SIZE, vcpu, event_id) + (arch or arch_bytes()) + payload
+                  arch: bytes | None = None, flags: int = 0) -> bytes:
+    body = EVENT_COMMON.pack(8 + ARCH_SIZE, vcpu, event_id, flags) + (arch or arch_bytes()) + \
+        payload
     return HDR.pack(KVMI_EVENT, len(body), seq) + body
 
 
@@ -64,6 +66,22 @@ def msr_payload(msr: int, old: int, new: int) -> bytes:
 
 def breakpoint_payload(gpa: int, insn_len: int) -> bytes:
     return struct.pack("<QB7x", gpa, insn_len)  # kvmi_event_breakpoint
+
+
+def captured_breakpoint_payload(gpa: int, insn_len: int, captures: Sequence[bytes],
+                                pointers: Sequence[tuple[int, bytes, int]] = ()) -> bytes:
+    """A vmitrace breakpoint payload (kvmi_event.flags: CAPTURED 2, with pointers also
+    TABLE_CAPTURED 4): vmitrace_captured {u16 length[2]; padding} and the captured bytes, then
+    for pointers ((gva, data, faulted) each) vmitrace_table_captured {u8 count; padding[7]},
+    vmitrace_pointer_capture {u64 gva; u16 length; u8 faulted; padding[5]} each, the data."""
+    lengths = [len(c) for c in captures] + [0] * (2 - len(captures))
+    out = breakpoint_payload(gpa, insn_len) + struct.pack("<2H4x", *lengths) + b"".join(captures)
+    if pointers:
+        out += struct.pack("<B7x", len(pointers))
+        out += b"".join(struct.pack("<QHB5x", gva, len(data), faulted)
+                        for gva, data, faulted in pointers)
+        out += b"".join(data for _gva, data, _faulted in pointers)
+    return out
 
 
 class HostPeer:

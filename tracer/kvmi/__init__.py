@@ -14,8 +14,8 @@ from .errors import (CommandError, CommandTimeout, ConnectionClosed, EventReplyE
                      TruncatedMessage, UnknownMessage, command_error, is_unsupported)
 from .events import (EVENT_CLASSES, BreakpointEvent, CpuidEvent, CreateVcpuEvent, CrEvent,
                      DescriptorEvent, Event, EventArch, HypercallEvent, MsrEvent,
-                     PauseVcpuEvent, PfEvent, SingleStepEvent, TrapEvent, UnhookEvent,
-                     XsetbvEvent)
+                     PauseVcpuEvent, PfEvent, PointerCapture, SingleStepEvent, TrapEvent,
+                     UnhookEvent, XsetbvEvent)
 from .protocol import CommandReply, Handshake, IntrospectorProtocol
 from .recording import RecordingError, RecordingReader, RecordingWriter, ReplayHost
 from .transport import Listener, Registers, Session, parse_address
@@ -25,8 +25,8 @@ __all__ = [
     "RecordingWriter", "RecordingReader", "ReplayHost", "RecordingError",
     "IntrospectorProtocol", "Handshake", "CommandReply",
     "Event", "EventArch", "EVENT_CLASSES", "UnhookEvent", "CrEvent", "MsrEvent", "XsetbvEvent",
-    "BreakpointEvent", "HypercallEvent", "PfEvent", "TrapEvent", "DescriptorEvent",
-    "CreateVcpuEvent", "PauseVcpuEvent", "SingleStepEvent", "CpuidEvent",
+    "BreakpointEvent", "PointerCapture", "HypercallEvent", "PfEvent", "TrapEvent",
+    "DescriptorEvent", "CreateVcpuEvent", "PauseVcpuEvent", "SingleStepEvent", "CpuidEvent",
     "KvmiError", "ProtocolError", "TruncatedMessage", "OversizeMessage", "UnknownMessage",
     "SequenceError", "MalformedMessage", "HandshakeError", "ConnectionClosed",
     "CommandTimeout", "EventReplyError", "CommandError", "KvmEPERM", "KvmENOENT", "KvmE2BIG",

@@ -11,7 +11,7 @@ format). The same table drives encoding, decoding, padding/size validation and
 the whole layout and one for its padding bytes only, so decoding never walks Python field
 objects in the hot path.
 
-The vmitrace vendor extension (ids ``0x7f01``-``0x7f03``) lives at the end of this module; it is
+The vmitrace vendor extension (ids ``0x7f01``-``0x7f05``) lives at the end of this module; it is
 described for users in ``docs/kvmi-vendor-extension.md``.
 """
 from __future__ import annotations
@@ -496,8 +496,8 @@ KVMI_EVENT_ = _def("kvmi_event", [
     ("size", "u16"), ("vcpu", "u16"), ("event", "u8"), ("flags", "u8"), ("padding", ("u8", 2)),
     ("arch", KVMI_EVENT_ARCH)], 544,
     "Common part of every event; the event-specific payload starts at offset `size`. `flags` "
-    "is padding in standard KVMI (always 0); vmitrace hosts set VMITRACE_EVENT_NO_REPLY and "
-    "VMITRACE_EVENT_CAPTURED there.")
+    "is padding in standard KVMI (always 0); vmitrace hosts set VMITRACE_EVENT_NO_REPLY, "
+    "VMITRACE_EVENT_CAPTURED and VMITRACE_EVENT_TABLE_CAPTURED there.")
 KVMI_EVENT_REPLY_ = _def("kvmi_event_reply", [
     ("action", "u8"), ("event", "u8"), ("padding1", "u16"), ("padding2", "u32")], 8)
 KVMI_EVENT_PF_ = _def("kvmi_event_pf", [
@@ -636,6 +636,47 @@ VMITRACE_TABLE_NO_LENGTH = 0xFF    # vmitrace_table_entry.length_word: max_lengt
 VMITRACE_MAX_TABLE_ENTRIES = 2048
 VMITRACE_MAX_TABLE_CAPTURES = 4    # entries per key, and pointer captures per event
 VMITRACE_MAX_POINTER_CAPTURE = 8192
+VMITRACE_TABLE_KEYS = 512          # vmitrace_table_entry.key: 0-511
+VMITRACE_TABLE_ENTRY = _def("vmitrace_table_entry", [
+    ("key", "u16"), ("pointer_word", "u8"), ("length_word", "u8"), ("max_length", "u16"),
+    ("flags", "u8"), ("padding", "u8")], 8,
+    "At hits whose key word holds `key` (0-511): capture up to `max_length` (1-8192) bytes at "
+    "the address in u64 word `pointer_word` (0-31) of the first capture, bounded by word "
+    "`length_word` (0xff: none). flags: VMITRACE_TABLE_STRING stops after the first NUL; "
+    "VMITRACE_TABLE_SIGNED_LENGTH reads the length word as signed (negative: nothing).")
+VMITRACE_CAPTURE_TABLE = _def("vmitrace_capture_table", [
+    ("gva", "u64"), ("key_word", "u8"), ("padding", ("u8", 3)), ("count", "u32"),
+    ("entries", flex(VMITRACE_TABLE_ENTRY))], 16,
+    "VM-wide (no vcpu header): the pointer captures of the breakpoint at `gva`, which needs "
+    "a first capture. Its hits capture the entries (at most 2048, 4 per key; 0 removes the "
+    "table) whose key equals the low 32 bits of u64 word `key_word` (0-31) of the first "
+    "capture. Setting the breakpoint again, or clearing it, drops the table.")
+VMITRACE_TABLE_CAPTURED = _def("vmitrace_table_captured", [
+    ("count", "u8"), ("padding", ("u8", 7))], 8,
+    "After the captured bytes when kvmi_event.flags has VMITRACE_EVENT_TABLE_CAPTURED: `count` "
+    "(1-4) vmitrace_pointer_capture follow, then the bytes of each, in order.")
+VMITRACE_POINTER_CAPTURE = _def("vmitrace_pointer_capture", [
+    ("gva", "u64"), ("length", "u16"), ("faulted", "u8"), ("padding", ("u8", 5))], 16,
+    "One pointer capture: `length` bytes read at `gva`; faulted=1: the byte at gva + length "
+    "could not be read (an address of 0 is a faulted empty capture).")
+# Messages of the extension that may exceed KVMI_MSG_SIZE (the header's u16 size holds them):
+# a full capture table, and a breakpoint event with both captures and every pointer capture.
+VMITRACE_TABLE_MSG_SIZE = VMITRACE_CAPTURE_TABLE.size + \
+    VMITRACE_MAX_TABLE_ENTRIES * VMITRACE_TABLE_ENTRY.size
+VMITRACE_EVENT_MSG_SIZE = KVMI_EVENT_.size + KVMI_EVENT_BREAKPOINT_.size + \
+    VMITRACE_CAPTURED.size + VMITRACE_CAPTURES * VMITRACE_MAX_CAPTURE + \
+    VMITRACE_TABLE_CAPTURED.size + \
+    VMITRACE_MAX_TABLE_CAPTURES * (VMITRACE_POINTER_CAPTURE.size + VMITRACE_MAX_POINTER_CAPTURE)
+
+
+def max_payload(msg_id: int) -> int:
+    """The largest payload of a message with this id: KVMI_MSG_SIZE, except events (a
+    vmitrace host's breakpoint events with pointer captures) and capture tables."""
+    if msg_id == KVMI_EVENT:
+        return VMITRACE_EVENT_MSG_SIZE
+    if msg_id == VMITRACE_SET_CAPTURE_TABLE:
+        return VMITRACE_TABLE_MSG_SIZE
+    return KVMI_MSG_SIZE
 
 
 class CaptureTableEntry(NamedTuple):
@@ -732,6 +773,7 @@ COMMANDS: dict[int, CommandSpec] = {c.id: c for c in [
     _cmd("VMITRACE_CLEAR_BREAKPOINT", False, VMITRACE_BREAKPOINT, None),
     _cmd("VMITRACE_SET_DELIVERY", False, VMITRACE_DELIVERY, None),
     _cmd("VMITRACE_SET_BREAKPOINT_EX", False, VMITRACE_BREAKPOINT_EX, None),
+    _cmd("VMITRACE_SET_CAPTURE_TABLE", False, VMITRACE_CAPTURE_TABLE, None),
 ]}
 
 # Event id -> (C name, payload struct or None, event-specific reply struct or None).
@@ -803,4 +845,4 @@ def unpack_flex(elem: str, buf: bytes | memoryview, count: int | None = None) ->
 
 __all__ = [k for k in list(globals()) if k.isupper() and not k.startswith("_")] + [
     "AbiError", "PaddingError", "SizeError", "Field", "StructDef", "CommandSpec",
-    "constants", "describe", "pack_flex", "unpack_flex"]
+    "constants", "describe", "max_payload", "pack_flex", "unpack_flex"]

@@ -30,7 +30,8 @@ class TruncatedMessage(ProtocolError):
 
 
 class OversizeMessage(ProtocolError):
-    """A header announced a payload larger than ``KVMI_MSG_SIZE`` (8184 bytes)."""
+    """A header announced a payload larger than its message may carry (``KVMI_MSG_SIZE``,
+    8184 bytes; vmitrace's events and capture tables: see ``abi.max_payload``)."""
 
 
 class UnknownMessage(ProtocolError):

@@ -18,7 +18,8 @@ Life of a connection::
 
 Any :class:`~tracer.kvmi.errors.ProtocolError` leaves the protocol in state ``"failed"``; the
 transport must close the connection. Memory is bounded: at most one partial message (8192
-bytes, or the handshake's 64 KiB) stays buffered beyond what ``receive_data`` was given.
+bytes, a vmitrace host's breakpoint event with pointer captures 33928, or the handshake's
+64 KiB) stays buffered beyond what ``receive_data`` was given.
 """
 from __future__ import annotations
 
@@ -27,12 +28,12 @@ import struct
 import uuid as uuidlib
 from collections import OrderedDict
 from operator import itemgetter
-from typing import Any
+from typing import Any, Sequence
 
 from . import abi
 from .errors import (HandshakeError, MalformedMessage, OversizeMessage, ProtocolError,
                      SequenceError, TruncatedMessage, UnknownMessage)
-from .events import EVENT_CLASSES, BreakpointEvent, Event
+from .events import EVENT_CLASSES, BreakpointEvent, Event, PointerCapture
 
 _HDR = abi.KVMI_MSG_HDR.struct
 _HDR_SIZE = abi.KVMI_MSG_HDR.size
@@ -40,13 +41,20 @@ _ERR = abi.KVMI_ERROR_CODE.struct
 _EVENT_COMMON = struct.Struct("<HHBB")  # kvmi_event.size, .vcpu, .event, .flags
 _EVENT_PADDING = abi.KVMI_EVENT_.padding_struct.unpack_from  # type: ignore[union-attr]
 _EVENT_MIN = abi.KVMI_EVENT_.size  # common part incl. arch: 544
-_EVENT_FLAGS = abi.VMITRACE_EVENT_NO_REPLY | abi.VMITRACE_EVENT_CAPTURED
+_EVENT_FLAGS = abi.VMITRACE_EVENT_NO_REPLY | abi.VMITRACE_EVENT_CAPTURED | \
+    abi.VMITRACE_EVENT_TABLE_CAPTURED
 _BREAKPOINT = abi.KVMI_EVENT_BREAKPOINT_.struct
 _BREAKPOINT_PADDING = abi.KVMI_EVENT_BREAKPOINT_.padding_struct.unpack_from  # type: ignore[union-attr]
 _CAPTURED = abi.VMITRACE_CAPTURED.struct
 _CAPTURED_PADDING = abi.VMITRACE_CAPTURED.padding_struct.unpack_from  # type: ignore[union-attr]
 _CAPTURED_MIN = abi.KVMI_EVENT_BREAKPOINT_.size + abi.VMITRACE_CAPTURED.size
+_TABLE_CAPTURED_SIZE = abi.VMITRACE_TABLE_CAPTURED.size
+_TABLE_CAPTURED_PADDING = \
+    abi.VMITRACE_TABLE_CAPTURED.padding_struct.unpack_from  # type: ignore[union-attr]
+_POINTER_CAPTURE = abi.VMITRACE_POINTER_CAPTURE.struct.unpack_from  # gva, length, faulted, padding
+_POINTER_CAPTURE_SIZE = abi.VMITRACE_POINTER_CAPTURE.size
 _MAX_PAYLOAD = abi.KVMI_MSG_SIZE
+_MAX_EVENT_PAYLOAD = abi.VMITRACE_EVENT_MSG_SIZE
 _MAX_ABANDONED = 4096
 
 # Reply prefix: kvmi_msg_hdr + kvmi_vcpu_hdr + kvmi_event_reply, then the specific reply.
@@ -234,9 +242,9 @@ class IntrospectorProtocol:
         append = out.append
         while end - pos >= _HDR_SIZE:
             msg_id, size, seq = unpack_hdr(data, pos)
-            if size > _MAX_PAYLOAD:
+            if size > _MAX_PAYLOAD and (msg_id != event_id or size > _MAX_EVENT_PAYLOAD):
                 raise OversizeMessage(f"message id {msg_id} announces {size} bytes "
-                                      f"(max {_MAX_PAYLOAD})")
+                                      f"(max {abi.max_payload(msg_id)})")
             if msg_id != event_id:
                 self._check_reply_header(msg_id, seq)
             total = _HDR_SIZE + size
@@ -302,8 +310,9 @@ class IntrospectorProtocol:
             raise ValueError(f"{spec.name} {'needs' if spec.vcpu else 'takes no'} vcpu")
         if vcpu is not None:
             payload = abi.KVMI_VCPU_HDR.encode(vcpu=vcpu) + payload
-        if len(payload) > _MAX_PAYLOAD:
-            raise ValueError(f"payload of {len(payload)} bytes exceeds {_MAX_PAYLOAD}")
+        if len(payload) > abi.max_payload(msg_id):
+            raise ValueError(f"payload of {len(payload)} bytes exceeds "
+                             f"{abi.max_payload(msg_id)}")
         seq = self._alloc_seq()
         self._pending[seq] = msg_id
         return seq, _HDR.pack(msg_id, len(payload), seq) + payload
@@ -351,7 +360,11 @@ def decode_event(raw: bytes, size: int, seq: int, blocking: bool = True) -> Even
         if flags & abi.VMITRACE_EVENT_NO_REPLY:
             blocking = False
         if flags & abi.VMITRACE_EVENT_CAPTURED:
-            return _decode_captured(raw, size, seq, vcpu, event_id, common_size, blocking)
+            return _decode_captured(raw, size, seq, vcpu, event_id, common_size, blocking,
+                                    bool(flags & abi.VMITRACE_EVENT_TABLE_CAPTURED))
+        if flags & abi.VMITRACE_EVENT_TABLE_CAPTURED:
+            raise MalformedMessage("kvmi_event: VMITRACE_EVENT_TABLE_CAPTURED without "
+                                   "VMITRACE_EVENT_CAPTURED")
     dec = _EVENT_DECODERS.get(event_id)
     if dec is None:
         raise MalformedMessage(f"unknown event id {event_id}")
@@ -368,8 +381,9 @@ def decode_event(raw: bytes, size: int, seq: int, blocking: bool = True) -> Even
 
 
 def _decode_captured(raw: bytes, size: int, seq: int, vcpu: int, event_id: int,
-                     common_size: int, blocking: bool) -> Event:
-    """A breakpoint event with captured guest memory (vmitrace vendor extension)."""
+                     common_size: int, blocking: bool, table: bool) -> Event:
+    """A breakpoint event with captured guest memory (vmitrace vendor extension); with
+    ``table``, pointer captures follow the captures."""
     if event_id != abi.KVMI_EVENT_BREAKPOINT:
         raise MalformedMessage(f"captured memory on event id {event_id} (breakpoints only)")
     off = _HDR_SIZE + common_size
@@ -379,8 +393,9 @@ def _decode_captured(raw: bytes, size: int, seq: int, vcpu: int, event_id: int,
     if any(_BREAKPOINT_PADDING(raw, off)) or any(_CAPTURED_PADDING(raw, off + _BREAKPOINT.size)):
         raise MalformedMessage("captured breakpoint: non-zero padding")
     lengths = _CAPTURED.unpack_from(raw, off + _BREAKPOINT.size)[:abi.VMITRACE_CAPTURES]
+    end = _CAPTURED_MIN + sum(lengths)  # of the captures, in payload bytes
     if max(lengths) > abi.VMITRACE_MAX_CAPTURE or \
-            size - common_size != _CAPTURED_MIN + sum(lengths):
+            (end > size - common_size if table else end != size - common_size):
         raise MalformedMessage(f"captured breakpoint: lengths {lengths} do not fit "
                                f"{size - common_size} payload bytes")
     pos = off + _CAPTURED_MIN
@@ -388,7 +403,39 @@ def _decode_captured(raw: bytes, size: int, seq: int, vcpu: int, event_id: int,
     for length in lengths:
         captured.append(raw[pos:pos + length])
         pos += length
-    return BreakpointEvent(seq, vcpu, raw, blocking, gpa, insn_len, tuple(captured))
+    pointer_captures = _decode_pointer_captures(raw, pos) if table else ()
+    return BreakpointEvent(seq, vcpu, raw, blocking, gpa, insn_len, tuple(captured),
+                           pointer_captures)
+
+
+def _decode_pointer_captures(raw: bytes, pos: int) -> tuple[PointerCapture, ...]:
+    """The vmitrace_table_captured at ``pos`` and what follows it, up to the message's end."""
+    end = len(raw)
+    if end - pos < _TABLE_CAPTURED_SIZE:
+        raise MalformedMessage("pointer captures: no room for vmitrace_table_captured")
+    count = raw[pos]
+    if any(_TABLE_CAPTURED_PADDING(raw, pos)):
+        raise MalformedMessage("vmitrace_table_captured: non-zero padding")
+    if not 1 <= count <= abi.VMITRACE_MAX_TABLE_CAPTURES:
+        raise MalformedMessage(f"vmitrace_table_captured: count {count} outside "
+                               f"1-{abi.VMITRACE_MAX_TABLE_CAPTURES}")
+    pos += _TABLE_CAPTURED_SIZE
+    data = pos + count * _POINTER_CAPTURE_SIZE
+    if data > end:
+        raise MalformedMessage(f"pointer captures: {count} do not fit the message")
+    out = []
+    for _ in range(count):
+        gva, length, faulted, *padding = _POINTER_CAPTURE(raw, pos)
+        if any(padding) or faulted > 1 or length > abi.VMITRACE_MAX_POINTER_CAPTURE or \
+                data + length > end:
+            raise MalformedMessage(f"vmitrace_pointer_capture: length {length}, faulted "
+                                   f"{faulted}, padding {padding} (message {end} bytes)")
+        out.append(PointerCapture(gva, raw[data:data + length], faulted == 1))
+        pos += _POINTER_CAPTURE_SIZE
+        data += length
+    if data != end:
+        raise MalformedMessage(f"pointer captures end {end - data} bytes before the message")
+    return tuple(out)
 
 
 def encode_event_reply(event: Event, action: int = abi.KVMI_EVENT_ACTION_CONTINUE,
@@ -421,24 +468,41 @@ def encode_event_reply(event: Event, action: int = abi.KVMI_EVENT_ACTION_CONTINU
 
 def encode_message(msg_id: int, seq: int, payload: bytes) -> bytes:
     """Header + payload (for host-side peers and tests)."""
-    if len(payload) > _MAX_PAYLOAD:
-        raise ValueError(f"payload of {len(payload)} bytes exceeds {_MAX_PAYLOAD}")
+    if len(payload) > abi.max_payload(msg_id):
+        raise ValueError(f"payload of {len(payload)} bytes exceeds {abi.max_payload(msg_id)}")
     return _HDR.pack(msg_id, len(payload), seq) + payload
 
 
-def build_event(seq: int, vcpu: int, event_id: int, arch: Any = None, **fields: Any) -> bytes:
+def build_event(seq: int, vcpu: int, event_id: int, arch: Any = None, *, blocking: bool = True,
+                captured: Sequence[bytes] | None = None,
+                pointer_captures: Sequence[PointerCapture] = (), **fields: Any) -> bytes:
     """A host's KVMI_EVENT message (for test peers, replay fixtures and benchmarks).
 
     ``arch`` is a mapping/namedtuple of ``kvmi_event_arch`` fields; ``fields`` are the
-    event-specific payload fields.
+    event-specific payload fields. vmitrace hosts' additions: ``blocking=False`` sets
+    VMITRACE_EVENT_NO_REPLY; for breakpoints, ``captured`` (the bytes of up to two captures)
+    and then ``pointer_captures`` (up to four) follow the payload.
     """
     name, payload_sd, _ = abi.EVENTS[event_id]
-    common = abi.KVMI_EVENT_.encode(size=abi.KVMI_EVENT_.size, vcpu=vcpu, event=event_id,
-                                    arch=arch or {})
     if payload_sd is None:
         if fields:
             raise ValueError(f"{name} has no payload fields")
         payload = b""
     else:
         payload = payload_sd.encode(fields)
+    flags = 0 if blocking else abi.VMITRACE_EVENT_NO_REPLY
+    if captured is not None:
+        flags |= abi.VMITRACE_EVENT_CAPTURED
+        lengths = [len(c) for c in captured] + [0] * (abi.VMITRACE_CAPTURES - len(captured))
+        payload += abi.VMITRACE_CAPTURED.encode(length=lengths) + b"".join(captured)
+    if pointer_captures:
+        if captured is None:
+            raise ValueError("pointer captures come only with captured")
+        flags |= abi.VMITRACE_EVENT_TABLE_CAPTURED
+        payload += abi.VMITRACE_TABLE_CAPTURED.encode(count=len(pointer_captures))
+        payload += b"".join(abi.VMITRACE_POINTER_CAPTURE.encode(
+            gva=pc.gva, length=len(pc.data), faulted=int(pc.faulted)) for pc in pointer_captures)
+        payload += b"".join(pc.data for pc in pointer_captures)
+    common = abi.KVMI_EVENT_.encode(size=abi.KVMI_EVENT_.size, vcpu=vcpu, event=event_id,
+                                    flags=flags, arch=arch or {})
     return encode_message(abi.KVMI_EVENT, seq, common + payload)

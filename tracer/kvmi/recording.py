@@ -265,7 +265,7 @@ class ReplayHost:
                     buf += data
                     while len(buf) >= _HDR.size:
                         msg_id, size, seq = _HDR.unpack_from(buf)
-                        if size > abi.KVMI_MSG_SIZE:
+                        if size > abi.max_payload(msg_id):
                             raise RecordingError(f"introspector sent oversize message {msg_id}")
                         if len(buf) < _HDR.size + size:
                             break

@@ -863,6 +863,41 @@ class Session:
                    run_on=int(run_on), block_reg=block_reg, count=len(block_values),
                    block_flags=block_flags, capture0=regions[0], capture1=regions[1])
 
+    def set_capture_table(self, gva: int, key_word: int,
+                          entries: Sequence[abi.CaptureTableEntry],
+                          timeout: float | None = None) -> None:
+        """Give the breakpoint at ``gva`` (set with ``set_breakpoint_ex`` and a first capture)
+        a table of pointer captures: at each hit, the entries whose ``key`` equals the low 32
+        bits of u64 word ``key_word`` of the first capture copy guest memory at the address
+        in their ``pointer_word`` into the event (``event.pointer_captures``, in table
+        order). At most 2048 entries, 4 per key; none removes the table. Setting the
+        breakpoint again drops it. The host also refuses (``KvmEINVAL``) words past the end
+        of the first capture, and (``KvmENOENT``) a breakpoint without one (vmitrace hosts
+        only).
+        """
+        words = abi.VMITRACE_MAX_CAPTURE // 8
+        per_key = collections.Counter(e.key for e in entries)
+        bad = [e for e in entries
+               if not (0 <= e.key < abi.VMITRACE_TABLE_KEYS and 0 <= e.pointer_word < words
+                       and (e.length_word is None or 0 <= e.length_word < words)
+                       and 1 <= e.max_length <= abi.VMITRACE_MAX_POINTER_CAPTURE)]
+        if len(entries) > abi.VMITRACE_MAX_TABLE_ENTRIES or not 0 <= key_word < words or bad \
+                or max(per_key.values(), default=0) > abi.VMITRACE_MAX_TABLE_CAPTURES:
+            raise ValueError(f"capture table keyed by word {key_word} with {len(entries)} "
+                             f"entries: at most {abi.VMITRACE_MAX_TABLE_ENTRIES}, "
+                             f"{abi.VMITRACE_MAX_TABLE_CAPTURES} per key (0-"
+                             f"{abi.VMITRACE_TABLE_KEYS - 1}), words 0-{words - 1}, lengths "
+                             f"1-{abi.VMITRACE_MAX_POINTER_CAPTURE}; refused: {bad[:3]}")
+        rows = [dict(key=e.key, pointer_word=e.pointer_word, max_length=e.max_length,
+                     length_word=abi.VMITRACE_TABLE_NO_LENGTH if e.length_word is None
+                     else e.length_word,
+                     flags=(abi.VMITRACE_TABLE_STRING if e.string else 0)
+                     | (abi.VMITRACE_TABLE_SIGNED_LENGTH if e.signed_length else 0))
+                for e in entries]
+        self._call(abi.VMITRACE_SET_CAPTURE_TABLE, None, timeout,
+                   tail=abi.pack_flex(abi.VMITRACE_TABLE_ENTRY, rows), gva=gva,
+                   key_word=key_word, count=len(entries))
+
     def clear_breakpoint(self, gva: int, timeout: float | None = None) -> None:
         """Remove the breakpoint at ``gva``."""
         self._call(abi.VMITRACE_CLEAR_BREAKPOINT, None, timeout, gva=gva)
