@@ -1688,7 +1688,15 @@ static int update_breakpoint(const struct kvmi_msg_hdr *hdr, const uint8_t *payl
     if (hdr->id == VMITRACE_CLEAR_BREAKPOINT) {
         changed = g_hash_table_remove(breakpoints, &rule.gva);
     } else {
-        changed = !g_hash_table_contains(breakpoints, &rule.gva);
+        struct bp_rule *old = g_hash_table_lookup(breakpoints, &rule.gva);
+        changed = old == NULL;
+        /* A new rule keeps the table while its first capture still holds the words. */
+        if (old && old->table && hdr->id == VMITRACE_SET_BREAKPOINT_EX &&
+            rule.captures[0].base != VMITRACE_CAPTURE_NONE &&
+            rule.captures[0].length >= old->table->min_capture) {
+            rule.table = old->table;
+            old->table = NULL;
+        }
         struct bp_rule *stored = g_memdup2(&rule, sizeof(rule));
         g_hash_table_replace(breakpoints, &stored->gva, stored); /* frees an older rule */
     }

@@ -642,6 +642,9 @@ def test_capture_table_at_the_syscall_exit_bounds_by_a_signed_result(lab):
 
 
 def test_setting_the_breakpoint_again_drops_its_table(lab):
+    """A new rule keeps the table while its first capture holds the table's words (the
+    introspector sets the table while hits wait, then lets them run on); a plain breakpoint,
+    a rule without those words, clearing, and an empty table drop it."""
     s = lab.session
     entry_site, _ = syscall_sites(lab)
     table = [Entry(NR_OPENAT, W_SI, 4096, string=True)]
@@ -650,6 +653,9 @@ def test_setting_the_breakpoint_again_drops_its_table(lab):
 
     def set_again() -> None:
         s.set_breakpoint_ex(entry_site, True, 0, [], [PT_REGS])
+
+    def too_short() -> None:  # orig_ax, the key, is word 15: not in 64 bytes
+        s.set_breakpoint_ex(entry_site, True, 0, [], [(PT_REGS[0], PT_REGS[1], 64)])
 
     def open_file() -> Any:
         mark = lab.mark()
@@ -660,11 +666,12 @@ def test_setting_the_breakpoint_again_drops_its_table(lab):
         s.control_events(vcpu, abi.KVMI_EVENT_BREAKPOINT, True)
     with_table, without = [], []
     try:
-        for reset in (set_again, lambda: s.set_breakpoint(entry_site),
+        for reset in (too_short, lambda: s.set_breakpoint(entry_site),
                       lambda: s.clear_breakpoint(entry_site),
                       lambda: s.set_capture_table(entry_site, W_ORIG_AX, [])):  # removes it
-            set_again()
+            s.set_breakpoint_ex(entry_site, False, 0, [], [PT_REGS])
             s.set_capture_table(entry_site, W_ORIG_AX, table)
+            set_again()  # the same words: the table stays
             with_table.append(open_file())
             reset()
             set_again()
