@@ -11,8 +11,10 @@ three states, alternating --repeat times in this one run (so load from elsewhere
              VMITRACE_SET_BREAKPOINT_EX (`vmitrace trace`'s default there), 64-bit entries
              run on with their registers captured by the host, except execve/exit and
              calls that change credentials or the task's name (a bitmap); exits
-             wait for their reply only when the call's decoding reads guest memory (or
-             changes the task): the host checks the captured number against a bitmap
+             wait for their reply only when the call's decoding reads guest memory that
+             the host's capture tables do not copy (VMITRACE_SET_CAPTURE_TABLE: paths,
+             read/write buffers, struct stat, ...), or changes the task: the host checks
+             the captured number against a bitmap
   blocking   the same with every entry and exit waiting for its reply
              (`--blocking-syscalls`): the two breakpoints are switched between runs
 
@@ -158,7 +160,8 @@ def main() -> None:
                         for site, rule in zip(sites, rules):
                             session.set_breakpoint_ex(site, rule.run_on and state != "blocking",
                                                       rule.block_reg, rule.block_values,
-                                                      rule.captures, rule.block_flags)
+                                                      rule.captures, rule.block_flags,
+                                                      rule.differ_words)
                     time.sleep(0.2)
                     events0, cpu0 = tracer.ctx.events, cpu_seconds()
                     qemu0 = process_cpu_seconds(guest.pid)

@@ -296,6 +296,7 @@ struct vmitrace_capture {
 /* block_flags */
 #define VMITRACE_BLOCK_FROM_CAPTURE 1 /* the value: u64 word block_reg of the first capture */
 #define VMITRACE_BLOCK_BITMAP 2       /* block_values: a set of 0..511 (bit v of word v/32) */
+#define VMITRACE_BLOCK_WORDS_DIFFER 4 /* also wait where differ_words of the first capture do */
 #define VMITRACE_BLOCK_BITMAP_VALUES 512
 struct vmitrace_breakpoint_ex {
     uint64_t gva;
@@ -303,7 +304,8 @@ struct vmitrace_breakpoint_ex {
     uint8_t block_reg;   /* one of block_values. The value: the low 32 bits of a general */
     uint8_t count;       /* register (block_reg, x86 encoding: 0 rax ... 15 r15), or of */
     uint8_t block_flags; /* a captured word (FROM_CAPTURE, block_reg 0-31) */
-    uint8_t padding[4];
+    uint8_t differ_words[2]; /* u64 words of the first capture (VMITRACE_BLOCK_WORDS_DIFFER) */
+    uint8_t padding[2];
     struct vmitrace_capture captures[VMITRACE_CAPTURES];
     uint32_t block_values[VMITRACE_MAX_BLOCK_VALUES];
 };

@@ -303,6 +303,7 @@ struct bp_rule {
     uint8_t block_reg;
     uint8_t count;
     uint8_t block_flags;
+    uint8_t differ_words[2];
     uint32_t block_values[VMITRACE_MAX_BLOCK_VALUES];
     struct vmitrace_capture captures[VMITRACE_CAPTURES]; /* copied into each hit's event */
     struct capture_table *table; /* NULL: none; one reference held by the rule */
@@ -1090,6 +1091,18 @@ static bool hit_runs_on(struct vcpu *v, const struct bp_rule *rule, const struct
     if (!rule->run_on) {
         return false;
     }
+    if (rule->block_flags & VMITRACE_BLOCK_WORDS_DIFFER) {
+        size_t end = (MAX(rule->differ_words[0], rule->differ_words[1]) + 1u) * 8;
+        uint64_t a, b;
+        if (p->captured.length[0] < end) {
+            return false;
+        }
+        memcpy(&a, p->data + rule->differ_words[0] * 8u, sizeof(a));
+        memcpy(&b, p->data + rule->differ_words[1] * 8u, sizeof(b));
+        if (a != b) {
+            return false;
+        }
+    }
     uint32_t value;
     if (rule->block_flags & VMITRACE_BLOCK_FROM_CAPTURE) {
         size_t at = (size_t)rule->block_reg * 8;
@@ -1646,7 +1659,8 @@ static bool parse_breakpoint(const struct kvmi_msg_hdr *hdr, const uint8_t *payl
     bool from_capture = req.block_flags & VMITRACE_BLOCK_FROM_CAPTURE;
     if (req.run_on > 1 || req.count > VMITRACE_MAX_BLOCK_VALUES ||
         req.block_reg > (from_capture ? VMITRACE_MAX_CAPTURE / 8 - 1 : 15) ||
-        (req.block_flags & ~(VMITRACE_BLOCK_FROM_CAPTURE | VMITRACE_BLOCK_BITMAP)) ||
+        (req.block_flags & ~(VMITRACE_BLOCK_FROM_CAPTURE | VMITRACE_BLOCK_BITMAP |
+                             VMITRACE_BLOCK_WORDS_DIFFER)) ||
         ((req.block_flags & VMITRACE_BLOCK_BITMAP) &&
          req.count != VMITRACE_BLOCK_BITMAP_VALUES / 32) ||
         !all_zero(req.padding, sizeof(req.padding)) ||
@@ -1662,11 +1676,15 @@ static bool parse_breakpoint(const struct kvmi_msg_hdr *hdr, const uint8_t *payl
         }
         rule->captures[i] = *c;
     }
-    /* A value from the first capture must lie inside it. */
-    if (from_capture && (req.captures[0].base == VMITRACE_CAPTURE_NONE ||
-                         req.captures[0].length < (req.block_reg + 1u) * 8)) {
+    /* Values from the first capture must lie inside it; unused differ_words are 0. */
+    bool differ = req.block_flags & VMITRACE_BLOCK_WORDS_DIFFER;
+    size_t first = req.captures[0].base == VMITRACE_CAPTURE_NONE ? 0 : req.captures[0].length;
+    if ((from_capture && first < (req.block_reg + 1u) * 8) ||
+        (differ && first < (MAX(req.differ_words[0], req.differ_words[1]) + 1u) * 8) ||
+        (!differ && (req.differ_words[0] || req.differ_words[1]))) {
         return false;
     }
+    memcpy(rule->differ_words, req.differ_words, sizeof(rule->differ_words));
     rule->gva = req.gva;
     rule->run_on = req.run_on == 1;
     rule->block_reg = req.block_reg;

@@ -544,3 +544,14 @@ def test_capture_plan_covers_bounded_arguments_and_refuses_the_rest():
     assert dec.capture_plan(9) == ([], [])  # registers alone
     for name in ("execve", "accept", "sendmsg", "recvmsg"):  # argv, sockaddr_out, msghdr
         assert dec.capture_plan(dec.number(name)) is None, name
+
+
+def test_adjacent_captures_each_answer_their_own_string():
+    """mount's strings often lie back to back: the end of one capture is the start of the
+    next, and each string comes from its own."""
+    img, dec = setup()
+    mem = CapturedMemory(img.mem, [PointerCapture(U, b"devpts\0", False),
+                                   PointerCapture(U + 7, b"/dev/pts\0", False)])
+    assert mem.read_cstring(img.cr3, U + 7).data == b"/dev/pts"
+    assert mem.read_cstring(img.cr3, U).data == b"devpts"
+    assert mem.read_virtual(img.cr3, U + 7, 4) == b"/dev" and mem.live_reads == 0

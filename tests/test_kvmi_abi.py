@@ -107,7 +107,7 @@ INDEPENDENT: dict[str, str] = {
     "vmitrace_breakpoint": "Q",
     "vmitrace_delivery": "B7x",
     "vmitrace_capture": "BxHi",
-    "vmitrace_breakpoint_ex": "QBBBB4x" + "BxHi" * 2,  # + u32 block_values[count]
+    "vmitrace_breakpoint_ex": "QBBBB2B2x" + "BxHi" * 2,  # + u32 block_values[count]
     "vmitrace_captured": "2H4x",
     "vmitrace_capture_table": "QB3xI",  # + vmitrace_table_entry[count]
     "vmitrace_table_entry": "HBBHBx",

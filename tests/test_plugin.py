@@ -489,6 +489,33 @@ def test_run_on_breakpoint_waits_on_a_captured_value(lab):
     assert hits[-1].captured[0] == b""
 
 
+def test_run_on_exit_waits_where_the_return_was_redirected(lab):
+    """VMITRACE_BLOCK_WORDS_DIFFER at the syscall return: pt_regs ip equals cx (both the
+    SYSCALL return address) except where the kernel redirected the return; kill() of
+    oneself with a handler returns into the handler's frame, and that exit waits while
+    ordinary ones run on."""
+    s = lab.session
+    _, exit_site = syscall_sites(lab)
+    W_CX, W_IP, NR_KILL = 11, 16, 62
+    for vcpu in range(lab.vcpus):
+        s.control_events(vcpu, abi.KVMI_EVENT_BREAKPOINT, True)
+    mark = lab.mark()
+    try:
+        s.set_breakpoint_ex(exit_site, True, 0, [], [PT_REGS],
+                            abi.VMITRACE_BLOCK_WORDS_DIFFER, (W_IP, W_CX))
+        out = lab.run_ok("sh -c 'trap \"echo handled\" USR1; echo vmitrace-pid $$; "
+                         "kill -USR1 $$'")
+        killed = lab.wait_for(is_call(exit_site, NR_KILL), mark)
+    finally:
+        s.clear_breakpoint(exit_site)
+    assert "handled" in out
+    regs = pt_regs(killed)
+    assert killed.blocking and regs[W_IP] != regs[W_CX]
+    ordinary = [e for e in lab.since(mark, abi.KVMI_EVENT_BREAKPOINT)
+                if e.captured and e.captured[0] and pt_regs(e)[W_IP] == pt_regs(e)[W_CX]]
+    assert ordinary and not any(e.blocking for e in ordinary)
+
+
 @pytest.mark.parametrize("payload", [
     struct.pack("<QBBB5x", 0x1000, 1, 0, 0),                                  # short
     struct.pack("<QBBB5xBxHiBxHi", 0x1000, 2, 0, 0, 0xFF, 0, 0, 0xFF, 0, 0),  # run_on 2
@@ -499,7 +526,10 @@ def test_run_on_breakpoint_waits_on_a_captured_value(lab):
     struct.pack("<QBBB5xBxHiBxHi", 0x1000, 1, 0, 0, 4, 257, 0, 0xFF, 0, 0),   # capture too long
     struct.pack("<QBBB5xBxHiBxHi", 0x1000, 1, 0, 0, 17, 8, 0, 0xFF, 0, 0),    # no base 17
     struct.pack("<QBBB4xBBxHiBxHi", 0x1000, 1, 0, 0, 1, 0xFF, 0, 0, 0xFF, 0, 0),  # padding
-    struct.pack("<QBBBB4xBxHiBxHi", 0x1000, 1, 0, 0, 4, 0xFF, 0, 0, 0xFF, 0, 0),  # flag 4
+    struct.pack("<QBBBB4xBxHiBxHi", 0x1000, 1, 0, 0, 8, 0xFF, 0, 0, 0xFF, 0, 0),  # flag 8
+    struct.pack("<QBBBBBB2xBxHiBxHi", 0x1000, 1, 0, 0, 4, 16, 11, 4, 128, 0, 0xFF, 0, 0),
+    # ^ differ_words: word 16 past a 128-byte capture; v without the flag
+    struct.pack("<QBBBBBB2xBxHiBxHi", 0x1000, 1, 0, 0, 0, 1, 0, 4, 168, 0, 0xFF, 0, 0),
     struct.pack("<QBBBB4xBxHiBxHi15I", 0x1000, 1, 0, 15, 2, 0xFF, 0, 0, 0xFF, 0, 0,
                 *range(15)),                                                # bitmap of 15
     struct.pack("<QBBBB4xBxHiBxHi", 0x1000, 1, 0, 0, 1, 0xFF, 0, 0, 0xFF, 0, 0),  # no capture

@@ -364,7 +364,7 @@ class VmTracer:
             self.session.set_breakpoint_ex(gva, False, captures=rule.captures)
             self.session.set_capture_table(gva, rule.table_key_word, rule.table)
         self.session.set_breakpoint_ex(gva, rule.run_on, rule.block_reg, rule.block_values,
-                                       rule.captures, rule.block_flags)
+                                       rule.captures, rule.block_flags, rule.differ_words)
 
     def _forget_task(self, task: int) -> None:
         self.syscalls.pending.pop(task, None)

@@ -334,20 +334,23 @@ class CapturedMemory:
         self.captures = captures
         self.live_reads = 0
 
-    def _capture_at(self, gva: int) -> Any:
+    def _capture_at(self, gva: int, size: int) -> Any:
+        """A capture holding `size` bytes at `gva`, or one that stopped at a fault inside
+        them (its end included: the fault is then at `gva`)."""
         for capture in self.captures:
-            if 0 <= gva - capture.gva <= len(capture.data):
+            start = gva - capture.gva
+            if 0 <= start and (start + size <= len(capture.data) or
+                               (capture.faulted and start <= len(capture.data))):
                 return capture
         return None
 
     def read_virtual(self, cr3: int, gva: int, size: int) -> bytes:
-        capture = self._capture_at(gva)
+        capture = self._capture_at(gva, size)
         if capture is not None:
             start = gva - capture.gva
             if start + size <= len(capture.data):
                 return capture.data[start:start + size]
-            if capture.faulted:
-                raise UnreadableMemory(capture.gva + len(capture.data), "unmapped at the event")
+            raise UnreadableMemory(capture.gva + len(capture.data), "unmapped at the event")
         self.live_reads += 1
         return self.live.read_virtual(cr3, gva, size)
 
@@ -357,7 +360,7 @@ class CapturedMemory:
     def read_cstring(self, cr3: int, gva: int, max_len: int = 4096) -> CString:
         """As GuestMemory.read_cstring, from a capture that holds the string's end (its NUL,
         `max_len` + 1 bytes, or the fault that stopped it)."""
-        capture = self._capture_at(gva)
+        capture = self._capture_at(gva, 1)  # a string's capture holds its NUL, or faulted
         if capture is not None:
             data = capture.data[gva - capture.gva:]
             nul = data.find(b"\0", 0, max_len + 1)

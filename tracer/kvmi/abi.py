@@ -589,6 +589,7 @@ VMITRACE_MAX_BLOCK_VALUES = 16
 # vmitrace_breakpoint_ex.block_flags
 VMITRACE_BLOCK_FROM_CAPTURE = 1  # the value: u64 word `block_reg` (0-31) of the first capture
 VMITRACE_BLOCK_BITMAP = 2        # block_values (16 words): the set of 0..511 whose bits are set
+VMITRACE_BLOCK_WORDS_DIFFER = 4  # also wait where u64 words differ_words of the first capture differ
 VMITRACE_BLOCK_BITMAP_VALUES = 512
 VMITRACE_CAPTURES = 2
 VMITRACE_CAPTURE_GS_BASE = 16  # vmitrace_capture.base: GS base (0-15: general registers)
@@ -603,7 +604,7 @@ VMITRACE_CAPTURE = _def("vmitrace_capture", [
     "base = general register 0-15 (x86 encoding) or 16 (GS base); base 0xff: unused.")
 VMITRACE_BREAKPOINT_EX = _def("vmitrace_breakpoint_ex", [
     ("gva", "u64"), ("run_on", "u8"), ("block_reg", "u8"), ("count", "u8"),
-    ("block_flags", "u8"), ("padding", ("u8", 4)),
+    ("block_flags", "u8"), ("differ_words", ("u8", 2)), ("padding", ("u8", 2)),
     ("capture0", VMITRACE_CAPTURE), ("capture1", VMITRACE_CAPTURE),
     ("block_values", flex("u32"))], 32,
     "Breakpoint whose hits carry two captures of guest memory taken at the hit; with "
@@ -612,7 +613,9 @@ VMITRACE_BREAKPOINT_EX = _def("vmitrace_breakpoint_ex", [
     "8-15 r8-r15) equal one of the `count` (at most 16) block_values. block_flags: "
     "VMITRACE_BLOCK_FROM_CAPTURE takes the value from u64 word `block_reg` of the first "
     "capture instead (unreadable: the hit waits); VMITRACE_BLOCK_BITMAP makes the 16 "
-    "block_values a 512-bit set (bit v%32 of word v/32; values from 512 up always wait).")
+    "block_values a 512-bit set (bit v%32 of word v/32; values from 512 up always wait); "
+    "VMITRACE_BLOCK_WORDS_DIFFER also makes hits wait where the first capture's u64 words "
+    "differ_words[0] and differ_words[1] differ (0 and 0 without it).")
 
 
 def block_bitmap(values: Iterable[int]) -> tuple[int, ...]:

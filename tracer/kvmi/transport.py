@@ -829,7 +829,8 @@ class Session:
     def set_breakpoint_ex(self, gva: int, run_on: bool = False, block_reg: int = 0,
                           block_values: Sequence[int] = (),
                           captures: Sequence[tuple[int, int, int]] = (),
-                          block_flags: int = 0, timeout: float | None = None) -> None:
+                          block_flags: int = 0, differ_words: tuple[int, int] = (0, 0),
+                          timeout: float | None = None) -> None:
         """Breakpoint at ``gva`` whose hits carry ``captures``: up to two (base, offset, length)
         regions of guest memory copied at the hit (``event.captured``), base = a general
         register (x86 encoding) or ``abi.VMITRACE_CAPTURE_GS_BASE``, length 1-256. With
@@ -838,21 +839,28 @@ class Session:
         one of ``block_values`` (at most 16): those wait as usual. ``block_flags``:
         ``abi.VMITRACE_BLOCK_FROM_CAPTURE`` takes the value from u64 word ``block_reg`` of
         the first capture instead; ``abi.VMITRACE_BLOCK_BITMAP`` makes ``block_values`` a
-        512-bit set (``abi.block_bitmap``). Setting an address again replaces its rule
-        (vmitrace hosts only).
+        512-bit set (``abi.block_bitmap``); ``abi.VMITRACE_BLOCK_WORDS_DIFFER`` also makes
+        hits wait where the first capture's u64 words ``differ_words`` differ. Setting an
+        address again replaces its rule (vmitrace hosts only).
         """
         from_capture = bool(block_flags & abi.VMITRACE_BLOCK_FROM_CAPTURE)
         bitmap = bool(block_flags & abi.VMITRACE_BLOCK_BITMAP)
+        differ = bool(block_flags & abi.VMITRACE_BLOCK_WORDS_DIFFER)
         max_reg = abi.VMITRACE_MAX_CAPTURE // 8 - 1 if from_capture else 15
+        first = captures[0][2] if captures else 0
+        known = abi.VMITRACE_BLOCK_FROM_CAPTURE | abi.VMITRACE_BLOCK_BITMAP | \
+            abi.VMITRACE_BLOCK_WORDS_DIFFER
         if len(block_values) > abi.VMITRACE_MAX_BLOCK_VALUES or not 0 <= block_reg <= max_reg \
-                or len(captures) > abi.VMITRACE_CAPTURES or \
-                block_flags & ~(abi.VMITRACE_BLOCK_FROM_CAPTURE | abi.VMITRACE_BLOCK_BITMAP) or \
+                or len(captures) > abi.VMITRACE_CAPTURES or block_flags & ~known or \
                 (bitmap and len(block_values) != abi.VMITRACE_MAX_BLOCK_VALUES) or \
-                (from_capture and (not captures or captures[0][2] < (block_reg + 1) * 8)):
-            raise ValueError(f"block_reg {block_reg} (flags {block_flags:#x}) with "
-                             f"{len(block_values)} values and {len(captures)} captures: at "
-                             f"most {abi.VMITRACE_MAX_BLOCK_VALUES} values (a bitmap: exactly "
-                             f"that many), registers 0-15 or words inside the first capture, "
+                (from_capture and first < (block_reg + 1) * 8) or \
+                (differ and (min(differ_words) < 0 or first < (max(differ_words) + 1) * 8)) or \
+                (not differ and any(differ_words)):
+            raise ValueError(f"block_reg {block_reg} (flags {block_flags:#x}, differ_words "
+                             f"{differ_words}) with {len(block_values)} values and "
+                             f"{len(captures)} captures: at most "
+                             f"{abi.VMITRACE_MAX_BLOCK_VALUES} values (a bitmap: exactly that "
+                             f"many), registers 0-15 or words inside the first capture, "
                              f"{abi.VMITRACE_CAPTURES} captures")
         regions = [dict(base=base, offset=offset, length=length)
                    for base, offset, length in captures]
@@ -861,7 +869,8 @@ class Session:
         self._call(abi.VMITRACE_SET_BREAKPOINT_EX, None, timeout,
                    tail=abi.pack_flex("u32", list(block_values)), gva=gva,
                    run_on=int(run_on), block_reg=block_reg, count=len(block_values),
-                   block_flags=block_flags, capture0=regions[0], capture1=regions[1])
+                   block_flags=block_flags, differ_words=list(differ_words),
+                   capture0=regions[0], capture1=regions[1])
 
     def set_capture_table(self, gva: int, key_word: int,
                           entries: Sequence[abi.CaptureTableEntry],

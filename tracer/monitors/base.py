@@ -82,6 +82,7 @@ class BreakpointRule:
     block_reg: int = 0
     block_values: tuple[int, ...] = ()
     block_flags: int = 0
+    differ_words: tuple[int, int] = (0, 0)  # with abi.VMITRACE_BLOCK_WORDS_DIFFER
     # Pointer captures (abi.VMITRACE_SET_CAPTURE_TABLE): entries selected by word
     # `table_key_word` of the first capture; they arrive as `event.pointer_captures`.
     table: tuple[abi.CaptureTableEntry, ...] = ()

@@ -92,8 +92,8 @@ from tracer.kvmi.events import PointerCapture
 from tracer.memory import CapturedMemory, GuestMemory, UnreadableMemory
 from tracer.monitors import kernel as k
 from tracer.kvmi.abi import (VMITRACE_BLOCK_BITMAP, VMITRACE_BLOCK_BITMAP_VALUES,
-                             VMITRACE_BLOCK_FROM_CAPTURE, VMITRACE_CAPTURE_GS_BASE,
-                             CaptureTableEntry, block_bitmap)
+                             VMITRACE_BLOCK_FROM_CAPTURE, VMITRACE_BLOCK_WORDS_DIFFER,
+                             VMITRACE_CAPTURE_GS_BASE, CaptureTableEntry, block_bitmap)
 from tracer.monitors.base import BreakpointRule, FastRegs, VmContext, process_fields
 
 log = logging.getLogger(__name__)
@@ -208,10 +208,15 @@ class SyscallMonitor:
                                         block_values=block_bitmap(self.entries_that_wait()),
                                         block_flags=VMITRACE_BLOCK_BITMAP, table=entry_table,
                                         table_key_word=k.R_ORIG_AX)
+            # An exit whose return the kernel redirected (a signal handler's frame, also
+            # sigreturn and exec: pt_regs ip no longer equals cx, where SYSCALL saved the
+            # same return address) waits: its pt_regs no longer hold the call's arguments,
+            # so the table captured the wrong addresses.
             exit_rule = BreakpointRule(captures, run_on=True, block_reg=k.R_ORIG_AX,
                                        block_values=block_bitmap(self.exits_that_wait()),
                                        block_flags=VMITRACE_BLOCK_FROM_CAPTURE |
-                                       VMITRACE_BLOCK_BITMAP, table=exit_table,
+                                       VMITRACE_BLOCK_BITMAP | VMITRACE_BLOCK_WORDS_DIFFER,
+                                       differ_words=(k.R_IP, k.R_CX), table=exit_table,
                                        table_key_word=k.R_ORIG_AX)
         self.ctx.add_breakpoint(site, self.on_entry, entry_rule)
         self.ctx.add_breakpoint(site + 5, self.on_exit, exit_rule)
@@ -368,8 +373,10 @@ class SyscallMonitor:
             return CapturedMemory(self.ctx.mem, captures)
         return self.ctx.mem
 
-    def _count_live_reads(self, mem: GuestMemory | CapturedMemory) -> None:
-        if isinstance(mem, CapturedMemory) and mem.live_reads:
+    def _count_live_reads(self, mem: GuestMemory | CapturedMemory, waited: bool) -> None:
+        """Count reads the captures missed, unless the vCPU still waits (an exit: the
+        entry's are made after its reply)."""
+        if isinstance(mem, CapturedMemory) and mem.live_reads and not waited:
             self.ctx.loss.add("read_after_run_on", mem.live_reads)
 
     def _enter(self, abi: Abi, task: int, pt: tuple[int, ...], name: str, now: int, vcpu: int,
@@ -393,7 +400,7 @@ class SyscallMonitor:
             mem = self._memory_for(abi, nr, captures)
             call = abi.decoder.decode_entry(mem, cr3, nr, args,
                                             {5: arg6_error} if arg6_error else None)
-            self._count_live_reads(mem)
+            self._count_live_reads(mem, waited=False)
         if name in NO_RETURN:
             if call is not None:  # decoded; the record is built after the reply
                 ctx.defer(partial(self._emit, abi, call, info, now, vcpu, pt[k.R_IP], cr3,
@@ -442,7 +449,7 @@ class SyscallMonitor:
             return
         mem = self._memory_for(abi, call.nr, event.pointer_captures)
         abi.decoder.decode_exit(mem, cr3, call, ret)
-        self._count_live_reads(mem)
+        self._count_live_reads(mem, waited=event.blocking)
         info = pending.info
         if call.name in EXECS and call.ret == 0:
             info = self._after_exec(cr3, task, call) or info
