@@ -445,6 +445,23 @@ def test_signal_at_syscall_exit_keeps_the_entry_arguments(lab):
     assert "rt_sigreturn" in [r["action"] for r in calls[calls.index(kill) + 1:]]
 
 
+def test_call_interrupted_by_a_handled_signal_keeps_its_return_value(lab):
+    """The shell's `wait` sleeps in a call until a trapped signal interrupts it: the kernel
+    sets the call's result (-EINTR) in the handler's signal frame and clears pt_regs->ax
+    for the handler; the record has the result from the frame."""
+    out = lab.run("sh -c 'trap \"echo handled\" USR1; echo vmitrace-pid $$; sleep 3 & s=$!; "
+                  "(sleep 1; kill -USR1 $$) & wait $s; echo status $?'")
+    assert "handled" in out and "status 138" in out, out  # 128 + SIGUSR1
+    pid = int(out.split("vmitrace-pid ")[1].split()[0])
+    calls = syscalls_of(lab.records(), pid)
+    handled = [i for i, r in enumerate(calls) if r["action"] == "rt_sigreturn"]
+    assert handled, [r["action"] for r in calls]
+    interrupted = calls[handled[0] - 1] if calls[handled[0] - 1]["action"] != "write" else \
+        calls[handled[0] - 2]  # the handler's echo
+    assert interrupted["action"] == "rt_sigsuspend", interrupted
+    assert interrupted.get("errno") == "EINTR" and interrupted["ret"] == -4, interrupted
+
+
 def test_restarted_syscall(lab):
     out = lab.run("sleep 2 & p=$!; echo vmitrace-pid $p; sleep 0.5; kill -STOP $p; "
                   "kill -CONT $p; wait $p")

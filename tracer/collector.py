@@ -14,6 +14,9 @@ Counters (column `counter` of loss records; per VM, emitted as deltas per interv
               unreadable_entry / unreadable_exit / unreadable_event
                                   pt_regs or the current task could not be read: not traced
               unreadable_argument an argument left flagged (error set) in its record
+              unreadable_signal_frame
+                                  a call returning into a signal handler whose frame
+                                  could not be read: its ret is the handler's ax (0)
               truncated_argument  a string, path, argv or sockaddr cut by its bound
               unreadable_task / unreadable_task_field
                                   process attributes missing from records (or a task list

@@ -80,6 +80,7 @@ held in guest memory (execve's argv, msghdr, accept's sockaddr) still wait at th
 from __future__ import annotations
 
 import logging
+import struct
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
@@ -122,6 +123,9 @@ IA32_ENTRIES = (("asm_int80_emulation", "int80_emulation", k.R_AX, None),
 IA32_ARGS = (k.R_BX, k.R_CX, k.R_DX, k.R_SI, k.R_DI, k.R_BP)
 MOVSLQ_EAX_RSI = bytes.fromhex("4863f0")  # how entry_SYSCALL_64 passes the number (5.11+)
 REG_RSI, REG_RSP = 6, 4                   # x86 register numbers
+# struct ucontext (x86-64): uc_flags, uc_link, stack_t uc_stack (24 bytes), then
+# uc_mcontext = struct sigcontext: r8-r15, di, si, bp, bx, dx, ax, cx, sp, ip, ...
+UCONTEXT_AX = 8 + 8 + 24 + 13 * 8
 ABI_IA32 = "ia32"
 
 
@@ -433,6 +437,9 @@ class SyscallMonitor:
             return
         self.calls += 1
         abi, call = pending.abi, pending.call
+        if abi is self.x86_64 and pt[k.R_IP] != pt[k.R_CX] and pending.name not in EXECS and \
+                pending.name != "rt_sigreturn":
+            pt = self._from_signal_frame(cr3, pt)
         ret = pt[k.R_AX]
         if call is None:  # filtered out; lifecycle and caches still follow it
             if pending.name in EXECS and ret == 0:
@@ -461,6 +468,26 @@ class SyscallMonitor:
         ctx.defer(partial(self._emit, abi, call, info, pending.time_ns, pending.vcpu,
                           pending.user_ip, pending.cr3, event_type="call",
                           exit_vcpu=event.vcpu))
+
+    def _from_signal_frame(self, cr3: int, pt: tuple[int, ...]) -> tuple[int, ...]:
+        """pt_regs of a 64-bit call whose return the kernel redirected into a signal
+        handler (ip != cx; the exit waits for that, VMITRACE_BLOCK_WORDS_DIFFER): the call's
+        own ax and ip are in the handler's frame, ucontext at pt_regs->dx (the handler's
+        third argument), pt_regs->ax having been cleared for the handler. Unreadable, or
+        not a frame of this return (its ip not the return address or the restart before
+        it), pt_regs stay as they are (counted)."""
+        try:
+            ax, _cx, _sp, ip = struct.unpack(
+                "<4Q", self.ctx.mem.read_virtual(cr3, pt[k.R_DX] + UCONTEXT_AX, 32))
+        except UnreadableMemory:
+            self.ctx.loss.add("unreadable_signal_frame")
+            return pt
+        if ip not in (pt[k.R_CX], (pt[k.R_CX] - 2) & 0xFFFF_FFFF_FFFF_FFFF):
+            self.ctx.loss.add("unreadable_signal_frame")
+            return pt
+        regs = list(pt)
+        regs[k.R_AX], regs[k.R_IP] = ax, ip
+        return tuple(regs)
 
     # -- records ----------------------------------------------------------------------------
     def _emit(self, abi: Abi, call: DecodedCall, info: Any, time_ns: int, vcpu: int,
