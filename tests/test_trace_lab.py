@@ -299,6 +299,40 @@ def test_compat32_glibc_calls_through_the_vdso(lab):
     check_compat32(lab, "qemu64")
 
 
+def test_compat32_hits_run_on_unless_a_record_needs_the_vcpu(lab):
+    """32-bit hits run on as 64-bit ones do (without pointer captures): at the SYSCALL stub
+    getpid's entry and exit do not wait, write's exit waits (its buffer is read), and so
+    does mmap2's entry (its sixth argument is on the caller's stack)."""
+    tracer = lab.tracer
+    ctx, site = tracer.ctx, tracer.syscalls.ia32_sites["entry_SYSCALL_compat"]
+    sites = (site, site + 5)
+    NR_WRITE, NR_GETPID, NR_MMAP2 = 4, 20, 192
+    entry_rule, exit_rule = (ctx.breakpoint_rules[s] for s in sites)
+    assert entry_rule.run_on and exit_rule.run_on
+    assert entry_rule.block_values == abi.block_bitmap(tracer.syscalls.entries_that_wait(
+        tracer.syscalls.ia32_decoder, arg6_on_stack=True))
+    handlers = [ctx.breakpoints[s] for s in sites]
+    hits: list[tuple[int, int, bool]] = []  # (site, number, whether the vCPU waited)
+
+    def watching(at, handler):
+        def watch(event, regs):
+            nr = k.PT_REGS.unpack(event.captured[0])[k.R_ORIG_AX]
+            hits.append((at, nr, event.blocking))
+            handler(event, regs)
+        return watch
+    for s, handler in zip(sites, handlers):
+        ctx.breakpoints[s] = watching(s, handler)
+    try:
+        lab.run_pid(wl.WORKLOAD_BINARIES["compat32"])
+    finally:
+        for s, handler in zip(sites, handlers):
+            ctx.breakpoints[s] = handler
+    waited = {(at, nr): blocking for at, nr, blocking in hits}
+    assert waited[(sites[0], NR_GETPID)] is False and waited[(sites[1], NR_GETPID)] is False
+    assert waited[(sites[1], NR_WRITE)] is True and waited[(sites[0], NR_WRITE)] is False
+    assert waited[(sites[0], NR_MMAP2)] is True, waited
+
+
 def test_compat32_matches_strace(lab):
     check_compat32_strace(lab)
 

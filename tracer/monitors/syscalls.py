@@ -36,7 +36,9 @@ pt_regs->sp for SYSCALL. Unreadable, it is an argument with its error set (the k
 such a call with EFAULT). The C handler also makes the user ip the vDSO's int80_landing_pad
 (sysenter saves none): the monitor computes it from mm->context.vdso, so records carry the
 return address and a restarted call (ip rewound to the `int $0x80` before the landing pad,
-where it enters again through the int80 stub) is recognized. 32-bit entries always block.
+where it enters again through the int80 stub) is recognized. Where the host takes rules,
+32-bit hits run on like 64-bit ones (below), without pointer captures; at the fast stubs'
+entries the calls with a sixth argument wait, since it is read from the caller's stack.
 Records of 32-bit calls carry extra abi=ia32.
 
 Most of the work is done after the event's reply, while the guest runs (VmContext.defer): at
@@ -226,25 +228,34 @@ class SyscallMonitor:
         self.ctx.add_breakpoint(site + 5, self.on_exit, exit_rule)
         log.info("syscall breakpoints at %#x (entry) and %#x (return)", site, site + 5)
         if self.ia32_decoder is not None:
-            self._install_ia32(kernel_cr3, self.ia32_decoder)
+            self._install_ia32(kernel_cr3, self.ia32_decoder, captures)
 
-    def entries_that_wait(self) -> list[int]:
-        """64-bit calls whose entry must wait for its reply when entries run on: those
-        DECODED_AT_ENTRY."""
-        numbers = (self.decoder.number(name) for name in DECODED_AT_ENTRY)
+    def entries_that_wait(self, decoder: SyscallDecoder | None = None,
+                          arg6_on_stack: bool = False) -> list[int]:
+        """Calls (64-bit, or of `decoder`'s ABI) whose entry must wait for its reply when
+        entries run on: those DECODED_AT_ENTRY; with `arg6_on_stack` (the fast ia32 stubs:
+        the sixth argument is read from the caller's stack at the entry) also those whose
+        decoding shows a sixth argument, raw ones included."""
+        decoder = decoder or self.decoder
+        numbers = {decoder.number(name) for name in DECODED_AT_ENTRY}
+        if arg6_on_stack:
+            numbers |= set(range(VMITRACE_BLOCK_BITMAP_VALUES)) - set(decoder.syscalls)
+            numbers |= {nr for nr, info in decoder.syscalls.items()
+                        if info.prototype is None or len(info.prototype) == 6}
         return sorted(n for n in numbers if n is not None and n < VMITRACE_BLOCK_BITMAP_VALUES)
 
-    def exits_that_wait(self) -> list[int]:
-        """64-bit calls whose exit must wait for its reply when entries run on: those whose
-        decoding reads guest memory (user buffers the caller may reuse once it returns; the
-        entry's IN arguments too, since its record is built after the caller could run)
-        that the host does not capture (`captured_calls`), and those after which the
-        monitors read task state (exec, credentials, name). Numbers with no entry in the
-        table read nothing and run on."""
-        decoder = self.decoder
-        special = set(self.entries_that_wait())
+    def exits_that_wait(self, decoder: SyscallDecoder | None = None) -> list[int]:
+        """Calls (64-bit, or of `decoder`'s ABI) whose exit must wait for its reply when
+        entries run on: those whose decoding reads guest memory (user buffers the caller may
+        reuse once it returns; the entry's IN arguments too, since its record is built after
+        the caller could run) that the host does not capture (`captured_calls`, 64-bit
+        only), and those after which the monitors read task state (exec, credentials, name).
+        Numbers with no entry in the table read nothing and run on."""
+        decoder = decoder or self.decoder
+        captured = self.captured_calls if decoder is self.decoder else set()
+        special = set(self.entries_that_wait(decoder))
         return sorted(nr for nr in decoder.syscalls
-                      if nr < VMITRACE_BLOCK_BITMAP_VALUES and nr not in self.captured_calls and
+                      if nr < VMITRACE_BLOCK_BITMAP_VALUES and nr not in captured and
                       (decoder.reads_memory(nr) or nr in special))
 
     def _capture_tables(self) -> tuple[tuple[CaptureTableEntry, ...],
@@ -277,8 +288,14 @@ class SyscallMonitor:
             self.captured_calls.add(nr)
         return tuple(entry_table), tuple(exit_table)
 
-    def _install_ia32(self, kernel_cr3: int, decoder: SyscallDecoder) -> None:
-        """Break at each 32-bit entry stub's call of its C handler that this kernel has."""
+    def _install_ia32(self, kernel_cr3: int, decoder: SyscallDecoder,
+                      captures: tuple[tuple[int, int, int], ...]) -> None:
+        """Break at each 32-bit entry stub's call of its C handler that this kernel has.
+
+        Where the host takes rules, the hits capture pt_regs and the current task and run
+        on like the 64-bit ones (the number: pt_regs word `nr` at the entry, orig_ax at the
+        exit), without pointer captures: a 32-bit call that reads user memory waits at its
+        exit, and at the fast stubs' entries those with a sixth argument wait too."""
         layout = self.ctx.layout
         image, field_at = layout.address("vdso_image_32"), layout.vdso.get("landing_pad")
         if image is not None and field_at is not None:
@@ -300,8 +317,14 @@ class SyscallMonitor:
             self.ia32_sites[stub] = site
             abi = Abi(ABI_IA32, decoder, nr, IA32_ARGS, decoder.number("restart_syscall"),
                       arg6_stack, stub)
-            self.ctx.add_breakpoint(site, partial(self.on_entry, abi=abi))
-            self.ctx.add_breakpoint(site + 5, self.on_exit)
+            by_number = VMITRACE_BLOCK_FROM_CAPTURE | VMITRACE_BLOCK_BITMAP
+            entry_waits = self.entries_that_wait(decoder, arg6_on_stack=arg6_stack is not None)
+            self.ctx.add_breakpoint(site, partial(self.on_entry, abi=abi), BreakpointRule(
+                captures, run_on=True, block_reg=nr, block_values=block_bitmap(entry_waits),
+                block_flags=by_number))
+            self.ctx.add_breakpoint(site + 5, self.on_exit, BreakpointRule(
+                captures, run_on=True, block_reg=k.R_ORIG_AX,
+                block_values=block_bitmap(self.exits_that_wait(decoder)), block_flags=by_number))
             log.info("32-bit syscall breakpoints in %s at %#x and %#x", stub, site, site + 5)
 
     # -- events -----------------------------------------------------------------------------
