@@ -8,15 +8,16 @@ three states, alternating --repeat times in this one run (so load from elsewhere
   traced     events on: syscall entry/exit breakpoints, process lifecycle breakpoints,
              CR/MSR integrity events, hypercalls; every syscall decoded; records go to a null
              sink (counted, then discarded). Where the host offers
-             VMITRACE_SET_BREAKPOINT_EX (`vmitrace trace`'s default there), 64-bit entries
-             run on with their registers captured by the host, except execve/exit and
-             calls that change credentials or the task's name (a bitmap); exits
+             VMITRACE_SET_BREAKPOINT_EX (`vmitrace trace`'s default there), entries (64-
+             and 32-bit) run on with their registers captured by the host, except
+             execve/exit and calls that change credentials or the task's name (a bitmap;
+             32-bit fast-stub calls with a sixth argument also wait); exits
              wait for their reply only when the call's decoding reads guest memory that
              the host's capture tables do not copy (VMITRACE_SET_CAPTURE_TABLE: paths,
              read/write buffers, struct stat, ...), or changes the task: the host checks
              the captured number against a bitmap
-  blocking   the same with every entry and exit waiting for its reply
-             (`--blocking-syscalls`): the two breakpoints are switched between runs
+  blocking   the same with every hit waiting for its reply (`--blocking-syscalls`):
+             every rule that runs on is switched between runs
 
 Switching events off in mid-run strands the syscalls in flight at that moment: expect a few
 unpaired entries among the losses, from the benchmark itself.
@@ -145,10 +146,10 @@ def main() -> None:
                 time.sleep(0.1)
             tracer = collector.tracers[0]
             timed(guest, guest_work(1))  # warm caches after the breakpoints' translation flush
-            sites = (tracer.syscalls.entry_site, tracer.syscalls.return_site)
-            rules = [tracer.ctx.breakpoint_rules.get(site) for site in sites]
-            states = ("untraced", "traced", "blocking") if rules[0] and rules[0].run_on else \
-                ("untraced", "traced")
+            # "blocking" switches every rule that runs on, as --blocking-syscalls would
+            run_on = {site: rule for site, rule in tracer.ctx.breakpoint_rules.items()
+                      if rule.run_on}
+            states = ("untraced", "traced", "blocking") if run_on else ("untraced", "traced")
             wall: dict[str, list[float]] = {state: [] for state in states}
             qemu_cpu = dict.fromkeys(states, 0.0)
             collector_cpu = dict.fromkeys(states, 0.0)
@@ -158,7 +159,7 @@ def main() -> None:
                 for state in states:
                     set_events(session, args.vcpus, state != "untraced")
                     if len(states) == 3:
-                        for site, rule in zip(sites, rules):
+                        for site, rule in run_on.items():
                             session.set_breakpoint_ex(site, rule.run_on and state != "blocking",
                                                       rule.block_reg, rule.block_values,
                                                       rule.captures, rule.block_flags,
