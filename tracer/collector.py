@@ -311,13 +311,16 @@ class VmTracer:
             if base >> 47 == 0x1FFFF:
                 self.mem.set_direct_map(base, ram_size)
         self.integrity.set_baseline(MSR_LSTAR, lstar)
-        if self.options.syscalls:
-            self.syscalls.install(kernel_cr3)
+        do_exit_waits = False
         if self.options.processes:
             missing = self.processes.install()
             self.processes.forget_hooks.append(self._forget_task)
             if missing:
                 self.notes.append(f"kernel lacks {missing}: no process start/exit records")
+            do_exit_waits = "do_exit" not in missing
+        if self.options.syscalls:
+            self.syscalls.install(kernel_cr3, do_exit_waits)
+        if self.options.processes:
             # Processes already running get no start record: list them once, now.
             if self.processes.snapshot(kernel_cr3) is None:
                 self.notes.append("profile lacks init_task or task_struct.tasks: "

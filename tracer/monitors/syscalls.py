@@ -51,9 +51,10 @@ as it runs.
 
 Where the host offers it (vmitrace's VMITRACE_SET_BREAKPOINT_EX), the host copies pt_regs
 and the current task into both events at the hit (no reads on the way to the reply), and
-the 64-bit entry does not wait for a reply at all, except for execve/execveat/exit/
-exit_group and the calls that change credentials or the task's name (`entries_that_wait`):
-the host checks the number, which `entry_SYSCALL_64` passes to do_syscall_64 in rsi (found
+the 64-bit entry does not wait for a reply at all, except for execve/execveat and the
+calls that change credentials or the task's name (`entries_that_wait`; exit/exit_group too
+unless the process monitor's do_exit breakpoint, which waits, holds the dying task before
+its memory goes): the host checks the number, which `entry_SYSCALL_64` passes to do_syscall_64 in rsi (found
 by its `movslq %eax,%rsi`; without it every entry waits), against a bitmap. What the vCPU
 changes once it runs on is in those captures: pt_regs (the kernel rewrites them for
 rt_sigreturn and for signal delivery on the way out) and the current task (another may run
@@ -183,6 +184,7 @@ class SyscallMonitor:
         self.ia32_decoder = ia32_decoder
         # 64-bit calls decoded from the host's pointer captures: their exits run on
         self.captured_calls: set[int] = set()
+        self.do_exit_waits = False  # see install
         self.pending: dict[int, Pending] = {}
         self.seen_tasks: set[int] = set()
         self.entry_site: int | None = None
@@ -193,8 +195,13 @@ class SyscallMonitor:
         self.calls = 0
 
     # -- setup ------------------------------------------------------------------------------
-    def install(self, kernel_cr3: int) -> None:
-        """Find the do_syscall_64 call site in entry_SYSCALL_64 and break on it and after it."""
+    def install(self, kernel_cr3: int, do_exit_waits: bool = False) -> None:
+        """Find the do_syscall_64 call site in entry_SYSCALL_64 and break on it and after it.
+
+        `do_exit_waits`: every exiting task stops at a waiting breakpoint in do_exit before
+        its memory goes (the process monitor's), so exit/exit_group entries need not wait:
+        their records are read while the task is held there at the latest."""
+        self.do_exit_waits = do_exit_waits
         layout = self.ctx.layout
         entry = layout.address("entry_SYSCALL_64")
         target = layout.address("do_syscall_64")
@@ -233,11 +240,13 @@ class SyscallMonitor:
     def entries_that_wait(self, decoder: SyscallDecoder | None = None,
                           arg6_on_stack: bool = False) -> list[int]:
         """Calls (64-bit, or of `decoder`'s ABI) whose entry must wait for its reply when
-        entries run on: those DECODED_AT_ENTRY; with `arg6_on_stack` (the fast ia32 stubs:
+        entries run on: those DECODED_AT_ENTRY (exit and exit_group aside where
+        `do_exit_waits`); with `arg6_on_stack` (the fast ia32 stubs:
         the sixth argument is read from the caller's stack at the entry) also those whose
         decoding shows a sixth argument, raw ones included."""
         decoder = decoder or self.decoder
-        numbers = {decoder.number(name) for name in DECODED_AT_ENTRY}
+        numbers = {decoder.number(name) for name in DECODED_AT_ENTRY
+                   if not (self.do_exit_waits and name in NO_RETURN)}
         if arg6_on_stack:
             numbers |= set(range(VMITRACE_BLOCK_BITMAP_VALUES)) - set(decoder.syscalls)
             numbers |= {nr for nr, info in decoder.syscalls.items()
