@@ -18,9 +18,6 @@ from tracer.kvmi.recording import RecordingReader
 pytestmark = pytest.mark.guest
 VMITRACE = str(Path(sys.executable).with_name("vmitrace"))
 VOLATILE = ("time", "observer_host", "interval_start")
-# In a KVMI_EVENT message: 8-byte header, kvmi_event's 8, the arch block's 8, then kvm_regs
-# (16 general registers before rip).
-EVENT_RIP_OFFSET = 8 + 8 + 8 + 16 * 8
 
 
 def stable(record: dict) -> dict:
@@ -78,34 +75,27 @@ def test_replay_of_a_damaged_file_fails_cleanly(recorded, tmp_path):
     assert "cannot replay" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_entry_arguments_are_read_before_the_call_returns(recorded):
-    """Entries run on without a reply (the host captures pt_regs and the current task with
-    the event; tracer/monitors/syscalls.py) and are decoded before the call's exit is
-    answered. In the recording, the command reading the file workload's path (its second
-    openat: the page is mapped by then) comes after that call's entry event, which asked for
-    no reply, and before any reply to an event that arrived after that entry: its exit's
-    reply among them."""
-    recording, _, _, _ = recorded
+def test_call_arguments_travel_in_the_events(recorded):
+    """The file workload's openat entries and exits run on without a reply: the host copies
+    pt_regs, the current task and, from its capture table, the path into the events
+    (tracer/monitors/syscalls.py). The collector decodes the path from them and never reads
+    it through READ_PHYSICAL; the records have it, and replaying the recording reproduces
+    them (test_replay_is_deterministic_and_matches_live)."""
+    recording, _, pid, live = recorded
     path = wl.FILE_PATH.encode() + b"\0"
-    stream = []  # (direction, message id, seq, kvmi_event.flags, rip of breakpoint events)
-    path_reads = []
+    carried = {abi.VMITRACE_EVENT_NO_REPLY | abi.VMITRACE_EVENT_CAPTURED |
+               abi.VMITRACE_EVENT_TABLE_CAPTURED}
+    events_with_path, path_reads = [], 0
     for rec in RecordingReader(recording):
-        msg_id, _size, seq = struct.unpack_from("<HHI", rec.raw)
-        breakpoint_event = rec.direction == "in" and msg_id == abi.KVMI_EVENT and \
-            rec.raw[12] == abi.KVMI_EVENT_BREAKPOINT
-        rip = struct.unpack_from("<Q", rec.raw, EVENT_RIP_OFFSET)[0] if breakpoint_event else None
-        stream.append((rec.direction, msg_id, seq, rec.raw[13] if breakpoint_event else 0, rip))
-        if rec.direction == "in" and msg_id == abi.KVMI_READ_PHYSICAL and path in rec.raw:
-            path_reads.append(seq)
-    sites = {rip for *_, rip in stream if rip is not None}
-    entry_site = min(r for r in sites if r + 5 in sites)  # `call do_syscall_64`, its return
-    assert len(path_reads) >= 2, "the workload's path was read fewer than twice"
-    read = next(i for i, (d, m, seq, _, _) in enumerate(stream)
-                if d == "out" and m == abi.KVMI_READ_PHYSICAL and seq == path_reads[-1])
-    entry = max(i for i, item in enumerate(stream[:read]) if item[4] == entry_site)
-    assert stream[entry][3] & abi.VMITRACE_EVENT_NO_REPLY
-    later = {seq: rip for d, m, seq, _, rip in stream[entry + 1:] if d == "in" and m == abi.KVMI_EVENT}
-    replied = [(i, later[seq]) for i, (d, m, seq, _, _) in enumerate(stream)
-               if i > entry and d == "out" and m == abi.KVMI_EVENT_REPLY and seq in later]
-    assert replied and all(i > read for i, _ in replied)
-    assert replied[0][1] == entry_site + 5  # the first of them: this call's exit
+        msg_id, _size, _seq = struct.unpack_from("<HHI", rec.raw)
+        if rec.direction == "in" and msg_id == abi.KVMI_EVENT and \
+                rec.raw[12] == abi.KVMI_EVENT_BREAKPOINT and path in rec.raw:
+            events_with_path.append(rec.raw[13])
+        path_reads += rec.direction == "in" and msg_id == abi.KVMI_READ_PHYSICAL and \
+            path in rec.raw
+    # each openat: its entry (IN captures) and its exit (the IN ones again, for a retry)
+    assert len(events_with_path) >= 4 and set(events_with_path) == carried, events_with_path
+    assert path_reads == 0
+    opens = [r for r in program_calls(live, pid, wl.WORKLOAD_BINARIES["file"])
+             if r["action"] == "openat" and r.get("path") == wl.FILE_PATH]
+    assert len(opens) == 2 and opens[0]["ret"] == 3

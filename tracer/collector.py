@@ -318,13 +318,12 @@ class VmTracer:
             if missing:
                 self.notes.append(f"kernel lacks {missing}: no process start/exit records")
             do_exit_waits = "do_exit" not in missing
-        if self.options.syscalls:
-            self.syscalls.install(kernel_cr3, do_exit_waits)
-        if self.options.processes:
             # Processes already running get no start record: list them once, now.
             if self.processes.snapshot(kernel_cr3) is None:
                 self.notes.append("profile lacks init_task or task_struct.tasks: "
                                   "no process snapshot at attach")
+        if self.options.syscalls:
+            self.syscalls.install(kernel_cr3, do_exit_waits)
         self.active = True
         log.info("tracing VM %s: KASLR slide %#x", self.ctx.vm_id, layout.slide)
 
