@@ -190,14 +190,20 @@ def test_extended_breakpoint_wire_bytes_and_checks(listener) -> None:
     s.set_breakpoint_ex(0xFFFF_FFFF_8100_0000, True, 15, abi.block_bitmap([3]), [pt_regs], flags)
     assert seen == [struct.pack("<QBBBB4xBxHiBxHi16I", 0xFFFF_FFFF_8100_0000, 1, 15, 16, 3,
                                 4, 168, 0, 0xFF, 0, 0, 8, *(0,) * 15)]
+    differ = abi.VMITRACE_BLOCK_WORDS_DIFFER
+    s.set_breakpoint_ex(0x2000, True, 0, [], [pt_regs], differ, (16, 11))
+    assert seen[-1] == struct.pack("<QBBBBBB2xBxHiBxHi", 0x2000, 1, 0, 0, differ, 16, 11,
+                                   4, 168, 0, 0xFF, 0, 0)
     for bad in (dict(block_reg=21, captures=[pt_regs], block_flags=1),  # word 21 > 168 bytes
                 dict(block_reg=0, captures=[], block_flags=1),           # no first capture
                 dict(block_values=[1, 2], captures=[pt_regs], block_flags=2),  # not 16 words
-                dict(block_flags=4),                                     # unknown flag
-                dict(block_reg=16)):                                     # no register 16
+                dict(block_flags=8),                                     # unknown flag
+                dict(block_reg=16),                                      # no register 16
+                dict(captures=[pt_regs], block_flags=differ, differ_words=(21, 11)),  # word 21
+                dict(captures=[pt_regs], differ_words=(16, 11))):        # without the flag
         with pytest.raises(ValueError):
             s.set_breakpoint_ex(0x1000, True, **bad)
-    assert len(seen) == 1  # refused before sending
+    assert len(seen) == 2  # refused before sending
     s.close()
     peer.close()
 

@@ -879,8 +879,9 @@ class Session:
         a table of pointer captures: at each hit, the entries whose ``key`` equals the low 32
         bits of u64 word ``key_word`` of the first capture copy guest memory at the address
         in their ``pointer_word`` into the event (``event.pointer_captures``, in table
-        order). At most 2048 entries, 4 per key; none removes the table. Setting the
-        breakpoint again drops it. The host also refuses (``KvmEINVAL``) words past the end
+        order). At most 2048 entries, 4 per key; none removes the table. A new rule
+        (``set_breakpoint_ex``) keeps it while its first capture covers the table's words;
+        ``set_breakpoint`` and ``clear_breakpoint`` drop it. The host also refuses (``KvmEINVAL``) words past the end
         of the first capture, and (``KvmENOENT``) a breakpoint without one (vmitrace hosts
         only).
         """
