@@ -25,7 +25,8 @@ unpaired entries among the losses, from the benchmark itself.
 Reported per traced state: wall-time ratio against untraced of the medians (what the guest
 feels) and of the fastest runs, the CPU-time ratio (QEMU plus collector, traced, over QEMU
 untraced), the collector process's CPU time per KVMI event (all its threads: session reader,
-event loop, sink), how many events made their vCPU wait; and the load average (the machine is shared; compare ratios, not times).
+event loop, sink), how many events made their vCPU wait; and the load average (the machine
+is shared; compare ratios, not times).
 
 Usage: .venv/bin/python bench/trace_pipeline.py [--kernel 6.1] [--vcpus 1] [--rounds 5]
        [--repeat 3] [--spin-us 0]   (the collector's busy-poll for events, as `vmitrace trace --spin-us`)

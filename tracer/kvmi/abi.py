@@ -589,7 +589,7 @@ VMITRACE_MAX_BLOCK_VALUES = 16
 # vmitrace_breakpoint_ex.block_flags
 VMITRACE_BLOCK_FROM_CAPTURE = 1  # the value: u64 word `block_reg` (0-31) of the first capture
 VMITRACE_BLOCK_BITMAP = 2        # block_values (16 words): the set of 0..511 whose bits are set
-VMITRACE_BLOCK_WORDS_DIFFER = 4  # also wait where u64 words differ_words of the first capture differ
+VMITRACE_BLOCK_WORDS_DIFFER = 4  # also wait where the first capture's words differ_words differ
 VMITRACE_BLOCK_BITMAP_VALUES = 512
 VMITRACE_CAPTURES = 2
 VMITRACE_CAPTURE_GS_BASE = 16  # vmitrace_capture.base: GS base (0-15: general registers)

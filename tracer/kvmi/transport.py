@@ -881,9 +881,9 @@ class Session:
         in their ``pointer_word`` into the event (``event.pointer_captures``, in table
         order). At most 2048 entries, 4 per key; none removes the table. A new rule
         (``set_breakpoint_ex``) keeps it while its first capture covers the table's words;
-        ``set_breakpoint`` and ``clear_breakpoint`` drop it. The host also refuses (``KvmEINVAL``) words past the end
-        of the first capture, and (``KvmENOENT``) a breakpoint without one (vmitrace hosts
-        only).
+        ``set_breakpoint`` and ``clear_breakpoint`` drop it. The host also refuses
+        (``KvmEINVAL``) words past the end of the first capture, and (``KvmENOENT``) a
+        breakpoint without one (vmitrace hosts only).
         """
         words = abi.VMITRACE_MAX_CAPTURE // 8
         per_key = collections.Counter(e.key for e in entries)

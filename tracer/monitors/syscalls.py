@@ -54,14 +54,15 @@ and the current task into both events at the hit (no reads on the way to the rep
 the 64-bit entry does not wait for a reply at all, except for execve/execveat and the
 calls that change credentials or the task's name (`entries_that_wait`; exit/exit_group too
 unless the process monitor's do_exit breakpoint, which waits, holds the dying task before
-its memory goes): the host checks the number, which `entry_SYSCALL_64` passes to do_syscall_64 in rsi (found
-by its `movslq %eax,%rsi`; without it every entry waits), against a bitmap. What the vCPU
-changes once it runs on is in those captures: pt_regs (the kernel rewrites them for
-rt_sigreturn and for signal delivery on the way out) and the current task (another may run
-on that vCPU while the call sleeps). What stays in guest memory, the call's user buffers,
-cannot change before the caller runs again, and it does not run again before its exit is
-answered: the exit of a call with user buffers blocks, and events are handled in order, so
-the entry is decoded first.
+its memory goes): the host checks the number, which `entry_SYSCALL_64` passes to
+do_syscall_64 in rsi (found by its `movslq %eax,%rsi`; without it every entry waits),
+against a bitmap. What the vCPU changes once it runs on is in those captures: pt_regs (the
+kernel rewrites them for rt_sigreturn and for signal delivery on the way out) and the
+current task (another may run on that vCPU while the call sleeps). What stays in guest
+memory, the call's user buffers, cannot change before the caller runs again, and it does
+not run again before its exit is answered: the exit of a call with user buffers blocks
+(unless the host copied them, below), and events are handled in order, so the entry is
+decoded first.
 
 The exit runs on too when the call's decoding reads no guest memory at all (close, brk, mmap,
 getpid, ...: `exits_that_wait`), since then nothing the caller does next can change its
