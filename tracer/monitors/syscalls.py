@@ -68,9 +68,10 @@ The exit runs on too when the call's decoding reads no guest memory at all (clos
 getpid, ...: `exits_that_wait`), since then nothing the caller does next can change its
 record: the exit's rule has the host compare the captured pt_regs->orig_ax (the number; -1
 after rt_sigreturn, which waits) with a bitmap of the calls that must wait. Those are the
-calls with IN or OUT memory arguments, execve, and the calls after which task attributes
-are read again (credentials, name). A task's later events, its death included, arrive after
-such an exit and are handled in order.
+calls with IN or OUT memory arguments, and execve. A task's later events, its death
+included, arrive after such an exit and are handled in order: after a change of
+credentials or name (whose entry waits, so that its record shows the task as it was), they
+read the task again.
 
 Where the host also takes pointer-capture tables (VMITRACE_SET_CAPTURE_TABLE), the calls
 with memory arguments that bounded captures hold (paths, read/write buffers, socket
@@ -259,14 +260,16 @@ class SyscallMonitor:
         entries run on: those whose decoding reads guest memory (user buffers the caller may
         reuse once it returns; the entry's IN arguments too, since its record is built after
         the caller could run) that the host does not capture (`captured_calls`, 64-bit
-        only), and those after which the monitors read task state (exec, credentials, name).
-        Numbers with no entry in the table read nothing and run on."""
+        only), and exec, after which the monitors read the new image before it runs. (After
+        credential or name changes they only drop what they cached of the task: its next
+        events, handled in order, read it again.) Numbers with no entry in the table read
+        nothing and run on."""
         decoder = decoder or self.decoder
         captured = self.captured_calls if decoder is self.decoder else set()
-        special = set(self.entries_that_wait(decoder))
+        execs = {decoder.number(name) for name in EXECS}
         return sorted(nr for nr in decoder.syscalls
                       if nr < VMITRACE_BLOCK_BITMAP_VALUES and nr not in captured and
-                      (decoder.reads_memory(nr) or nr in special))
+                      (decoder.reads_memory(nr) or nr in execs))
 
     def _capture_tables(self) -> tuple[tuple[CaptureTableEntry, ...],
                                        tuple[CaptureTableEntry, ...]]:
