@@ -491,28 +491,31 @@ def test_run_on_breakpoint_waits_on_a_captured_value(lab):
 
 def test_run_on_exit_waits_where_the_return_was_redirected(lab):
     """VMITRACE_BLOCK_WORDS_DIFFER at the syscall return: pt_regs ip equals cx (both the
-    SYSCALL return address) except where the kernel redirected the return; kill() of
-    oneself with a handler returns into the handler's frame, and that exit waits while
-    ordinary ones run on."""
+    SYSCALL return address) except where the kernel redirected the return. A shell that
+    signals itself with a handler set returns from some call (kill's, or the one that
+    unblocks the signal) into the handler's frame: that exit waits, ordinary ones run on."""
     s = lab.session
     _, exit_site = syscall_sites(lab)
-    W_CX, W_IP, NR_KILL = 11, 16, 62
+    W_CX, W_IP = 11, 16
     for vcpu in range(lab.vcpus):
         s.control_events(vcpu, abi.KVMI_EVENT_BREAKPOINT, True)
     mark = lab.mark()
     try:
         s.set_breakpoint_ex(exit_site, True, 0, [], [PT_REGS],
                             abi.VMITRACE_BLOCK_WORDS_DIFFER, (W_IP, W_CX))
-        out = lab.run_ok("sh -c 'trap \"echo handled\" USR1; echo vmitrace-pid $$; "
-                         "kill -USR1 $$'")
-        killed = lab.wait_for(is_call(exit_site, NR_KILL), mark)
+        out = lab.run_ok("sh -c 'trap \"echo handled\" USR1; kill -USR1 $$'")
+        lab.wait_for(lambda e: e.event_id == abi.KVMI_EVENT_BREAKPOINT and
+                     e.arch.regs.rip == exit_site and bool(e.captured and e.captured[0]) and
+                     pt_regs(e)[W_IP] != pt_regs(e)[W_CX],
+                     mark)
     finally:
         s.clear_breakpoint(exit_site)
     assert "handled" in out
-    regs = pt_regs(killed)
-    assert killed.blocking and regs[W_IP] != regs[W_CX]
-    ordinary = [e for e in lab.since(mark, abi.KVMI_EVENT_BREAKPOINT)
-                if e.captured and e.captured[0] and pt_regs(e)[W_IP] == pt_regs(e)[W_CX]]
+    exits = [e for e in lab.since(mark, abi.KVMI_EVENT_BREAKPOINT)
+             if e.arch.regs.rip == exit_site and e.captured and e.captured[0]]
+    redirected = [e for e in exits if pt_regs(e)[W_IP] != pt_regs(e)[W_CX]]
+    ordinary = [e for e in exits if pt_regs(e)[W_IP] == pt_regs(e)[W_CX]]
+    assert redirected and all(e.blocking for e in redirected)
     assert ordinary and not any(e.blocking for e in ordinary)
 
 
