@@ -42,6 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -161,10 +162,8 @@ def main() -> None:
                     set_events(session, args.vcpus, state != "untraced")
                     if len(states) == 3:
                         for site, rule in run_on.items():
-                            session.set_breakpoint_ex(site, rule.run_on and state != "blocking",
-                                                      rule.block_reg, rule.block_values,
-                                                      rule.captures, rule.block_flags,
-                                                      rule.differ_words)
+                            tracer.install_breakpoint(
+                                site, replace(rule, run_on=state != "blocking"))
                     time.sleep(0.2)
                     events0, cpu0 = tracer.ctx.events, cpu_seconds()
                     waited0 = events0 - tracer.ctx.events_run_on

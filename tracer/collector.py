@@ -58,7 +58,7 @@ from tracer.kvmi import errors as kerr
 from tracer.kvmi.events import (EVENT_CLASSES, BreakpointEvent, CrEvent, HypercallEvent, MsrEvent,
                                 UnhookEvent)
 from tracer.memory import GuestMemory, PhysicalSource, RamFile, SessionSource, UnreadableMemory
-from tracer.monitors.base import MSR_LSTAR, FastRegs, Filters, VmContext
+from tracer.monitors.base import MSR_LSTAR, BreakpointRule, FastRegs, Filters, VmContext
 from tracer.monitors.hypercall import HypercallMonitor
 from tracer.monitors.integrity import IntegrityMonitor
 from tracer.monitors.kernel import (KernelLayout, LayoutError, TaskReader, direct_map_base,
@@ -357,9 +357,10 @@ class VmTracer:
                                            name=f"vmitrace-bp-{self.ctx.vm_id[:8]}")
         self._installer.start()
 
-    def install_breakpoint(self, gva: int) -> None:
-        """Ask the host for the breakpoint at `gva` with its rule (VmContext.add_breakpoint)."""
-        rule = self.ctx.breakpoint_rules.get(gva)
+    def install_breakpoint(self, gva: int, rule: BreakpointRule | None = None) -> None:
+        """Ask the host for the breakpoint at `gva` with `rule`, by default the one it was
+        added with (VmContext.add_breakpoint)."""
+        rule = rule or self.ctx.breakpoint_rules.get(gva)
         if rule is None:
             self.session.set_breakpoint(gva)
             return
