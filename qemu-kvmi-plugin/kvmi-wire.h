@@ -330,6 +330,7 @@ struct vmitrace_captured {
 /* vmitrace_table_entry.flags */
 #define VMITRACE_TABLE_STRING 1        /* stop after the first NUL (included) */
 #define VMITRACE_TABLE_SIGNED_LENGTH 2 /* the length word is signed; negative: nothing */
+#define VMITRACE_TABLE_WORDS32 4       /* pointer and length words: their low 32 bits */
 struct vmitrace_capture_table {
     uint64_t gva;
     uint8_t key_word; /* u64 word of the first capture whose low 32 bits select entries */

@@ -1154,15 +1154,22 @@ static size_t capture_pointers(struct vcpu *v, const struct capture_table *t,
     memcpy(v->pointers, &head, sizeof(head));
     for (unsigned i = 0; i < head.count; i++) {
         const struct vmitrace_table_entry *e = &t->entries[t->first[key] + i];
+        /* WORDS32: a 32-bit caller's registers, whose high halves the kernel ignores */
+        bool words32 = e->flags & VMITRACE_TABLE_WORDS32;
         uint64_t want = e->max_length;
         if (e->length_word != VMITRACE_TABLE_NO_LENGTH) {
             uint64_t bound = captured_word(p, e->length_word);
+            if (words32) {
+                bound = (e->flags & VMITRACE_TABLE_SIGNED_LENGTH)
+                            ? (uint64_t)(int64_t)(int32_t)bound : (uint32_t)bound;
+            }
             if ((e->flags & VMITRACE_TABLE_SIGNED_LENGTH) && (int64_t)bound < 0) {
                 bound = 0;
             }
             want = MIN(want, bound);
         }
-        struct vmitrace_pointer_capture pc = { .gva = captured_word(p, e->pointer_word) };
+        uint64_t pointer = captured_word(p, e->pointer_word);
+        struct vmitrace_pointer_capture pc = { .gva = words32 ? (uint32_t)pointer : pointer };
         bool faulted = false;
         size_t got = 0;
         if (want && !pc.gva) {
@@ -1752,7 +1759,8 @@ static bool parse_capture_table(const struct kvmi_msg_hdr *hdr, const uint8_t *p
         if (e.key >= VMITRACE_TABLE_KEYS || e.pointer_word >= words ||
             (bounded && e.length_word >= words) || e.max_length == 0 ||
             e.max_length > VMITRACE_MAX_POINTER_CAPTURE ||
-            (e.flags & ~(VMITRACE_TABLE_STRING | VMITRACE_TABLE_SIGNED_LENGTH)) || e.padding ||
+            (e.flags & ~(VMITRACE_TABLE_STRING | VMITRACE_TABLE_SIGNED_LENGTH |
+                         VMITRACE_TABLE_WORDS32)) || e.padding ||
             count[e.key] == VMITRACE_MAX_TABLE_CAPTURES) {
             return false;
         }

@@ -223,11 +223,13 @@ def test_capture_table_wire_bytes_and_checks(listener) -> None:
     s.set_capture_table(site, 15, [
         Entry(257, 13, 4096, string=True),                          # openat: path at si
         Entry(1, 13, 8192, length_word=12),                         # write: buf at si, dx
-        Entry(0, 13, 8192, length_word=10, signed_length=True)])    # read: ax at the exit
+        Entry(0, 13, 8192, length_word=10, signed_length=True),     # read: ax at the exit
+        Entry(3, 5, 8192, length_word=10, signed_length=True, words32=True)])  # ia32 read
     entry = struct.Struct("<HBBHBx")  # vmitrace_table_entry
     assert seen == [(abi.VMITRACE_SET_CAPTURE_TABLE,
-                     struct.pack("<QB3xI", site, 15, 3) + entry.pack(257, 13, 0xFF, 4096, 1)
-                     + entry.pack(1, 13, 12, 8192, 0) + entry.pack(0, 13, 10, 8192, 2))]
+                     struct.pack("<QB3xI", site, 15, 4) + entry.pack(257, 13, 0xFF, 4096, 1)
+                     + entry.pack(1, 13, 12, 8192, 0) + entry.pack(0, 13, 10, 8192, 2)
+                     + entry.pack(3, 5, 10, 8192, 6))]
     s.set_capture_table(site, 15, [])  # removes it
     assert seen[-1] == (abi.VMITRACE_SET_CAPTURE_TABLE, struct.pack("<QB3xI", site, 15, 0))
     # The largest table is bigger than KVMI_MSG_SIZE; the message carries it whole.

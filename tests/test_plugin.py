@@ -653,7 +653,9 @@ def test_capture_table_at_the_syscall_entry(lab):
 
 def test_capture_table_at_the_syscall_exit_bounds_by_a_signed_result(lab):
     """At the exit (after `call do_syscall_64`) pt_regs->ax holds the result: a read's
-    buffer bounded by it, and nothing for a failing read (negative ax)."""
+    buffer bounded by it, and nothing for a failing read (negative ax). The same entry with
+    VMITRACE_TABLE_WORDS32 (a 32-bit caller's registers) takes the address's low 32 bits and
+    the result as a signed 32-bit value."""
     s = lab.session
     _, exit_site = syscall_sites(lab)
     for vcpu in range(lab.vcpus):
@@ -661,7 +663,9 @@ def test_capture_table_at_the_syscall_exit_bounds_by_a_signed_result(lab):
     try:
         s.set_breakpoint_ex(exit_site, True, 0, [], [PT_REGS])
         s.set_capture_table(exit_site, W_ORIG_AX, [
-            Entry(NR_READ, W_SI, 8192, length_word=W_AX, signed_length=True)])
+            Entry(NR_READ, W_SI, 8192, length_word=W_AX, signed_length=True),
+            Entry(NR_READ, W_SI, 8192, length_word=W_AX, signed_length=True, words32=True),
+            Entry(NR_READ, W_SP, 16, words32=True)])
         mark = lab.mark()
         lab.run_ok(workloads.WORKLOAD_BINARIES["file"])
         lab.guest.run("read x < /")  # read(2) of a directory: -EISDIR
@@ -669,9 +673,14 @@ def test_capture_table_at_the_syscall_exit_bounds_by_a_signed_result(lab):
         failed = lab.wait_for(is_call(exit_site, NR_READ, ax=2**64 - EISDIR), mark)
     finally:
         s.clear_breakpoint(exit_site)
-    assert good.pointer_captures == (PointerCapture(pt_regs(good)[W_SI], workloads.FILE_CONTENT,
-                                                    False),)
-    assert failed.pointer_captures == (PointerCapture(pt_regs(failed)[W_SI], b"", False),)
+    buffer = pt_regs(good)[W_SI]  # static, below 4 GiB: the same address in 32 bits
+    assert good.pointer_captures[:2] == (PointerCapture(buffer, workloads.FILE_CONTENT, False),) * 2
+    for event in good, failed:
+        stack = pt_regs(event)[W_SP]
+        assert stack >> 32 and event.pointer_captures[2].gva == stack & 0xFFFF_FFFF
+    failed_buffer = pt_regs(failed)[W_SI]  # the shell's: maybe above 4 GiB
+    assert failed.pointer_captures[:2] == (PointerCapture(failed_buffer, b"", False),
+                                           PointerCapture(failed_buffer & 0xFFFF_FFFF, b"", False))
 
 
 def test_setting_the_breakpoint_again_drops_its_table(lab):
@@ -781,7 +790,7 @@ OK = (1, 0, 0xFF, 8, 0)  # a valid entry
     (_table(BP, 0, (1, 0, 2, 8, 0)), KvmEINVAL),                     # past the first capture
     (_table(BP, 0, (1, 0, 0xFF, 0, 0)), KvmEINVAL),                  # max_length 0
     (_table(BP, 0, (1, 0, 0xFF, 8193, 0)), KvmEINVAL),               # max_length 8193
-    (_table(BP, 0, (1, 0, 0xFF, 8, 4)), KvmEINVAL),                  # unknown flag
+    (_table(BP, 0, (1, 0, 0xFF, 8, 8)), KvmEINVAL),                  # unknown flag
     (_table(BP, 0, (1, 0, 0xFF, 8, 0, 1)), KvmEINVAL),               # entry padding
     (_table(BP, 0, *[OK] * 5), KvmEINVAL),                           # 5 entries for key 1
     (_table(BP + 1, 0, OK), KvmENOENT),                              # no breakpoint there

@@ -635,6 +635,7 @@ VMITRACE_SET_CAPTURE_TABLE = 0x7F05
 VMITRACE_EVENT_TABLE_CAPTURED = 4  # vmitrace_table_captured + pointer captures follow
 VMITRACE_TABLE_STRING = 1          # vmitrace_table_entry.flags: stop after the first NUL
 VMITRACE_TABLE_SIGNED_LENGTH = 2   # the length word is signed; negative: capture nothing
+VMITRACE_TABLE_WORDS32 = 4         # pointer and length: the words' low 32 bits (ia32 callers)
 VMITRACE_TABLE_NO_LENGTH = 0xFF    # vmitrace_table_entry.length_word: max_length bytes
 VMITRACE_MAX_TABLE_ENTRIES = 2048
 VMITRACE_MAX_TABLE_CAPTURES = 4    # entries per key, and pointer captures per event
@@ -646,7 +647,8 @@ VMITRACE_TABLE_ENTRY = _def("vmitrace_table_entry", [
     "At hits whose key word holds `key` (0-511): capture up to `max_length` (1-8192) bytes at "
     "the address in u64 word `pointer_word` (0-31) of the first capture, bounded by word "
     "`length_word` (0xff: none). flags: VMITRACE_TABLE_STRING stops after the first NUL; "
-    "VMITRACE_TABLE_SIGNED_LENGTH reads the length word as signed (negative: nothing).")
+    "VMITRACE_TABLE_SIGNED_LENGTH reads the length word as signed (negative: nothing); "
+    "VMITRACE_TABLE_WORDS32 takes the low 32 bits of the pointer and length words.")
 VMITRACE_CAPTURE_TABLE = _def("vmitrace_capture_table", [
     ("gva", "u64"), ("key_word", "u8"), ("padding", ("u8", 3)), ("count", "u32"),
     ("entries", flex(VMITRACE_TABLE_ENTRY))], 16,
@@ -686,7 +688,8 @@ class CaptureTableEntry(NamedTuple):
     """One vmitrace_table_entry: at hits whose key word holds `key`, capture up to
     `max_length` bytes at the address in u64 word `pointer_word` of the first capture,
     bounded by word `length_word` (None: no bound word); `string`: stop after the first NUL;
-    `signed_length`: a negative length word captures nothing."""
+    `signed_length`: a negative length word captures nothing; `words32`: address and length
+    are the words' low 32 bits (a 32-bit caller's registers)."""
 
     key: int
     pointer_word: int
@@ -694,6 +697,7 @@ class CaptureTableEntry(NamedTuple):
     length_word: int | None = None
     string: bool = False
     signed_length: bool = False
+    words32: bool = False
 
 
 VMITRACE_DELIVERY = _def("vmitrace_delivery", [("blocking", "u8"), ("padding", ("u8", 7))], 8,

@@ -902,7 +902,8 @@ class Session:
                      length_word=abi.VMITRACE_TABLE_NO_LENGTH if e.length_word is None
                      else e.length_word,
                      flags=(abi.VMITRACE_TABLE_STRING if e.string else 0)
-                     | (abi.VMITRACE_TABLE_SIGNED_LENGTH if e.signed_length else 0))
+                     | (abi.VMITRACE_TABLE_SIGNED_LENGTH if e.signed_length else 0)
+                     | (abi.VMITRACE_TABLE_WORDS32 if e.words32 else 0))
                 for e in entries]
         self._call(abi.VMITRACE_SET_CAPTURE_TABLE, None, timeout,
                    tail=abi.pack_flex(abi.VMITRACE_TABLE_ENTRY, rows), gva=gva,
