@@ -37,8 +37,10 @@ such a call with EFAULT). The C handler also makes the user ip the vDSO's int80_
 (sysenter saves none): the monitor computes it from mm->context.vdso, so records carry the
 return address and a restarted call (ip rewound to the `int $0x80` before the landing pad,
 where it enters again through the int80 stub) is recognized. Where the host takes rules,
-32-bit hits run on like 64-bit ones (below), without pointer captures; at the fast stubs'
-entries the calls with a sixth argument wait, since it is read from the caller's stack.
+32-bit hits run on like 64-bit ones (below), pointer captures included (their addresses and
+lengths are the registers' low 32 bits, VMITRACE_TABLE_WORDS32, as the kernel reads them);
+at the fast stubs' entries the calls with a sixth argument wait, since it is read from the
+caller's stack, and a call whose captures would need it is not captured there.
 Records of 32-bit calls carry extra abi=ia32.
 
 Most of the work is done after the event's reply, while the guest runs (VmContext.defer): at
@@ -87,7 +89,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Sequence
 
@@ -150,6 +152,8 @@ class Abi:
     arg6_stack: int | None = None  # pt_regs index of the user stack pointer whose first u32
     #                                is the sixth argument (the fast ia32 stubs), if not in args
     stub: str | None = None        # the ia32 entry stub (counted in ia32_hits)
+    # calls decoded from the host's pointer captures at this ABI's sites: their exits run on
+    captured: set[int] = field(default_factory=set, compare=False)
 
 
 @dataclass(slots=True)
@@ -184,8 +188,6 @@ class SyscallMonitor:
                           (k.R_DI, k.R_SI, k.R_DX, k.R_R10, k.R_R8, k.R_R9),
                           decoder.number("restart_syscall"))
         self.ia32_decoder = ia32_decoder
-        # 64-bit calls decoded from the host's pointer captures: their exits run on
-        self.captured_calls: set[int] = set()
         self.do_exit_waits = False  # see install
         self.pending: dict[int, Pending] = {}
         self.seen_tasks: set[int] = set()
@@ -218,9 +220,10 @@ class SyscallMonitor:
         entry_rule = BreakpointRule(captures)
         exit_rule = BreakpointRule(captures)
         if MOVSLQ_EAX_RSI in text[:site - entry]:
-            entry_table, exit_table = self._capture_tables()
+            entry_waits = self.entries_that_wait()
+            entry_table, exit_table = self._capture_tables(self.x86_64, entry_waits)
             entry_rule = BreakpointRule(captures, run_on=True, block_reg=REG_RSI,
-                                        block_values=block_bitmap(self.entries_that_wait()),
+                                        block_values=block_bitmap(entry_waits),
                                         block_flags=VMITRACE_BLOCK_BITMAP, table=entry_table,
                                         table_key_word=k.R_ORIG_AX)
             # An exit whose return the kernel redirected (a signal handler's frame, also
@@ -255,50 +258,56 @@ class SyscallMonitor:
                         if info.prototype is None or len(info.prototype) == 6}
         return sorted(n for n in numbers if n is not None and n < VMITRACE_BLOCK_BITMAP_VALUES)
 
-    def exits_that_wait(self, decoder: SyscallDecoder | None = None) -> list[int]:
-        """Calls (64-bit, or of `decoder`'s ABI) whose exit must wait for its reply when
-        entries run on: those whose decoding reads guest memory (user buffers the caller may
-        reuse once it returns; the entry's IN arguments too, since its record is built after
-        the caller could run) that the host does not capture (`captured_calls`, 64-bit
-        only), and exec, after which the monitors read the new image before it runs. (After
-        credential or name changes they only drop what they cached of the task: its next
-        events, handled in order, read it again.) Numbers with no entry in the table read
-        nothing and run on."""
-        decoder = decoder or self.decoder
-        captured = self.captured_calls if decoder is self.decoder else set()
+    def exits_that_wait(self, abi: Abi | None = None) -> list[int]:
+        """Calls (64-bit, or of `abi`) whose exit must wait for its reply when entries run
+        on: those whose decoding reads guest memory (user buffers the caller may reuse once
+        it returns; the entry's IN arguments too, since its record is built after the caller
+        could run) that the host does not capture (`Abi.captured`), and exec, after which
+        the monitors read the new image before it runs. (After credential or name changes
+        they only drop what they cached of the task: its next events, handled in order, read
+        it again.) Numbers with no entry in the table read nothing and run on."""
+        abi = abi or self.x86_64
+        decoder = abi.decoder
         execs = {decoder.number(name) for name in EXECS}
         return sorted(nr for nr in decoder.syscalls
-                      if nr < VMITRACE_BLOCK_BITMAP_VALUES and nr not in captured and
+                      if nr < VMITRACE_BLOCK_BITMAP_VALUES and nr not in abi.captured and
                       (decoder.reads_memory(nr) or nr in execs))
 
-    def _capture_tables(self) -> tuple[tuple[CaptureTableEntry, ...],
-                                       tuple[CaptureTableEntry, ...]]:
-        """Pointer-capture tables for the entry and return sites, keyed by pt_regs->orig_ax,
-        where the host takes them and hits may run on: every 64-bit call whose memory
+    def _capture_tables(self, abi: Abi, entry_waits: list[int]
+                        ) -> tuple[tuple[CaptureTableEntry, ...], tuple[CaptureTableEntry, ...]]:
+        """Pointer-capture tables for an ABI's entry and return sites, keyed by the call's
+        number, where the host takes them and hits may run on: every call whose memory
         arguments a bounded capture holds (SyscallDecoder.capture_plan) is decoded from what
-        the host copied at its entry and exit, so neither waits. Sets `captured_calls`."""
+        the host copied at its entry and exit, so neither waits. Calls whose entry waits
+        (`entry_waits`) are read then instead, and at the fast ia32 stubs, calls whose
+        captures involve the sixth argument are left out: it is not in pt_regs at the
+        entry. Fills `abi.captured`."""
         ctx = self.ctx
         if not (ctx.capture_tables_supported and ctx.run_on_allowed):
             return (), ()
-        words = self.x86_64.args
-        special = set(self.entries_that_wait())
+        words, decoder = abi.args, abi.decoder
+        words32 = abi is not self.x86_64
+        special = set(entry_waits)
 
         def entries(nr: int, specs: list[CaptureSpec]) -> list[CaptureTableEntry]:
             return [CaptureTableEntry(
                 nr, words[c.pos], c.max_length, string=c.string,
                 length_word=None if c.length_pos is None else
                 k.R_AX if c.length_pos == RETURN_VALUE else words[c.length_pos],
-                signed_length=c.length_pos == RETURN_VALUE) for c in specs]
+                signed_length=c.length_pos == RETURN_VALUE, words32=words32) for c in specs]
         entry_table: list[CaptureTableEntry] = []
         exit_table: list[CaptureTableEntry] = []
-        for nr in sorted(self.decoder.syscalls):
-            plan = self.decoder.capture_plan(nr)
+        for nr in sorted(decoder.syscalls):
+            plan = decoder.capture_plan(nr)
             if nr >= VMITRACE_BLOCK_BITMAP_VALUES or nr in special or plan is None or \
-                    not self.decoder.reads_memory(nr):
+                    not decoder.reads_memory(nr):
+                continue
+            if abi.arg6_stack is not None and any(5 in (c.pos, c.length_pos)
+                                                  for c in plan[0] + plan[1]):
                 continue
             entry_table += entries(nr, plan[0])
             exit_table += entries(nr, plan[1])
-            self.captured_calls.add(nr)
+            abi.captured.add(nr)
         return tuple(entry_table), tuple(exit_table)
 
     def _install_ia32(self, kernel_cr3: int, decoder: SyscallDecoder,
@@ -307,8 +316,9 @@ class SyscallMonitor:
 
         Where the host takes rules, the hits capture pt_regs and the current task and run
         on like the 64-bit ones (the number: pt_regs word `nr` at the entry, orig_ax at the
-        exit), without pointer captures: a 32-bit call that reads user memory waits at its
-        exit, and at the fast stubs' entries those with a sixth argument wait too."""
+        exit), with capture tables: a 32-bit call that reads user memory the host does not
+        copy waits at its exit, and at the fast stubs' entries those with a sixth argument
+        wait too."""
         layout = self.ctx.layout
         image, field_at = layout.address("vdso_image_32"), layout.vdso.get("landing_pad")
         if image is not None and field_at is not None:
@@ -332,12 +342,14 @@ class SyscallMonitor:
                       arg6_stack, stub)
             by_number = VMITRACE_BLOCK_FROM_CAPTURE | VMITRACE_BLOCK_BITMAP
             entry_waits = self.entries_that_wait(decoder, arg6_on_stack=arg6_stack is not None)
+            entry_table, exit_table = self._capture_tables(abi, entry_waits)
             self.ctx.add_breakpoint(site, partial(self.on_entry, abi=abi), BreakpointRule(
                 captures, run_on=True, block_reg=nr, block_values=block_bitmap(entry_waits),
-                block_flags=by_number))
+                block_flags=by_number, table=entry_table, table_key_word=nr))
             self.ctx.add_breakpoint(site + 5, self.on_exit, BreakpointRule(
                 captures, run_on=True, block_reg=k.R_ORIG_AX,
-                block_values=block_bitmap(self.exits_that_wait(decoder)), block_flags=by_number))
+                block_values=block_bitmap(self.exits_that_wait(abi)), block_flags=by_number,
+                table=exit_table, table_key_word=k.R_ORIG_AX))
             log.info("32-bit syscall breakpoints in %s at %#x and %#x", stub, site, site + 5)
 
     # -- events -----------------------------------------------------------------------------
@@ -409,7 +421,7 @@ class SyscallMonitor:
                     ) -> GuestMemory | CapturedMemory:
         """What a call's decoding reads: the host's captures of it, if its exit runs on and
         the event has them (plain breakpoints, which all wait, have none)."""
-        if captures and abi is self.x86_64 and nr in self.captured_calls:
+        if captures and nr in abi.captured:
             return CapturedMemory(self.ctx.mem, captures)
         return self.ctx.mem
 
