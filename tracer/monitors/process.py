@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from sinks.schema import KIND_PROCESS
@@ -117,8 +118,10 @@ class ProcessMonitor:
         if not ctx.filters.task_selected(info.pid, info.tid, info.comm):
             return
         signal = code & 0x7F
-        ctx.record(KIND_PROCESS, "exit", vcpu=event.vcpu, action="exit", **process_fields(info),
-                   parent_process_uid=info.parent_process_uid,
-                   exit_code=(code >> 8) & 0xFF if signal == 0 else None,
-                   signal=signal_name(signal) if signal else None,
-                   extra={"wait_status": hex(code)})
+        # built after the reply, which releases the dying task: nothing more is read of it
+        ctx.defer(partial(ctx.record, KIND_PROCESS, "exit", ctx.clock(), vcpu=event.vcpu,
+                          action="exit", **process_fields(info),
+                          parent_process_uid=info.parent_process_uid,
+                          exit_code=(code >> 8) & 0xFF if signal == 0 else None,
+                          signal=signal_name(signal) if signal else None,
+                          extra={"wait_status": hex(code)}))
