@@ -382,14 +382,16 @@ class SyscallMonitor:
         caller's ebp; ip = the vDSO's int80_landing_pad, where the call returns (and 2 bytes
         before which, at its `int $0x80`, a restarted call starts again). Returns them and the
         error of an unreadable sixth argument (bp 0 then; the kernel fails such a call with
-        EFAULT). ip stays as saved (0 for sysenter) when the landing pad is unknown."""
+        EFAULT). Where the landing pad is unknown: 2 bytes after the saved ip for 32-bit
+        SYSCALL (it saved the address of the vDSO's `int $0x80`, which the landing pad
+        follows), 0 for SYSENTER (it saves none)."""
         mem = self.ctx.mem
         address = pt[stack] & 0xFFFF_FFFF
         try:
             bp, error = mem.read_u32(cr3, address), None
         except UnreadableMemory as exc:
             bp, error = 0, f"unreadable at {exc.address:#x}"
-        ip = pt[k.R_IP]
+        ip = pt[k.R_IP] + 2 if pt[k.R_IP] else 0
         if self.landing_pad is not None:
             try:
                 vdso = self.ctx.tasks.vdso_base(cr3, task)
