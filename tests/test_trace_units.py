@@ -141,6 +141,46 @@ def test_fast_ia32_entry_takes_arg6_from_the_user_stack_and_ip_from_the_vdso(stu
     assert pt[k.R_IP] == (vdso + 0x578 if stub == "entry_SYSCALL_compat" else 0)
 
 
+@pytest.mark.parametrize("frame", ["x86_64", "ia32_rt", "ia32_legacy"])
+def test_call_returning_into_a_handler_takes_its_result_from_the_frame(frame):
+    """A call whose return the kernel redirected into a signal handler: its ax and ip as the
+    kernel saved them in the handler's frame, found by the registers it set for the handler
+    (ax 0 and ucontext at dx: x86-64; ax the signal number and ucontext at cx: ia32 rt; cx
+    0: the ia32 legacy frame at sp). A frame of another return, or none, changes nothing
+    and is counted."""
+    from tracer.monitors.syscalls import SyscallMonitor
+    stack, handler, return_ip = 0x0FFF_E000, 0x0804_9000, 0xF7FC_0578
+    img = GuestImage()
+    img.map_new(stack)
+    regs = [0] * 21
+    regs[k.R_IP], regs[k.R_SP] = handler, stack + 0x100
+    if frame == "x86_64":  # uc_mcontext at 40: ax at +104, ip at +128
+        regs[k.R_DX] = stack + 0x200
+        img.write(stack + 0x200 + 40 + 104, struct.pack("<q", -4))
+        img.write_u64(stack + 0x200 + 40 + 128, return_ip)
+    else:  # sigcontext_32 (ax at +44, ip at +56) in ucontext_ia32 (at 20) or sigframe_ia32 (at 8)
+        regs[k.R_AX] = 14  # SIGALRM
+        regs[k.R_CX] = stack + 0x300 if frame == "ia32_rt" else 0
+        sigcontext = regs[k.R_CX] + 20 if frame == "ia32_rt" else regs[k.R_SP] + 8
+        img.write(sigcontext + 44, struct.pack("<iII", -4, 0, 0))
+        img.write(sigcontext + 56, struct.pack("<I", return_ip))
+    ctx = context([])
+    ctx.mem = img.mem
+    monitor = SyscallMonitor(ctx, SyscallDecoder({}))
+    pt = monitor._from_signal_frame(img.cr3, tuple(regs), return_ip, return_ip - 2)
+    ax = (-4) & (0xFFFF_FFFF_FFFF_FFFF if frame == "x86_64" else 0xFFFF_FFFF)
+    assert (pt[k.R_AX], pt[k.R_IP]) == (ax, return_ip) and pt[k.R_SP] == regs[k.R_SP]
+    restarted = monitor._from_signal_frame(img.cr3, tuple(regs), return_ip + 2, return_ip)
+    assert restarted[k.R_IP] == return_ip  # the saved ip may be the restart before the return
+    assert monitor._from_signal_frame(img.cr3, tuple(regs), return_ip + 8, return_ip + 6) == \
+        tuple(regs)  # not this return's frame
+    assert ctx.loss.counts["unreadable_signal_frame"] == 1
+    regs[k.R_DX] = regs[k.R_CX] = regs[k.R_SP] = 0x7000_0000  # unmapped
+    assert monitor._from_signal_frame(img.cr3, tuple(regs), return_ip, return_ip - 2) == \
+        tuple(regs)
+    assert ctx.loss.counts["unreadable_signal_frame"] == 2
+
+
 @pytest.mark.parametrize("cr,bit,name", [(0, 16, "CR0.WP"), (4, 20, "CR4.SMEP"),
                                          (4, 21, "CR4.SMAP"), (4, 11, "CR4.UMIP")])
 def test_integrity_protection_bit_cleared_and_restored(cr, bit, name):

@@ -40,7 +40,13 @@ where it enters again through the int80 stub) is recognized. Where the host take
 32-bit hits run on like 64-bit ones (below), pointer captures included (their addresses and
 lengths are the registers' low 32 bits, VMITRACE_TABLE_WORDS32, as the kernel reads them);
 at the fast stubs' entries the calls with a sixth argument wait, since it is read from the
-caller's stack, and a call whose captures would need it is not captured there.
+caller's stack, and a call whose captures would need it is not captured there. A call whose
+return the kernel redirected into a signal handler (pt_regs ip no longer the return address
+known from its entry) takes its result from the handler's frame (ia32 or x86-64 layout, by
+how the handler was installed), read at the exit even where it ran on: the frame stays as
+written until the handler returns, and that return waits at its entry. (The captures of
+such a 32-bit exit followed the handler's registers: what its decoding reads is read live,
+counted, while the caller waits behind the handler.)
 Records of 32-bit calls carry extra abi=ia32.
 
 Most of the work is done after the event's reply, while the guest runs (VmContext.defer): at
@@ -54,7 +60,8 @@ as it runs.
 Where the host offers it (vmitrace's VMITRACE_SET_BREAKPOINT_EX), the host copies pt_regs
 and the current task into both events at the hit (no reads on the way to the reply), and
 the 64-bit entry does not wait for a reply at all, except for execve/execveat and the
-calls that change credentials or the task's name (`entries_that_wait`; exit/exit_group too
+calls that change credentials or the task's name, and rt_sigreturn for the signal frames
+above (`entries_that_wait`; exit/exit_group too
 unless the process monitor's do_exit breakpoint, which waits, holds the dying task before
 its memory goes): the host checks the number, which `entry_SYSCALL_64` passes to
 do_syscall_64 in rsi (found by its `movslq %eax,%rsi`; without it every entry waits),
@@ -110,6 +117,8 @@ CALL_REL32 = 0xE8
 ENTRY_SCAN_BYTES = 512
 NO_RETURN = frozenset({"exit", "exit_group"})
 EXECS = frozenset({"execve", "execveat"})
+# A signal handler's return: the kernel restores what the handler's frame holds.
+SIGRETURNS = frozenset({"sigreturn", "rt_sigreturn"})
 # Syscalls after which cached task attributes (credentials, name) may be stale.
 CHANGES_TASK = frozenset({"setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid",
                           "setfsuid", "setfsgid", "prctl", "capset", "setgroups",
@@ -130,9 +139,20 @@ IA32_ENTRIES = (("asm_int80_emulation", "int80_emulation", k.R_AX, None),
 IA32_ARGS = (k.R_BX, k.R_CX, k.R_DX, k.R_SI, k.R_DI, k.R_BP)
 MOVSLQ_EAX_RSI = bytes.fromhex("4863f0")  # how entry_SYSCALL_64 passes the number (5.11+)
 REG_RSI, REG_RSP = 6, 4                   # x86 register numbers
-# struct ucontext (x86-64): uc_flags, uc_link, stack_t uc_stack (24 bytes), then
-# uc_mcontext = struct sigcontext: r8-r15, di, si, bp, bx, dx, ax, cx, sp, ip, ...
+# Signal frames: where the kernel saved the interrupted call's ax and ip (read as (ax, ip)
+# by the Struct, from the offset of ax), at an address it left in pt_regs for the handler:
+# * x86-64: struct ucontext at dx: uc_flags, uc_link, stack_t uc_stack (24 bytes), then
+#   uc_mcontext = struct sigcontext: r8-r15, di, si, bp, bx, dx, ax, cx, sp, ip, ...
+# * ia32: struct sigcontext_32 {u16 gs, fs, es, ds and their pads; u32 di, si, bp, sp, bx, dx,
+#   cx, ax, trapno, err, ip, ...}, in struct ucontext_ia32 at cx (u32 uc_flags, uc_link,
+#   uc_stack (12 bytes), uc_mcontext) for an rt frame (SA_SIGINFO), else in the legacy
+#   struct sigframe_ia32 {u32 pretcode; int sig; struct sigcontext_32 sc; ...} at sp.
 UCONTEXT_AX = 8 + 8 + 24 + 13 * 8
+UCONTEXT_AX_IP = struct.Struct("<Q16xQ")  # ax, (cx, sp), ip
+SIGCONTEXT32_AX = 16 + 7 * 4
+UCONTEXT32_AX = 4 + 4 + 12 + SIGCONTEXT32_AX
+SIGFRAME32_AX = 4 + 4 + SIGCONTEXT32_AX
+SIGCONTEXT32_AX_IP = struct.Struct("<I8xI")  # ax, (trapno, err), ip
 ABI_IA32 = "ia32"
 
 
@@ -246,11 +266,13 @@ class SyscallMonitor:
                           arg6_on_stack: bool = False) -> list[int]:
         """Calls (64-bit, or of `decoder`'s ABI) whose entry must wait for its reply when
         entries run on: those DECODED_AT_ENTRY (exit and exit_group aside where
-        `do_exit_waits`); with `arg6_on_stack` (the fast ia32 stubs:
+        `do_exit_waits`) and a signal handler's return (SIGRETURNS: until it is answered,
+        the frame of a call the handler interrupted is as the kernel wrote it, see
+        `_from_signal_frame`); with `arg6_on_stack` (the fast ia32 stubs:
         the sixth argument is read from the caller's stack at the entry) also those whose
         decoding shows a sixth argument, raw ones included."""
         decoder = decoder or self.decoder
-        numbers = {decoder.number(name) for name in DECODED_AT_ENTRY
+        numbers = {decoder.number(name) for name in DECODED_AT_ENTRY | SIGRETURNS
                    if not (self.do_exit_waits and name in NO_RETURN)}
         if arg6_on_stack:
             numbers |= set(range(VMITRACE_BLOCK_BITMAP_VALUES)) - set(decoder.syscalls)
@@ -487,9 +509,13 @@ class SyscallMonitor:
             return
         self.calls += 1
         abi, call = pending.abi, pending.call
-        if abi is self.x86_64 and pt[k.R_IP] != pt[k.R_CX] and pending.name not in EXECS and \
-                pending.name != "rt_sigreturn":
-            pt = self._from_signal_frame(cr3, pt)
+        restart_ip = (pending.user_ip - 2) & 0xFFFF_FFFF_FFFF_FFFF
+        # A return neither to the call's return address nor to its restart before it: the
+        # kernel redirected it into a signal handler (exec and sigreturn aside). A user_ip
+        # of 0: a sysenter call whose return address is unknown (_fast_entry_regs).
+        if pt[k.R_IP] not in (pending.user_ip, restart_ip) and pending.user_ip and \
+                pending.name not in EXECS | SIGRETURNS:
+            pt = self._from_signal_frame(cr3, pt, pending.user_ip, restart_ip)
         ret = pt[k.R_AX]
         if call is None:  # filtered out; lifecycle and caches still follow it
             if pending.name in EXECS and ret == 0:
@@ -497,8 +523,7 @@ class SyscallMonitor:
             elif pending.name in CHANGES_TASK:
                 ctx.tasks.forget(task)
             return
-        restarted = pt[k.R_IP] == (pending.user_ip - 2) & 0xFFFF_FFFF_FFFF_FFFF and \
-            ret in (call.nr, abi.restart_nr)
+        restarted = pt[k.R_IP] == restart_ip and ret in (call.nr, abi.restart_nr)
         if restarted:
             ctx.loss.add("restarted")  # counted for visibility; the re-entry is traced anew
             ctx.defer(partial(self._emit, abi, call, pending.info, pending.time_ns, pending.vcpu,
@@ -519,20 +544,34 @@ class SyscallMonitor:
                           pending.user_ip, pending.cr3, event_type="call",
                           exit_vcpu=event.vcpu))
 
-    def _from_signal_frame(self, cr3: int, pt: tuple[int, ...]) -> tuple[int, ...]:
-        """pt_regs of a 64-bit call whose return the kernel redirected into a signal
-        handler (ip != cx; the exit waits for that, VMITRACE_BLOCK_WORDS_DIFFER): the call's
-        own ax and ip are in the handler's frame, ucontext at pt_regs->dx (the handler's
-        third argument), pt_regs->ax having been cleared for the handler. Unreadable, or
-        not a frame of this return (its ip not the return address or the restart before
-        it), pt_regs stay as they are (counted)."""
+    def _from_signal_frame(self, cr3: int, pt: tuple[int, ...], return_ip: int,
+                           restart_ip: int) -> tuple[int, ...]:
+        """pt_regs of a call whose return the kernel redirected into a signal handler, with
+        the call's own ax and ip from the handler's frame. Which frame the kernel built shows
+        in what it set for the handler: ax 0 for an x86-64 one (ucontext at dx); for an ia32
+        one ax = the signal number, and cx the ucontext of an rt frame, or 0 for a legacy
+        frame at sp (see UCONTEXT_AX and after).
+
+        The frame is read now, also where the exit ran on (a 64-bit exit into a handler
+        waits, VMITRACE_BLOCK_WORDS_DIFFER on ip and cx; a 32-bit one cannot be told so, no
+        pt_regs word holding its return address): it stays as the kernel wrote it until the
+        handler returns, and that return waits at its entry (SIGRETURNS in
+        entries_that_wait), after this exit in the event order. Unreadable, or not a frame of
+        this return (its ip neither `return_ip` nor `restart_ip`: a handler that left by
+        longjmp and reused the stack, a second signal delivered at the same return), pt_regs
+        stay as they are (counted)."""
+        if pt[k.R_AX] == 0:
+            address, layout = pt[k.R_DX] + UCONTEXT_AX, UCONTEXT_AX_IP
+        elif pt[k.R_CX]:
+            address, layout = pt[k.R_CX] + UCONTEXT32_AX, SIGCONTEXT32_AX_IP
+        else:
+            address, layout = pt[k.R_SP] + SIGFRAME32_AX, SIGCONTEXT32_AX_IP
         try:
-            ax, _cx, _sp, ip = struct.unpack(
-                "<4Q", self.ctx.mem.read_virtual(cr3, pt[k.R_DX] + UCONTEXT_AX, 32))
+            ax, ip = layout.unpack(self.ctx.mem.read_virtual(cr3, address, layout.size))
         except UnreadableMemory:
             self.ctx.loss.add("unreadable_signal_frame")
             return pt
-        if ip not in (pt[k.R_CX], (pt[k.R_CX] - 2) & 0xFFFF_FFFF_FFFF_FFFF):
+        if ip not in (return_ip, restart_ip):
             self.ctx.loss.add("unreadable_signal_frame")
             return pt
         regs = list(pt)
