@@ -16,7 +16,8 @@ Counters (column `counter` of loss records; per VM, emitted as deltas per interv
               unreadable_argument an argument left flagged (error set) in its record
               unreadable_signal_frame
                                   a call returning into a signal handler whose frame
-                                  could not be read: its ret is the handler's ax (0)
+                                  could not be read: its ret is the handler's ax (0,
+                                  or the signal number for an ia32 frame)
               truncated_argument  a string, path, argv or sockaddr cut by its bound
               unreadable_task / unreadable_task_field
                                   process attributes missing from records (or a task list
