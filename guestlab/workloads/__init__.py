@@ -114,6 +114,15 @@ COMPAT32_MAP_PGOFF = 7  # mmap(..., offset 0x7000) -> mmap2(..., 7)
 # `wl-compat32 sleep` instead makes one blocking call: nanosleep of COMPAT32_SLEEP_S seconds.
 COMPAT32_SLEEP_ARG = "sleep"
 COMPAT32_SLEEP_S = 2
+# `wl-compat32 signals` instead has SIGALRM interrupt blocking calls: glibc's pause() (through
+# the vDSO) and a read of an empty pipe by `int $0x80`, first with a plain handler (the kernel
+# builds the legacy i386 signal frame), then with an SA_SIGINFO one (the rt frame); neither
+# restarts, so each call fails with EINTR. The timer repeats every COMPAT32_TICK_US: a tick
+# before a call blocks only delays its interruption.
+COMPAT32_SIGNALS_ARG = "signals"
+COMPAT32_TICK_US = 100_000
+I386_NR_PAUSE = 29
+EINTR = 4
 
 
 def _c_string(value: str | bytes) -> str:
@@ -158,6 +167,7 @@ def c_header() -> str:
         f"#define WL_I386_NR_OPEN {I386_NR_OPEN}",
         f"#define WL_I386_NR_CLOSE {I386_NR_CLOSE}",
         f"#define WL_I386_NR_GETPID {I386_NR_GETPID}",
+        f"#define WL_I386_NR_READ {I386_NR_READ}",
         f"#define WL_INT80_PATH {_c_string(INT80_PATH)}",
         f"#define WL_INT80_OPEN_FLAGS 0{INT80_OPEN_FLAGS:o}",
         f"#define WL_INT80_MODE 0{INT80_MODE:o}",
@@ -176,6 +186,9 @@ def c_header() -> str:
         f"#define WL_COMPAT32_MAP_PGOFF {COMPAT32_MAP_PGOFF}",
         f"#define WL_COMPAT32_SLEEP_ARG {_c_string(COMPAT32_SLEEP_ARG)}",
         f"#define WL_COMPAT32_SLEEP_S {COMPAT32_SLEEP_S}",
+        f"#define WL_COMPAT32_SIGNALS_ARG {_c_string(COMPAT32_SIGNALS_ARG)}",
+        f"#define WL_COMPAT32_TICK_US {COMPAT32_TICK_US}",
+        f"#define WL_EINTR {EINTR}",
         "#define WL_NAMES { " + ", ".join(_c_string(n) for n in WORKLOADS) + ", 0 }",
     ]
     return "\n".join(lines) + "\n"
