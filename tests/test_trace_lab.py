@@ -3,6 +3,7 @@ traced from boot; the workloads' system calls must appear with exact decoded val
 to the right processes, and match strace run inside the same guest."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -202,6 +203,26 @@ def intel_lab(request):
     traced.close()
 
 
+@contextlib.contextmanager
+def watching(ctx, sites):
+    """The hits at `sites` while inside: (site, captured orig_ax, whether the vCPU waited)."""
+    handlers = [ctx.breakpoints[s] for s in sites]
+    hits: list[tuple[int, int, bool]] = []
+
+    def watch(at, handler):
+        def on_hit(event, regs):
+            hits.append((at, k.PT_REGS.unpack(event.captured[0])[k.R_ORIG_AX], event.blocking))
+            handler(event, regs)
+        return on_hit
+    for s, handler in zip(sites, handlers):
+        ctx.breakpoints[s] = watch(s, handler)
+    try:
+        yield hits
+    finally:
+        for s, handler in zip(sites, handlers):
+            ctx.breakpoints[s] = handler
+
+
 def check_compat32(lab, cpu):
     """The compat32 workload's calls, decoded exactly, entering by the CPU's fast stub."""
     program = wl.WORKLOAD_BINARIES["compat32"]
@@ -279,6 +300,7 @@ def check_compat32_restart(traced):
     `int $0x80`, which enters again as restart_syscall through the int80 stub."""
     program = wl.WORKLOAD_BINARIES["compat32"]
     hits = traced.tracer.syscalls.ia32_hits["asm_int80_emulation"]
+    frames_lost = traced.tracer.ctx.loss.counts["unreadable_signal_frame"]
     out = traced.run(f"{program} {wl.COMPAT32_SLEEP_ARG} & p=$!; echo vmitrace-pid $p; "
                      "sleep 0.5; kill -STOP $p; kill -CONT $p; wait $p")
     pid = int(out.split("vmitrace-pid ")[1].split()[0])
@@ -293,6 +315,49 @@ def check_compat32_restart(traced):
     assert resumed["extra"]["abi"] == "ia32" and resumed["ret"] == 0
     assert resumed["rip"] == interrupted["rip"]  # the landing pad: both return there
     assert traced.tracer.syscalls.ia32_hits["asm_int80_emulation"] > hits
+    assert traced.tracer.ctx.loss.counts["unreadable_signal_frame"] == frames_lost  # no handler
+
+
+def check_compat32_signals(traced, cpu):
+    """32-bit calls interrupted into a signal handler record their own result, -EINTR, which
+    the kernel saved in the handler's frame (the handler's eax is the signal number): with
+    a plain handler (the legacy i386 frame) and with an SA_SIGINFO one (the rt frame).
+    glibc's pause() enters by the CPU's fast stub, the read by `int $0x80`. Neither exit
+    waits (pause reads nothing, the read's buffer is captured): each frame is read while
+    its handler runs, whose return waits at its entry."""
+    program = wl.WORKLOAD_BINARIES["compat32"]
+    tracer, loss = traced.tracer.syscalls, traced.tracer.ctx.loss.counts
+    decoder, stub = tracer.ia32_decoder, FAST_STUBS[cpu]
+    handler_returns = {decoder.number("sigreturn"), decoder.number("rt_sigreturn")}
+    assert handler_returns <= set(tracer.entries_that_wait(decoder))
+    frames_lost, live_reads = loss["unreadable_signal_frame"], loss["read_after_run_on"]
+    hits = dict(tracer.ia32_hits)
+    exits = [tracer.ia32_sites[s] + 5 for s in (stub, "asm_int80_emulation")]
+    with watching(traced.tracer.ctx, exits) as exit_hits:
+        pid, _, _ = traced.run_pid(f"{program} {wl.COMPAT32_SIGNALS_ARG}")
+    calls = after_startup(program_calls(traced.records(), pid, program))
+    assert all(r["extra"]["abi"] == "ia32" for r in calls)
+    blocked = [i for i, r in enumerate(calls) if r["action"] in ("pause", "read")]
+    assert [calls[i]["action"] for i in blocked] == ["pause", "read"] * 2, \
+        [r["action"] for r in calls]
+    for n, i in enumerate(blocked):
+        call = calls[i]
+        assert call["ret"] == -wl.EINTR and call["errno"] == "EINTR", call
+        assert "restarted" not in call["extra"], call
+        assert calls[i + 1]["action"] == ("sigreturn" if n < 2 else "rt_sigreturn"), calls[i + 1]
+    pause_plain, read_plain, pause_rt, read_rt = (calls[i] for i in blocked)
+    assert pause_plain["syscall_nr"] == pause_rt["syscall_nr"] == wl.I386_NR_PAUSE
+    assert read_plain["syscall_nr"] == read_rt["syscall_nr"] == wl.I386_NR_READ
+    assert read_plain["args"][2] == read_rt["args"][2] == 1
+    # pause() returns to the vDSO's landing pad, the read after the workload's `int $0x80`
+    assert pause_plain["rip"] == pause_rt["rip"]
+    assert pause_plain["rip"] not in (read_plain["rip"], read_rt["rip"])
+    assert loss["unreadable_signal_frame"] == frames_lost, dict(loss)
+    assert loss["read_after_run_on"] == live_reads, dict(loss)
+    waited = {(at, nr): blocking for at, nr, blocking in exit_hits}
+    assert waited[(exits[0], wl.I386_NR_PAUSE)] is False, waited
+    assert waited[(exits[1], wl.I386_NR_READ)] is False, waited
+    assert tracer.ia32_hits[stub] > hits.get(stub, 0)
 
 
 def test_compat32_glibc_calls_through_the_vdso(lab):
@@ -318,22 +383,8 @@ def test_compat32_hits_run_on_unless_a_record_needs_the_vcpu(lab):
     assert {wl.I386_NR_OPENAT, NR_WRITE, NR_READ} <= {e.key for e in exit_rule.table}
     assert NR_MMAP2 not in {e.key for e in entry_rule.table + exit_rule.table}
     live_reads = ctx.loss.counts["read_after_run_on"]
-    handlers = [ctx.breakpoints[s] for s in sites]
-    hits: list[tuple[int, int, bool]] = []  # (site, number, whether the vCPU waited)
-
-    def watching(at, handler):
-        def watch(event, regs):
-            nr = k.PT_REGS.unpack(event.captured[0])[k.R_ORIG_AX]
-            hits.append((at, nr, event.blocking))
-            handler(event, regs)
-        return watch
-    for s, handler in zip(sites, handlers):
-        ctx.breakpoints[s] = watching(s, handler)
-    try:
+    with watching(ctx, sites) as hits:
         lab.run_pid(wl.WORKLOAD_BINARIES["compat32"])
-    finally:
-        for s, handler in zip(sites, handlers):
-            ctx.breakpoints[s] = handler
     waited = {(at, nr): blocking for at, nr, blocking in hits}
     assert waited[(sites[0], NR_GETPID)] is False and waited[(sites[1], NR_GETPID)] is False
     for nr in (wl.I386_NR_OPENAT, NR_WRITE, NR_READ):
@@ -348,6 +399,10 @@ def test_compat32_matches_strace(lab):
 
 def test_compat32_restarted_call(lab):
     check_compat32_restart(lab)
+
+
+def test_compat32_call_interrupted_by_a_handled_signal_keeps_its_return_value(lab):
+    check_compat32_signals(lab, "qemu64")
 
 
 def test_compat32_sysenter(intel_lab):
@@ -510,6 +565,9 @@ def test_call_interrupted_by_a_handled_signal_keeps_its_return_value(lab):
 
 
 def test_restarted_syscall(lab):
+    """A call stopped and continued comes back rewound for its restart, into no handler:
+    no signal frame is looked for."""
+    frames_lost = lab.tracer.ctx.loss.counts["unreadable_signal_frame"]
     out = lab.run("sleep 2 & p=$!; echo vmitrace-pid $p; sleep 0.5; kill -STOP $p; "
                   "kill -CONT $p; wait $p")
     pid = int(out.split("vmitrace-pid ")[1].split()[0])
@@ -519,6 +577,7 @@ def test_restarted_syscall(lab):
     interrupted, resumed = calls
     assert interrupted["extra"]["restarted"] == "true" and "ret" not in interrupted
     assert resumed["ret"] == 0
+    assert lab.tracer.ctx.loss.counts["unreadable_signal_frame"] == frames_lost
 
 
 def test_orphan_is_reparented(lab):
@@ -541,3 +600,7 @@ def test_orphan_is_reparented(lab):
 
 def test_compat32_sysenter_restarted_call(intel_lab):
     check_compat32_restart(intel_lab)
+
+
+def test_compat32_sysenter_call_interrupted_by_a_handled_signal(intel_lab):
+    check_compat32_signals(intel_lab, "qemu64,vendor=GenuineIntel")
