@@ -59,13 +59,13 @@ as it runs.
 
 Where the host offers it (vmitrace's VMITRACE_SET_BREAKPOINT_EX), the host copies pt_regs
 and the current task into both events at the hit (no reads on the way to the reply), and
-the 64-bit entry does not wait for a reply at all, except for execve/execveat and the
-calls that change credentials or the task's name, and rt_sigreturn for the signal frames
-above (`entries_that_wait`; exit/exit_group too
-unless the process monitor's do_exit breakpoint, which waits, holds the dying task before
-its memory goes): the host checks the number, which `entry_SYSCALL_64` passes to
-do_syscall_64 in rsi (found by its `movslq %eax,%rsi`; without it every entry waits),
-against a bitmap. What the vCPU changes once it runs on is in those captures: pt_regs (the
+the 64-bit entry does not wait for a reply at all, except for execve/execveat, the calls
+that change credentials or the task's name, and rt_sigreturn for the signal frames above
+(`entries_that_wait`; exit/exit_group too unless the process monitor's do_exit
+breakpoint, which waits, holds the dying task before its memory goes): the host checks
+the number, which `entry_SYSCALL_64` passes to do_syscall_64 in rsi (found by its
+`movslq %eax,%rsi`; without it every entry waits), against a bitmap. What the vCPU
+changes once it runs on is in those captures: pt_regs (the
 kernel rewrites them for rt_sigreturn and for signal delivery on the way out) and the
 current task (another may run on that vCPU while the call sleeps). What stays in guest
 memory, the call's user buffers, cannot change before the caller runs again, and it does
