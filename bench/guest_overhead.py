@@ -8,11 +8,15 @@ busybox, opens, reads and writes) is timed in each configuration, all in this on
   cr+msr              CR0/CR3/CR4 write events and MSR write events (syscall, segment-base,
                       speculation-control and timer MSRs), blocking, answered CONTINUE
   bp syscall blocking instrumentation breakpoint at entry_SYSCALL_64, blocking delivery,
-                      every event answered CONTINUE by a tracer.kvmi Session (the plugin's
-                      vCPU busy-polls up to its default spin_us for the reply)
+                      every event answered CONTINUE by a tracer.kvmi Session with its
+                      defaults (the plugin's vCPU busy-polls up to its default spin_us for
+                      the reply; the Session, up to reply_spin_us after a reply, for the
+                      next event)
+  bp syscall blocking, no busy-poll
+                      the same with the Session's reply_spin_us 0: it sleeps for each event
   bp syscall blocking, introspector spins
-                      the same, and the Session busy-polls up to --spin-us for the next event
-                      instead of sleeping (trades introspector CPU for latency)
+                      the same, and the Session busy-polls up to --spin-us before every read
+                      of the next event (trades introspector CPU for latency)
   bp syscall nonblock same breakpoint, non-blocking delivery (observe-only)
 
 Each configuration reports the wall-time ratio of the medians (what the guest feels), of the
@@ -43,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import guestlab  # noqa: E402
 from tracer.kvmi import abi  # noqa: E402
 from tracer.kvmi.errors import ConnectionClosed  # noqa: E402
-from tracer.kvmi.transport import Listener, Session  # noqa: E402
+from tracer.kvmi.transport import DEFAULT_REPLY_SPIN_US, Listener, Session  # noqa: E402
 
 CRS = (0, 3, 4)
 MSRS = (0xC0000081, 0xC0000082, 0xC0000083, 0x174, 0x175, 0x176,  # syscall entry points
@@ -111,8 +115,9 @@ def entry_syscall_64(guest: guestlab.Guest) -> int:
 
 
 BLOCKING_SPIN = "bp syscall blocking, introspector spins"
-CONFIGS = ("untraced", "plugin idle", "cr+msr", "bp syscall blocking", BLOCKING_SPIN,
-           "bp syscall nonblock")
+BLOCKING_SLEEP = "bp syscall blocking, no busy-poll"
+CONFIGS = ("untraced", "plugin idle", "cr+msr", "bp syscall blocking", BLOCKING_SLEEP,
+           BLOCKING_SPIN, "bp syscall nonblock")
 
 
 def configure(session: Session, name: str, syscall_entry: int, spin_us: int) -> None:
@@ -120,6 +125,7 @@ def configure(session: Session, name: str, syscall_entry: int, spin_us: int) -> 
     cr_msr = name == "cr+msr"
     bp = name.startswith("bp ")
     session.spin_us = spin_us if name == BLOCKING_SPIN else 0
+    session.reply_spin_us = 0 if name == BLOCKING_SLEEP else DEFAULT_REPLY_SPIN_US
     session.set_delivery(name != "bp syscall nonblock")
     session.control_events(0, abi.KVMI_EVENT_CR, cr_msr)
     session.control_events(0, abi.KVMI_EVENT_MSR, cr_msr)

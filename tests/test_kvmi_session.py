@@ -743,3 +743,31 @@ def test_spinning_consumer_gets_events_and_times_out(listener, slow_handoff) -> 
         s.reply(event)
     assert [peer.recv_message()[1] for _ in range(2)] == [1, 2]
     s.close()
+
+
+def test_consumer_busy_polls_after_a_reply(listener, slow_handoff) -> None:
+    """reply_spin_us: after answering a blocking event, the next read busy-polls until that
+    long after the reply; the timeout still ends the wait, an event that comes during the
+    poll is delivered, and without a reply there is no poll to bound."""
+    peer, s = connect(listener)
+    s.reply_spin_us = 200_000  # 0.2 s: long enough to observe
+    peer.send_event(1, 0, abi.KVMI_EVENT_PAUSE_VCPU)
+    s.reply(s.next_event(timeout=5))
+    assert peer.recv_message()[1] == 1
+    assert s._reply_spin_until > time.monotonic()
+    assert s.next_event(timeout=0.05) is None  # the deadline bounds the poll
+    assert s._reply_spin_until == 0.0  # one poll per reply
+    peer.send_event(2, 0, abi.KVMI_EVENT_PAUSE_VCPU)
+    s.reply(s.next_event(timeout=5))
+    got: list = []
+    consumer = threading.Thread(target=lambda: got.append(s.next_event(timeout=10)),
+                                daemon=True)
+    consumer.start()
+    peer.send_event(3, 0, abi.KVMI_EVENT_PAUSE_VCPU)  # usually within the poll
+    consumer.join(10)
+    assert [e.seq for e in got] == [3]
+    s.reply_spin_us = 0
+    s.reply(got[0])
+    assert s._reply_spin_until == 0.0
+    assert [peer.recv_message()[1] for _ in range(2)] == [2, 3]
+    s.close()

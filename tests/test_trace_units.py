@@ -375,3 +375,15 @@ def test_events_queued_at_the_stop_are_handled_before_the_session_closes():
                                 struct.pack("<H6xHB5x", 0, abi.KVMI_EVENT_MSR, 0))
     assert [seq for msg_id, seq, _ in commands if msg_id == abi.KVMI_EVENT_REPLY] == [1, 2, 3]
     assert session.closed and session.error is None
+
+
+def test_reply_spin_default_is_the_documented_one() -> None:
+    """`vmitrace trace --reply-spin-us` documents the Session's default without importing the
+    session module for --help: the number must be the same."""
+    from tracer.collector import TraceOptions
+    from tracer.kvmi.transport import DEFAULT_REPLY_SPIN_US
+    from tracer.trace_cli import trace
+
+    help_text = " ".join(next(p for p in trace.params if p.name == "reply_spin_us").help.split())
+    assert f"default {DEFAULT_REPLY_SPIN_US})" in help_text
+    assert TraceOptions().reply_spin_us == DEFAULT_REPLY_SPIN_US

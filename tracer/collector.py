@@ -56,6 +56,7 @@ from profiles.syscalls import i386_abi
 from tracer.decode import Limits, SyscallDecoder, ia32_syscall_table, syscall_table
 from tracer.kvmi import abi
 from tracer.kvmi import errors as kerr
+from tracer.kvmi.transport import DEFAULT_REPLY_SPIN_US
 from tracer.kvmi.events import (EVENT_CLASSES, BreakpointEvent, CrEvent, HypercallEvent, MsrEvent,
                                 UnhookEvent)
 from tracer.memory import GuestMemory, PhysicalSource, RamFile, SessionSource, UnreadableMemory
@@ -84,6 +85,7 @@ class TraceOptions:
     hypercalls: bool = True
     hv_events: bool = False       # also emit raw CR/MSR events as records
     spin_us: int = 0              # Session busy-poll before sleeping for an event (0: off)
+    reply_spin_us: int = DEFAULT_REPLY_SPIN_US  # Session busy-poll after a reply (0: off)
     # syscall entries, and exits that read no guest memory, run on without a reply where
     # the host can (False: every entry and exit waits)
     run_on_syscalls: bool = True
@@ -213,6 +215,7 @@ class VmTracer:
         self.options = options
         if options.spin_us:
             session.spin_us = options.spin_us
+        session.reply_spin_us = options.reply_spin_us
         vm_id = str(getattr(session, "uuid", "vm"))
         factory = RecordFactory(vm_id=vm_id, vm_name=getattr(session, "name", None) or None,
                                 observer_host=options.observer_host,

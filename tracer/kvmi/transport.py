@@ -64,6 +64,7 @@ _MIN_EVENT_MESSAGE = abi.KVMI_MSG_HDR.size + abi.KVMI_EVENT_.size
 _IDLE_HANDOFF = 0.02
 DEFAULT_COMMAND_TIMEOUT = 10.0
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_REPLY_SPIN_US = 300
 
 
 class _Waiter:
@@ -116,6 +117,13 @@ class Session:
         # makes events densely, it saves the wake-up per event (tens of microseconds on a
         # loaded host) for the CPU time spent polling. 0: always sleep.
         self.spin_us = 0
+        # After answering an event its vCPU waited for, busy-poll until this long after the
+        # reply for the next event (0: never): a guest just released often makes its next
+        # event within that time, and then the poll spares a thread wake-up on the critical
+        # path of a guest that waits for every event. It costs at most that much CPU per
+        # reply.
+        self.reply_spin_us = DEFAULT_REPLY_SPIN_US
+        self._reply_spin_until = 0.0
         self.blocking = True
         self.events_received = 0
         self.dropped_events = 0
@@ -327,7 +335,11 @@ class Session:
                 data = self._sock.recv(self._consumer_recv_size, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 if self.spin_us:
-                    self._spin_for_input(deadline)
+                    end = time.monotonic() + self.spin_us / 1e6
+                    self._spin_for_input(end if deadline is None else min(end, deadline))
+                elif self._reply_spin_until:
+                    end, self._reply_spin_until = self._reply_spin_until, 0.0
+                    self._spin_for_input(end if deadline is None else min(end, deadline))
                 if deadline is None:
                     wait_ms = -1
                 else:
@@ -348,12 +360,9 @@ class Session:
             log.exception("kvmi reader failed")
             self._shutdown(exc)
 
-    def _spin_for_input(self, deadline: float | None) -> None:
-        """Poll without sleeping until input arrives, spin_us pass or the deadline does."""
+    def _spin_for_input(self, end: float) -> None:
+        """Poll without sleeping until input arrives or monotonic time `end` passes."""
         poll, clock = self._poll.poll, time.monotonic
-        end = clock() + self.spin_us / 1e6
-        if deadline is not None:
-            end = min(end, deadline)
         while not poll(0) and clock() < end:
             pass
 
@@ -460,6 +469,8 @@ class Session:
                                       "(or does not belong to this session)")
             del self._outstanding[event.seq]
         self._send(data)
+        if self.reply_spin_us:
+            self._reply_spin_until = time.monotonic() + self.reply_spin_us / 1e6
 
     def unanswered(self) -> list[Event]:
         """Blocking events received (queued or handed out) and not replied yet."""
