@@ -56,9 +56,9 @@ from profiles.syscalls import i386_abi
 from tracer.decode import Limits, SyscallDecoder, ia32_syscall_table, syscall_table
 from tracer.kvmi import abi
 from tracer.kvmi import errors as kerr
-from tracer.kvmi.transport import DEFAULT_REPLY_SPIN_US
 from tracer.kvmi.events import (EVENT_CLASSES, BreakpointEvent, CrEvent, HypercallEvent, MsrEvent,
                                 UnhookEvent)
+from tracer.kvmi.transport import DEFAULT_REPLY_SPIN_US
 from tracer.memory import GuestMemory, PhysicalSource, RamFile, SessionSource, UnreadableMemory
 from tracer.monitors.base import MSR_LSTAR, BreakpointRule, FastRegs, Filters, VmContext
 from tracer.monitors.hypercall import HypercallMonitor

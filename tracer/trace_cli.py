@@ -12,7 +12,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -119,16 +118,14 @@ def _open_sinks(specs: tuple[str, ...]) -> list[Any]:
 
 def _options(pids: tuple[int, ...], comms: tuple[str, ...], syscalls: tuple[str, ...],
              hv_events: bool, spin_us: int = 0, blocking_syscalls: bool = False,
-             reply_spin_us: int | None = None) -> Any:
+             reply_spin_us: int = 300) -> Any:
     """The collector's TraceOptions for these filters."""
     from tracer.collector import TraceOptions
     from tracer.monitors.base import Filters
 
-    options = TraceOptions(filters=Filters(frozenset(pids), frozenset(comms),
-                                           frozenset(syscalls)),
-                           hv_events=hv_events, spin_us=spin_us,
-                           run_on_syscalls=not blocking_syscalls)
-    return options if reply_spin_us is None else replace(options, reply_spin_us=reply_spin_us)
+    return TraceOptions(filters=Filters(frozenset(pids), frozenset(comms), frozenset(syscalls)),
+                        hv_events=hv_events, spin_us=spin_us, reply_spin_us=reply_spin_us,
+                        run_on_syscalls=not blocking_syscalls)
 
 
 def _summary(result: dict[str, Any]) -> None:
@@ -198,11 +195,11 @@ def _recorder_factory(path: str | None) -> Any:
 @click.option("--spin-us", type=click.IntRange(0, 10_000), default=0, show_default=True,
               help="Busy-poll this many microseconds for the next event before sleeping: lower "
                    "guest slow-down under dense events, for a CPU core while they last.")
-@click.option("--reply-spin-us", type=click.IntRange(0, 10_000), default=None,
+@click.option("--reply-spin-us", type=click.IntRange(0, 10_000), default=300, show_default=True,
               help="After answering an event the guest waited for, busy-poll until this many "
-                   "microseconds after the reply for the next one (0: never; default 300): "
-                   "spares a wake-up on the critical path of a guest that waits, for at most "
-                   "that much CPU per reply.")
+                   "microseconds after the reply for the next one (0: never): spares a wake-up "
+                   "on the critical path of a guest that waits, for at most that much CPU per "
+                   "reply.")
 @click.option("--blocking-syscalls", is_flag=True,
               help="Make every syscall entry and exit wait for its reply, even where the host "
                    "can let them run on (decoding is exact either way).")
@@ -210,7 +207,7 @@ def trace(lab: bool, kernel: str, vcpus: int, workload: str, listen: str | None,
           secret_file: str | None, profile_arg: str, duration: float | None,
           pids: tuple[int, ...], comms: tuple[str, ...], syscalls: tuple[str, ...],
           sink_specs: tuple[str, ...], record: str | None, hv_events: bool,
-          spin_us: int, reply_spin_us: int | None, blocking_syscalls: bool) -> None:
+          spin_us: int, reply_spin_us: int, blocking_syscalls: bool) -> None:
     """Trace system calls, processes, integrity events and hypercalls of VMs over KVMI.
 
     \b
