@@ -335,11 +335,10 @@ class Session:
                 data = self._sock.recv(self._consumer_recv_size, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 if self.spin_us:
-                    end = time.monotonic() + self.spin_us / 1e6
-                    self._spin_for_input(end if deadline is None else min(end, deadline))
+                    self._spin_for_input(time.monotonic() + self.spin_us / 1e6, deadline)
                 elif self._reply_spin_until:
                     end, self._reply_spin_until = self._reply_spin_until, 0.0
-                    self._spin_for_input(end if deadline is None else min(end, deadline))
+                    self._spin_for_input(end, deadline)
                 if deadline is None:
                     wait_ms = -1
                 else:
@@ -360,9 +359,12 @@ class Session:
             log.exception("kvmi reader failed")
             self._shutdown(exc)
 
-    def _spin_for_input(self, end: float) -> None:
-        """Poll without sleeping until input arrives or monotonic time `end` passes."""
+    def _spin_for_input(self, end: float, deadline: float | None) -> None:
+        """Poll without sleeping until input arrives or monotonic time `end` (or the
+        deadline, if sooner) passes."""
         poll, clock = self._poll.poll, time.monotonic
+        if deadline is not None:
+            end = min(end, deadline)
         while not poll(0) and clock() < end:
             pass
 
