@@ -595,7 +595,7 @@ def test_random_garbage_never_hangs_a_session(garbage: bytes) -> None:
 # really owns reading (a precondition read from Session._read_owner) before the host acts.
 
 def _consumer_reading(s: Session, thread: threading.Thread) -> bool:
-    return s._read_owner is thread
+    return s._read_owner == thread.ident
 
 
 @pytest.fixture

@@ -132,6 +132,8 @@ class Session:
         self._proto = protocol
         self._recorder = recorder
         self._rec_lock = threading.Lock()
+        # Sections enter the plain lock, and wait on or notify the condition built on it
+        # (Condition's own __enter__/__exit__ are Python code, on the path of every event).
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._send_lock = threading.Lock()
@@ -141,9 +143,9 @@ class Session:
         self._hard_limit = 2 * max_queued_events
         self._outstanding: dict[int, Event] = {}
         self._closed = False
-        # Reading ownership (under _cv): the thread reading the socket, the number of
+        # Reading ownership (under _lock): the thread reading the socket, the number of
         # threads in next_event, and when the last one left.
-        self._read_owner: threading.Thread | None = None
+        self._read_owner: int | None = None  # thread ident
         self._consumers = 0
         self._consumer_left = time.monotonic()  # the reader thread starts after a pause
         # A consumer reads at most this much at once, so it never queues more than
@@ -227,7 +229,7 @@ class Session:
         return f"<Session {self.name!r} {self.uuid} {state}>"
 
     def _shutdown(self, error: BaseException | None) -> None:
-        with self._cv:
+        with self._lock:
             if self._closed:
                 return
             self._closed = True
@@ -253,7 +255,7 @@ class Session:
     # -- reading ------------------------------------------------------------------------
     def _read_loop(self) -> None:
         error: BaseException | None = None
-        me = threading.current_thread()
+        me = threading.get_ident()
         try:
             while self._take_reading(me):
                 try:
@@ -272,7 +274,7 @@ class Session:
             log.exception("kvmi reader failed")
             error = exc
         self._shutdown(error)
-        with self._cv:  # a consumer may still be reading: close the socket after it
+        with self._lock:  # a consumer may still be reading: close the socket after it
             while self._read_owner is not None:
                 self._cv.wait(_IDLE_HANDOFF)
         _close_socket(self._sock)
@@ -281,9 +283,9 @@ class Session:
             with self._rec_lock:
                 close_recorder()
 
-    def _take_reading(self, me: threading.Thread) -> bool:
+    def _take_reading(self, me: int) -> bool:
         """Reader thread: wait until it should read, and own reading; False once closed."""
-        with self._cv:
+        with self._lock:
             while not self._closed:
                 if self._read_owner is None and (self._waiters or (
                         self._consumers == 0
@@ -294,12 +296,15 @@ class Session:
             return False
 
     def _release_reading(self, consumer: bool) -> None:
-        with self._cv:
-            self._read_owner = None
-            # Wake who may read next: another next_event, or the reader thread for a
-            # waiting command (not on every event: that would wake the reader each time).
-            if self._consumers > consumer or self._waiters or self._closed:
-                self._cv.notify_all()
+        with self._lock:
+            self._release_reading_locked(consumer)
+
+    def _release_reading_locked(self, consumer: bool) -> None:
+        self._read_owner = None
+        # Wake who may read next: another next_event, or the reader thread for a waiting
+        # command (not on every event: that would wake the reader each time).
+        if self._consumers > consumer or self._waiters or self._closed:
+            self._cv.notify_all()
 
     def _receive(self, data: bytes, may_wait: bool) -> None:
         """Decode and dispatch what the owner of reading received (b"": end of stream).
@@ -308,13 +313,13 @@ class Session:
         the reader thread may wait for queue space (back-pressure); a consumer never does.
         """
         if not data:
-            with self._cv:
+            with self._lock:
                 if self._closed:
                     return
                 self._proto.receive_eof()
             raise ConnectionClosed("host closed the connection")
         bad: ProtocolError | None = None
-        with self._cv:
+        with self._lock:
             try:
                 msgs = self._proto.receive_data(data)
             except ProtocolError as exc:
@@ -334,17 +339,19 @@ class Session:
             try:
                 data = self._sock.recv(self._consumer_recv_size, socket.MSG_DONTWAIT)
             except BlockingIOError:
+                ready = False
                 if self.spin_us:
-                    self._spin_for_input(time.monotonic() + self.spin_us / 1e6, deadline)
+                    ready = self._spin_for_input(time.monotonic() + self.spin_us / 1e6, deadline)
                 elif self._reply_spin_until:
                     end, self._reply_spin_until = self._reply_spin_until, 0.0
-                    self._spin_for_input(end, deadline)
-                if deadline is None:
-                    wait_ms = -1
-                else:
-                    wait_ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
-                if not self._poll.poll(wait_ms):
-                    return
+                    ready = self._spin_for_input(end, deadline)
+                if not ready:
+                    if deadline is None:
+                        wait_ms = -1
+                    else:
+                        wait_ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
+                    if not self._poll.poll(wait_ms):
+                        return
                 try:
                     data = self._sock.recv(self._consumer_recv_size, socket.MSG_DONTWAIT)
                 except BlockingIOError:
@@ -359,17 +366,19 @@ class Session:
             log.exception("kvmi reader failed")
             self._shutdown(exc)
 
-    def _spin_for_input(self, end: float, deadline: float | None) -> None:
-        """Poll without sleeping until input arrives or monotonic time `end` (or the
-        deadline, if sooner) passes."""
+    def _spin_for_input(self, end: float, deadline: float | None) -> bool:
+        """Poll without sleeping until input arrives (True) or monotonic time `end` (or the
+        deadline, if sooner) passes (False)."""
         poll, clock = self._poll.poll, time.monotonic
         if deadline is not None:
             end = min(end, deadline)
-        while not poll(0) and clock() < end:
-            pass
+        while not poll(0):
+            if clock() >= end:
+                return False
+        return True
 
     def _dispatch_reply(self, reply: CommandReply) -> None:
-        with self._cv:
+        with self._lock:
             waiter = self._waiters.pop(reply.seq, None)
             if waiter is None:
                 return  # its command timed out meanwhile
@@ -379,7 +388,7 @@ class Session:
             waiter.done.set()
 
     def _dispatch_event(self, event: Event, may_wait: bool = True) -> None:
-        with self._cv:
+        with self._lock:
             if not self.blocking:
                 event.blocking = False
             q = self._queue
@@ -408,51 +417,67 @@ class Session:
 
         Raises :class:`ConnectionClosed` once the connection is closed and the queue is empty.
         """
-        cv = self._cv
-        with cv:  # fast path: an event is already queued (one lock round trip)
-            if self._queue:
-                event = self._queue.popleft()
-                if len(self._queue) + 1 >= self._soft_limit:
-                    cv.notify_all()  # a reader held back by a full queue
+        lock, cv, q = self._lock, self._cv, self._queue
+        with lock:  # fast path: an event is already queued (one lock round trip)
+            if q:
                 self._consumer_left = time.monotonic()  # keeps the reader thread parked
-                return event
-        deadline = None if timeout is None else time.monotonic() + timeout
-        me = threading.current_thread()
-        with cv:
+                return self._pop_event()
             self._consumers += 1
+        counted = True  # in self._consumers; a section that returns takes it out
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
-                with cv:
+                with lock:
                     while True:
-                        if self._queue:
-                            event = self._queue.popleft()
-                            if len(self._queue) + 1 >= self._soft_limit:
-                                cv.notify_all()  # a reader held back by a full queue
-                            return event
+                        if q:
+                            counted = False
+                            self._leave_consumers()
+                            return self._pop_event()
                         if self._closed:
                             raise ConnectionClosed("session closed", self.error)
                         if self._read_owner is None:
-                            self._read_owner = me
+                            self._read_owner = threading.get_ident()
                             break
                         if deadline is None:
                             cv.wait()
                         else:
                             left = deadline - time.monotonic()
                             if left <= 0:
+                                counted = False
+                                self._leave_consumers()
                                 return None
                             cv.wait(left)
                 try:
                     self._read_as_consumer(deadline)
-                finally:
+                except BaseException:  # it handles the rest itself
                     self._release_reading(consumer=True)
-                if deadline is not None and time.monotonic() >= deadline:
-                    with cv:
-                        if not self._queue:
-                            return None
+                    raise
+                with lock:  # give up reading, and take what it queued
+                    self._release_reading_locked(consumer=True)
+                    if q:
+                        counted = False
+                        self._leave_consumers()
+                        return self._pop_event()
+                    if deadline is not None and time.monotonic() >= deadline:
+                        counted = False
+                        self._leave_consumers()
+                        return None
         finally:
-            with cv:
-                self._consumers -= 1
-                self._consumer_left = time.monotonic()
+            if counted:
+                with lock:
+                    self._leave_consumers()
+
+    def _pop_event(self) -> Event:
+        """With the lock held: the first queued event."""
+        event = self._queue.popleft()
+        if len(self._queue) + 1 >= self._soft_limit:
+            self._cv.notify_all()  # a reader held back by a full queue
+        return event
+
+    def _leave_consumers(self) -> None:
+        """With the lock held: a thread leaves next_event."""
+        self._consumers -= 1
+        self._consumer_left = time.monotonic()
 
     def reply(self, event: Event, action: int = abi.KVMI_EVENT_ACTION_CONTINUE,
               **reply: Any) -> None:
@@ -465,7 +490,7 @@ class Session:
         data = encode_event_reply(event, action, **reply)  # validates before state changes
         if not event.blocking:
             return
-        with self._cv:
+        with self._lock:
             if self._outstanding.get(event.seq) is not event:
                 raise EventReplyError(f"{event.name} seq {event.seq} was already replied "
                                       "(or does not belong to this session)")
@@ -476,12 +501,12 @@ class Session:
 
     def unanswered(self) -> list[Event]:
         """Blocking events received (queued or handed out) and not replied yet."""
-        with self._cv:
+        with self._lock:
             return list(self._outstanding.values())
 
     def pending_events(self) -> int:
         """Number of events queued and not yet returned by :meth:`next_event`."""
-        with self._cv:
+        with self._lock:
             return len(self._queue)
 
     # -- commands -------------------------------------------------------------------------
@@ -509,7 +534,7 @@ class Session:
             raise ValueError("KVMI_CONTROL_CMD_RESPONSE would stop command replies; "
                              "Session needs one reply per command")
         with self._send_lock:
-            with self._cv:
+            with self._lock:
                 if self._closed or self._proto.state != "ready":
                     raise ConnectionClosed("session closed", self.error)
                 seq, data = self._proto.command(msg_id, payload, vcpu)
@@ -523,7 +548,7 @@ class Session:
                 self._shutdown(ConnectionClosed("send failed", exc))
         wait = self.command_timeout if timeout is None else timeout
         if not waiter.done.wait(wait):
-            with self._cv:  # the reader completes waiters under this lock: no lost reply
+            with self._lock:  # the reader completes waiters under this lock: no lost reply
                 if not waiter.done.is_set():
                     self._waiters.pop(seq, None)
                     self._proto.abandon(seq)
