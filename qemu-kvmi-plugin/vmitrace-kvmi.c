@@ -2164,23 +2164,29 @@ static void set_connection(int fd)
     g_mutex_unlock(&read_lock);
 }
 
-/*
- * With read_lock held: wait up to wait_ms for a message, then read it whole
- * and dispatch it. A message that starts must be complete within the reply
- * timeout, or the peer is considered broken.
- */
-static enum read_result read_one_message(int fd, unsigned generation, int wait_ms,
-                                         uint8_t *payload)
+/* Whether fd has input (or an error to read) within wait_ms: READ_DONE if so. */
+static enum read_result wait_for_input(int fd, int wait_ms)
 {
     struct pollfd pfd = { .fd = fd, .events = POLLIN };
-    struct kvmi_msg_hdr hdr;
     int ready = poll(&pfd, 1, wait_ms);
 
-    if (ready == 0 || (ready < 0 && errno == EINTR)) {
-        return READ_NOTHING;
+    if (ready > 0) {
+        return READ_DONE;
     }
+    return ready == 0 || errno == EINTR ? READ_NOTHING : READ_BROKEN;
+}
+
+/*
+ * With read_lock held, fd readable: read a message whole and dispatch it. A
+ * message that starts must be complete within the reply timeout, or the peer
+ * is considered broken.
+ */
+static enum read_result read_one_message(int fd, unsigned generation, uint8_t *payload)
+{
+    struct kvmi_msg_hdr hdr;
     gint64 deadline = deadline_after(cfg.reply_timeout_ms);
-    if (ready < 0 || !read_all(fd, &hdr, sizeof(hdr), deadline)) {
+
+    if (!read_all(fd, &hdr, sizeof(hdr), deadline)) {
         return READ_BROKEN; /* also the introspector's orderly close */
     }
     size_t max = hdr.id == VMITRACE_SET_CAPTURE_TABLE ? VMITRACE_TABLE_MSG_SIZE : KVMI_MSG_SIZE;
@@ -2228,10 +2234,11 @@ static enum read_result read_as_vcpu(struct vcpu *v, unsigned generation, int wa
     int fd = conn.generation == generation ? conn.fd : -1;
     g_mutex_unlock(&conn.write_lock);
     if (fd >= 0) {
-        if (cfg.spin_us) {
-            spin_for_input(fd);
+        /* after a busy-poll that saw input, no second look */
+        got = cfg.spin_us && spin_for_input(fd) ? READ_DONE : wait_for_input(fd, wait_ms);
+        if (got == READ_DONE) {
+            got = read_one_message(fd, generation, v->rx);
         }
-        got = read_one_message(fd, generation, wait_ms, v->rx);
         if (got == READ_BROKEN) {
             shutdown(fd, SHUT_RDWR); /* the reader thread cleans up */
             __atomic_store_n(&read_broken, true, __ATOMIC_RELEASE);
@@ -2285,8 +2292,10 @@ static void serve_connection(int fd, unsigned generation)
         }
         /* Readable, but a waiting vCPU may take the message first: look again. */
         g_mutex_lock(&read_lock);
-        enum read_result got = ready < 0 ? READ_BROKEN : read_one_message(fd, generation, 0,
-                                                                          payload);
+        enum read_result got = ready < 0 ? READ_BROKEN : wait_for_input(fd, 0);
+        if (got == READ_DONE) {
+            got = read_one_message(fd, generation, payload);
+        }
         g_mutex_unlock(&read_lock);
         if (got == READ_BROKEN) {
             break;
