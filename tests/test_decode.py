@@ -8,7 +8,7 @@ import struct
 from test_memory_support import GuestImage
 from tracer.decode import Limits, SyscallDecoder, SyscallInfo
 from tracer.decode import consts as c
-from tracer.decode.syscalls import RETURN_VALUE, CaptureSpec
+from tracer.decode.syscalls import NOT_READ_BEFORE_EXIT, RETURN_VALUE, CaptureSpec
 from tracer.kvmi.events import PointerCapture
 from tracer.memory import CapturedMemory, UnreadableMemory
 
@@ -207,10 +207,38 @@ def test_execve_argv_envp_exact_and_bounded():
         img.write_u64(U + i * 8, p)
     img.write_u64(U + 0x800, 0)  # empty envp
     call = dec.decode_entry(img.mem, img.cr3, 59, [ptrs[0], U, U + 0x800])
+    assert call.typed["path"] == "/bin/busybox"
+    # argv and envp wait for the exit; a failed execve leaves them in the caller's memory
+    assert call.at_exit == [1, 2] and call.argv is None
+    assert args_by_name(call)["argv"]["error"] == NOT_READ_BEFORE_EXIT
+    dec.decode_exit(img.mem, img.cr3, call, -13)
     assert call.argv == ["/bin/busybox", "sh", "-c", "exit 42"]
     assert json.loads(args_by_name(call)["argv"]["value"]) == call.argv
-    assert args_by_name(call)["envp"]["value"] == "[]"
-    assert call.typed["path"] == "/bin/busybox"
+    assert args_by_name(call)["envp"]["value"] == "[]" and call.at_exit == []
+
+
+def test_execve_success_takes_argv_and_envp_from_the_new_stack_within_bounds():
+    img, dec = setup()
+    dec = SyscallDecoder(TABLE, Limits(max_argv=3, max_argv_string=4))
+    img.write(U + 0x100, b"/bin/sh\0")
+    call = dec.decode_entry(img.mem, img.cr3, 59, [U + 0x100, U, U + 0x800])
+    dec.decode_exit(img.mem, img.cr3, call, 0)  # success: the caller's memory is gone
+    assert call.at_exit == [1, 2]
+    dec.complete_exec(call, {"argv": (["sh", "-c", "", "x"], False),
+                             "envp": (["A=1", "LONGER=2"], False)})
+    argv, envp = args_by_name(call)["argv"], args_by_name(call)["envp"]
+    assert call.argv == ["sh", "-c", ""] and argv["truncated"] and argv["error"] is None
+    assert json.loads(envp["value"]) == ["A=1", "LONG"] and envp["truncated"]
+    assert args_by_name(call)["filename"]["value"] == "/bin/sh"  # read at entry: kept
+
+
+def test_execve_success_without_a_readable_new_stack_flags_argv():
+    img, dec = setup()
+    call = dec.decode_entry(img.mem, img.cr3, 59, [0, U, 0])
+    dec.decode_exit(img.mem, img.cr3, call, 0)
+    dec.complete_exec(call, {})
+    assert args_by_name(call)["argv"]["error"] == "unreadable on the new stack"
+    assert args_by_name(call)["envp"]["value"] == "NULL"  # NULL: nothing left to read
 
 
 def test_execve_argv_without_terminator_is_cut():
@@ -221,6 +249,7 @@ def test_execve_argv_without_terminator_is_cut():
     for i in range(512):  # a page full of pointers and no NULL
         img.write_u64(U + i * 8, U + 0x1000)
     call = dec.decode_entry(img.mem, img.cr3, 59, [U + 0x1000, U, 0])
+    dec.decode_exit(img.mem, img.cr3, call, -2)
     assert call.argv == ["x"] * 5 and args_by_name(call)["argv"]["truncated"]
 
 
@@ -229,6 +258,7 @@ def test_execve_argv_pointing_to_unmapped_string_is_flagged():
     img.write_u64(U, U + 0x50_0000)
     img.write_u64(U + 8, 0)
     call = dec.decode_entry(img.mem, img.cr3, 59, [0, U, 0])
+    dec.decode_exit(img.mem, img.cr3, call, -2)
     arg = args_by_name(call)["argv"]
     assert arg["error"].startswith("unreadable") and call.retry == []  # never retried
 
@@ -390,6 +420,7 @@ def test_ia32_execve_reads_32_bit_pointer_arrays():
     img.write(L, b"".join(struct.pack("<I", p) for p in ptrs + [0]))
     img.write(L + 0x800, bytes(4))
     call = dec.decode_entry(img.mem, img.cr3, 11, [ptrs[0], L, L + 0x800, 0, 0, 0])
+    dec.decode_exit(img.mem, img.cr3, call, -2)
     assert call.argv == ["/bin/busybox", "sh", "-c", "exit 42"]
     assert args_by_name(call)["envp"]["value"] == "[]"
 
@@ -399,6 +430,7 @@ def test_ia32_pointer_array_without_terminator_is_cut():
     img.write(L + 0x1000, b"x\0")
     img.write(L, struct.pack("<I", L + 0x1000) * 1024)  # a page full of pointers, no NULL
     call = dec.decode_entry(img.mem, img.cr3, 11, [L + 0x1000, L, 0, 0, 0, 0])
+    dec.decode_exit(img.mem, img.cr3, call, -2)
     assert call.argv == ["x"] * 5 and args_by_name(call)["argv"]["truncated"]
 
 

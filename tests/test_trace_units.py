@@ -291,7 +291,7 @@ def test_host_without_instrumentation_breakpoints_is_refused_clearly():
         tracer.start()
 
 
-def test_exec_args_recovered_only_when_unreadable_at_entry():
+def test_exec_args_recovered_when_unreadable_at_entry_or_left_for_the_exit():
     table = {59: SyscallInfo(59, "execve", (("const char *", "filename"),
                                             ("const char *const *", "argv"),
                                             ("const char *const *", "envp")))}
@@ -299,11 +299,23 @@ def test_exec_args_recovered_only_when_unreadable_at_entry():
     img = GuestImage()
     call = dec.decode_entry(img.mem, img.cr3, 59, [0x7000_0000, 0x7000_1000, 0])
     assert call.args[0]["error"] and call.args[1]["error"]
-    dec.replace_exec_args(call, {"path": ("/bin/busybox", False),
-                                 "argv": (["/bin/busybox", "sh"], False),
-                                 "envp": (["X=1"], False)})
+    dec.complete_exec(call, {"path": ("/bin/busybox", False),
+                             "argv": (["/bin/busybox", "sh"], False),
+                             "envp": (["X=1"], False)})
     assert call.typed["path"] == "/bin/busybox" and call.argv == ["/bin/busybox", "sh"]
     assert call.args[2]["value"] == "NULL"  # NULL envp was decoded fine at entry: kept
+
+
+def test_string_area_keeps_empty_strings_and_cuts_at_its_bound():
+    """argv ["sh", "", "x", ""] as the kernel lays it on a new stack."""
+    img = GuestImage()
+    img.map_new(0x7000_0000, 1)
+    img.write(0x7000_0000, b"sh\0\0x\0\0")
+    area = (img.mem, img.cr3, 0x7000_0000, 0x7000_0007)
+    assert k.read_string_area(*area) == (["sh", "", "x", ""], False)
+    assert k.read_string_area(*area, limit=5) == (["sh", "", "x"], True)
+    assert k.read_string_area(*area, limit=4) == (["sh", ""], True)
+    assert k.read_string_area(img.mem, img.cr3, 0x7000_0000, 0x7000_0000) == ([], False)
 
 
 def test_loss_records_carry_deltas_per_interval():

@@ -10,6 +10,11 @@ an unreadable page becomes an argument with `error` set, never an exception. IN 
 could not be read at entry (user pages not yet faulted in) are read again at exit, after the
 kernel itself has copied them in - except for execve, whose address space is gone by then.
 
+execve's argv and envp are read at its exit, not at its entry (`DecodedCall.at_exit`): after
+a success from where the kernel copied them onto the new image's stack (what the new program
+really got; `complete_exec`), after a failure from the caller's memory, which the failed
+call left in place. Only the path is read at the entry, so the caller waits less there.
+
 ia32 calls: numbers and names are the fixed i386 ABI (`profiles/data/syscalls_i386.json`);
 where the i386 call has the x86-64 call's prototype, that prototype (and the decoding by name
 below) is reused with every value cut to 32 bits: arguments, longs, pointers, argv entries.
@@ -87,6 +92,8 @@ class DecodedCall:
     errno: str | None = None
     # positions of IN arguments to read again at exit (unreadable at entry)
     retry: list[int] = field(default_factory=list)
+    # positions of execve's argv and envp, left for its exit (decode_exit, complete_exec)
+    at_exit: list[int] = field(default_factory=list)
 
 
 # Kinds of argument, by syscall name and position. Positions not listed fall back to the
@@ -166,6 +173,10 @@ _MEMORY_KINDS = _OUT_KINDS | {_PATH, "target_path", _STR, "buf_in", "sockaddr_in
                               "msghdr_in", "clone_args", "argv", "envp"}
 _O_CREAT_OR_TMPFILE = 0o100 | 0o20000000
 _NO_RETRY = frozenset({"execve", "execveat", "exit", "exit_group"})
+# Kinds of execve's arguments read at its exit.
+_EXEC_STRINGS = frozenset({"argv", "envp"})
+# What an argument left for the exit shows until then (a call that never returned).
+NOT_READ_BEFORE_EXIT = "not read: the call did not return"
 
 _STAT = struct.Struct("<QQQIII4xQqqq")  # dev ino nlink mode uid gid rdev size blksize blocks
 _STATX = struct.Struct("<IIQIIIH2xQQ")  # mask blksize attributes nlink uid gid mode ino size
@@ -350,6 +361,11 @@ class SyscallDecoder:
             kind = spec[pos] if pos < len(spec) else None
             if kind in _OUT_KINDS:
                 call.args.append(_arg(arg_name, c_type, _pointer(raw_args[pos])))
+                continue
+            if kind in _EXEC_STRINGS and raw_args[pos]:
+                call.args.append(_arg(arg_name, c_type, _pointer(raw_args[pos]),
+                                      error=NOT_READ_BEFORE_EXIT))
+                call.at_exit.append(pos)
                 continue
             arg = self._decode_in(call, mem, cr3, pos, kind, c_type, arg_name, raw_args)
             call.args.append(arg)
@@ -608,6 +624,11 @@ class SyscallDecoder:
             kind = spec[pos] if pos < len(spec) else None
             call.args[pos] = self._decode_in(call, mem, cr3, pos, kind, c_type, arg_name, raw)
         if call.errno is not None:
+            for pos in call.at_exit:  # a failed execve left the caller's memory as it was
+                c_type, arg_name = info.prototype[pos]
+                call.args[pos] = self._decode_in(call, mem, cr3, pos, spec[pos], c_type,
+                                                 arg_name, raw)
+            call.at_exit.clear()
             return call
         for pos, kind in enumerate(spec[:len(raw)]):
             if kind in _OUT_KINDS:
@@ -666,15 +687,15 @@ class SyscallDecoder:
             return _arg(arg_name, c_type, _pointer(gva), error=f"unreadable at {exc.address:#x}")
         raise AssertionError(f"unknown OUT kind {kind}")
 
-    def replace_exec_args(self, call: DecodedCall, recovered: Mapping[str, Any]) -> None:
-        """Complete execve/execveat arguments that were unreadable at entry from the new image.
-
-        After a successful execve the kernel has copied the filename, argv and envp onto the
-        new stack (`recovered`: {"path": (str, truncated), "argv"/"envp": (list, truncated)}):
-        exact values even when the caller's pages were not present at entry (a forked child
-        whose file-backed pages were never faulted in, for instance).
+    def complete_exec(self, call: DecodedCall, recovered: Mapping[str, Any]) -> None:
+        """Complete a successful execve/execveat from the new image: its argv and envp (left
+        for the exit) and any argument unreadable at entry, taken from where the kernel
+        copied them onto the new stack (`recovered`: {"path": (str, truncated),
+        "argv"/"envp": (list, truncated)}), within the bounds of an entry's (max_argv
+        strings of max_argv_string characters).
         """
         spec = _SPECS.get(call.name, ())
+        lim = self.limits
         for kind, (value, truncated) in recovered.items():
             if kind not in spec:
                 continue
@@ -682,12 +703,23 @@ class SyscallDecoder:
             old = call.args[pos]
             if old["error"] is None:
                 continue  # read completely at entry: keep it
+            if kind in _EXEC_STRINGS:
+                truncated = truncated or len(value) > lim.max_argv or \
+                    any(len(v) > lim.max_argv_string for v in value)
+                value = [v[:lim.max_argv_string] for v in value[:lim.max_argv]]
+                if truncated:
+                    self.counters.truncated += 1
             text = value if isinstance(value, str) else json.dumps(value)
             call.args[pos] = _arg(old["name"], old["type"], text, truncated=truncated)
             if kind == "argv":
                 call.argv = list(value)
             elif kind == _PATH:
                 call.typed["path"] = value
+        for pos in call.at_exit:
+            if call.args[pos]["error"] == NOT_READ_BEFORE_EXIT:  # none on the new stack
+                self.counters.unreadable += 1
+                call.args[pos] = dict(call.args[pos], error="unreadable on the new stack")
+        call.at_exit.clear()
 
     def truncated_values(self, call: DecodedCall) -> int:
         """Arguments cut by a bound (strings, paths, argv, sockaddrs). Buffer previews are

@@ -55,7 +55,9 @@ user memory cannot change meanwhile, since the caller waits in the kernel, unles
 thread of the process writes it (the same window strace has). Calls that replace or end the
 address space (execve, exit) or change the task's credentials or name are decoded before the
 reply (DECODED_AT_ENTRY); so are OUT parameters at exit, which the caller may reuse as soon
-as it runs.
+as it runs. execve's entry reads only its path: its argv and envp are read at its exit, where
+the new image's stack holds what the kernel copied (or, after a failure, the caller's memory
+still holds them).
 
 Where the host offers it (vmitrace's VMITRACE_SET_BREAKPOINT_EX), the host copies pt_regs
 and the current task into both events at the hit (no reads on the way to the reply), and
@@ -603,8 +605,8 @@ class SyscallMonitor:
 
     def _after_exec(self, cr3: int, task: int, call: DecodedCall | None) -> Any:
         """A task replaced its image: refresh what is known of it, complete the execve's
-        unreadable arguments from the new stack, emit the exec lifecycle record (built after
-        the reply, from what was read before it)."""
+        argv, envp and unreadable arguments from the new stack, emit the exec lifecycle
+        record (built after the reply, from what was read before it)."""
         ctx = self.ctx
         ctx.tasks.forget(task)
         try:
@@ -612,9 +614,11 @@ class SyscallMonitor:
             recovered = ctx.tasks.exec_strings(cr3, task)
         except UnreadableMemory:
             ctx.loss.add("unreadable_task")
+            info, recovered = None, {}
+        if call is not None:  # argv, envp and what was unreadable at entry
+            self.decoder.complete_exec(call, recovered)  # by name: either ABI's decoder
+        if info is None:
             return None
-        if call is not None and any(a["error"] for a in call.args):
-            self.decoder.replace_exec_args(call, recovered)  # by name: either ABI's decoder
         if ctx.filters.task_selected(info.pid, info.tid, info.comm):
             path = recovered.get("path", (None, False))[0]
             ctx.defer(partial(ctx.record, KIND_PROCESS, "exec", ctx.clock(), action="exec",
