@@ -221,8 +221,11 @@ class TaskReader:
     def forget(self, task: int) -> None:
         self.cache.pop(task, None)
 
-    def info(self, cr3: int, task: int, user_cr3: int | None = None) -> TaskInfo:
-        """Attributes of `task` (kernel reads under `cr3`, user memory under `user_cr3`)."""
+    def info(self, cr3: int, task: int, user_cr3: int | None = None,
+             argv: list[str] | None = None) -> TaskInfo:
+        """Attributes of `task` (kernel reads under `cr3`, user memory under `user_cr3`).
+        `argv`: its arguments, already read (an exec's, from its new stack), for a task not
+        cached: its argument area is then not read again."""
         cached = self.cache.get(task)
         if cached is not None:
             if cached.missing and user_cr3 is not None:
@@ -233,13 +236,14 @@ class TaskReader:
                     cached.parent_task:
                 self._read_parent(cached, cr3)
             return cached
-        info = self._read(cr3, task, user_cr3)
+        info = self._read(cr3, task, user_cr3, argv)
         if len(self.cache) >= self.max_cached:
             self.cache.clear()
         self.cache[task] = info
         return info
 
-    def _read(self, cr3: int, task: int, user_cr3: int | None) -> TaskInfo:
+    def _read(self, cr3: int, task: int, user_cr3: int | None,
+              argv: list[str] | None) -> TaskInfo:
         t = self.layout.task
         mem = self.mem
         tid = mem.read_int(cr3, task + t["pid"], 4, signed=True)
@@ -266,6 +270,9 @@ class TaskReader:
             info.process_uid = f"{self.vm_id}/{pid}/{leader_start}"
         self._read_parent(info, cr3)
         info.missing = {"exe", "cmdline"} if not info.kthread else set()
+        if argv is not None and info.missing:
+            info.argv, info.cmdline = argv, " ".join(argv)
+            info.missing.discard("cmdline")
         if user_cr3 is not None and info.missing:
             self._fill_process(info, cr3, user_cr3)
         return info

@@ -100,7 +100,7 @@ import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from sinks.schema import KIND_PROCESS, KIND_SYSCALL
 from tracer.decode import DecodedCall, SyscallDecoder
@@ -521,7 +521,7 @@ class SyscallMonitor:
         ret = pt[k.R_AX]
         if call is None:  # filtered out; lifecycle and caches still follow it
             if pending.name in EXECS and ret == 0:
-                self._after_exec(cr3, task, None)
+                self._after_exec(cr3, task, None, None)
             elif pending.name in CHANGES_TASK:
                 ctx.tasks.forget(task)
             return
@@ -536,9 +536,10 @@ class SyscallMonitor:
         self._count_live_reads(mem, waited=event.blocking)
         info = pending.info
         if call.name in EXECS and call.ret == 0:
-            info = self._after_exec(cr3, task, call) or info
-            ctx.defer(partial(self._emit, abi, call, info, pending.time_ns, pending.vcpu,
-                              pending.user_ip, cr3, event_type="call", exit_vcpu=event.vcpu))
+            self._after_exec(cr3, task, call, partial(
+                self._emit, abi, call, time_ns=pending.time_ns, vcpu=pending.vcpu,
+                user_ip=pending.user_ip, cr3=cr3, event_type="call", exit_vcpu=event.vcpu),
+                fallback_info=info)
             return
         if call.name in CHANGES_TASK:
             ctx.tasks.forget(task)
@@ -603,25 +604,39 @@ class SyscallMonitor:
             syscall_nr=call.nr, args=list(call.raw_args), ret=call.ret, errno=call.errno,
             decoded_args=call.args, argv=call.argv, extra=extra or None, **call.typed)
 
-    def _after_exec(self, cr3: int, task: int, call: DecodedCall | None) -> Any:
-        """A task replaced its image: refresh what is known of it, complete the execve's
-        argv, envp and unreadable arguments from the new stack, emit the exec lifecycle
-        record (built after the reply, from what was read before it)."""
+    def _after_exec(self, cr3: int, task: int, call: DecodedCall | None,
+                    emit_call: Callable[..., None] | None, fallback_info: Any = None) -> None:
+        """A task replaced its image. Before the reply, read what the new program may
+        overwrite as soon as it runs: the filename, argv and envp on its new stack, which
+        complete the execve's arguments. After it (deferred), read the task's kernel state,
+        which only its later events (handled after this work) can change, and emit the
+        exec lifecycle record, then the call's (`emit_call(info=...)`, with
+        `fallback_info` if the task is unreadable)."""
         ctx = self.ctx
+        now = ctx.clock()
         ctx.tasks.forget(task)
         try:
-            info = ctx.tasks.info(cr3, task, user_cr3=cr3)
             recovered = ctx.tasks.exec_strings(cr3, task)
         except UnreadableMemory:
             ctx.loss.add("unreadable_task")
-            info, recovered = None, {}
+            recovered = {}
         if call is not None:  # argv, envp and what was unreadable at entry
             self.decoder.complete_exec(call, recovered)  # by name: either ABI's decoder
-        if info is None:
-            return None
-        if ctx.filters.task_selected(info.pid, info.tid, info.comm):
-            path = recovered.get("path", (None, False))[0]
-            ctx.defer(partial(ctx.record, KIND_PROCESS, "exec", ctx.clock(), action="exec",
-                              **process_fields(info), argv=info.argv, path=path,
-                              parent_process_uid=info.parent_process_uid))
-        return info
+        ctx.defer(partial(self._exec_records, cr3, task, recovered, now, emit_call,
+                          fallback_info))
+
+    def _exec_records(self, cr3: int, task: int, recovered: dict[str, Any], time_ns: int,
+                      emit_call: Callable[..., None] | None, fallback_info: Any) -> None:
+        ctx = self.ctx
+        argv = recovered.get("argv", (None, False))[0]
+        try:
+            info = ctx.tasks.info(cr3, task, user_cr3=cr3, argv=argv)
+        except UnreadableMemory:
+            ctx.loss.add("unreadable_task")
+            info = None
+        if info is not None and ctx.filters.task_selected(info.pid, info.tid, info.comm):
+            ctx.record(KIND_PROCESS, "exec", time_ns, action="exec", **process_fields(info),
+                       argv=info.argv, path=recovered.get("path", (None, False))[0],
+                       parent_process_uid=info.parent_process_uid)
+        if emit_call is not None:
+            emit_call(info=info or fallback_info)
