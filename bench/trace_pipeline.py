@@ -23,7 +23,9 @@ Switching events off in mid-run strands the syscalls in flight at that moment: e
 unpaired entries among the losses, from the benchmark itself.
 
 Reported per traced state: wall-time ratio against untraced of the medians (what the guest
-feels) and of the fastest runs, the CPU-time ratio (QEMU plus collector, traced, over QEMU
+feels) and of the fastest runs, the median and quartiles of the ratios of back-to-back runs
+(each traced run against the untraced run just before it: their spread shows the machine's
+noise), the CPU-time ratio (QEMU plus collector, traced, over QEMU
 untraced), the collector process's CPU time per KVMI event (all its threads: session reader,
 event loop, sink), how many events made their vCPU wait; and the load average (the machine
 is shared; compare ratios, not times).
@@ -49,6 +51,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from guestlab.guest import Guest  # noqa: E402
+from ratios import paired  # noqa: E402
 from tracer.collector import Collector, TraceOptions  # noqa: E402
 from tracer.kvmi import abi  # noqa: E402
 from tracer.kvmi.transport import Listener  # noqa: E402
@@ -189,9 +192,11 @@ def main() -> None:
     }
     for state in states[1:]:
         cpu = collector_cpu[state]
+        pair_median, pair_q1, pair_q3 = paired(wall["untraced"], wall[state])
         result[state] = {
             "ratio": round(statistics.median(wall[state]) / base, 3),
             "best_ratio": round(min(wall[state]) / min(wall["untraced"]), 3),
+            "paired_ratio": [round(pair_median, 3), round(pair_q1, 3), round(pair_q3, 3)],
             # (QEMU + collector) traced over QEMU untraced: steadier than wall time on a
             # loaded machine
             "cpu_ratio": round((qemu_cpu[state] + cpu) / qemu_cpu["untraced"], 3)
@@ -205,8 +210,10 @@ def main() -> None:
         print("host without VMITRACE_SET_BREAKPOINT_EX: every entry waits", file=sys.stderr)
     for state in states[1:]:
         r = result[state]
+        median, q1, q3 = r["paired_ratio"]
         print(f"{state}/untraced = {r['ratio']}x wall (median), {r['best_ratio']}x (fastest "
-              f"runs), {r['cpu_ratio']}x CPU; collector CPU {r['cpu_us_per_event']} us/event; "
+              f"runs), back-to-back runs {median}x ({q1}-{q3}x quartiles), {r['cpu_ratio']}x "
+              f"CPU; collector CPU {r['cpu_us_per_event']} us/event; "
               f"{r['waited']} of {r['events']} events waited",
               file=sys.stderr)
     print("goal (issue 5): <= 1.5x with blocking delivery", file=sys.stderr)
