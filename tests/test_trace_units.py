@@ -306,15 +306,15 @@ def test_exec_args_recovered_when_unreadable_at_entry_or_left_for_the_exit():
     assert call.args[2]["value"] == "NULL"  # NULL envp was decoded fine at entry: kept
 
 
-def test_string_area_keeps_empty_strings_and_cuts_at_its_bound():
-    """argv ["sh", "", "x", ""] as the kernel lays it on a new stack."""
+def test_string_area_ends_at_trailing_nuls_and_cuts_at_its_bound():
+    """argv ["sh", "", "x"] as the kernel lays it on a new stack, with a padding NUL."""
     img = GuestImage()
     img.map_new(0x7000_0000, 1)
     img.write(0x7000_0000, b"sh\0\0x\0\0")
     area = (img.mem, img.cr3, 0x7000_0000, 0x7000_0007)
-    assert k.read_string_area(*area) == (["sh", "", "x", ""], False)
+    assert k.read_string_area(*area) == (["sh", "", "x"], False)
     assert k.read_string_area(*area, limit=5) == (["sh", "", "x"], True)
-    assert k.read_string_area(*area, limit=4) == (["sh", ""], True)
+    assert k.read_string_area(*area, limit=4) == (["sh"], True)
     assert k.read_string_area(img.mem, img.cr3, 0x7000_0000, 0x7000_0000) == ([], False)
 
 

@@ -441,13 +441,13 @@ class TaskReader:
 
 def read_string_area(mem: GuestMemory, cr3: int, start: int, end: int,
                      limit: int = MAX_CMDLINE) -> tuple[list[str], bool]:
-    """NUL-terminated strings in [start, end) (argv or envp on a new stack), bounded; the
-    last one cut if the bound cuts the area. Empty strings are kept, the last one too."""
+    """NUL-separated strings in [start, end) (argv or envp on a new stack), bounded; the
+    last one cut if the bound cuts the area. Trailing NULs end the list, as for readers of
+    /proc/PID/cmdline: the kernel's own first exec (init) leaves one more there, so a
+    trailing empty argument cannot be told from padding."""
     size = max(0, min(end - start, limit))
     raw = mem.read_virtual(cr3, start, size) if size else b""
-    parts = raw.split(b"\0") if raw else []
-    if parts and not parts[-1]:
-        parts.pop()  # what follows the last terminator
+    parts = raw.rstrip(b"\0").split(b"\0") if raw else []
     return [p.decode("utf-8", "backslashreplace") for p in parts], end - start > limit
 
 
