@@ -453,7 +453,8 @@ def test_run_on_and_blocking_syscalls_decode_the_same(lab):
     assert {59, 322, 105, 157} <= entries_wait  # execve(at), setuid, prctl
     # exit(_group) need not: the exiting task waits at do_exit before its memory goes
     assert tracer.syscalls.do_exit_waits and not {60, 231} & entries_wait
-    assert ctx.layout.address("do_exit") not in ctx.breakpoint_rules  # a plain breakpoint
+    do_exit_rule = ctx.breakpoint_rules[ctx.layout.address("do_exit")]
+    assert not do_exit_rule.run_on and len(do_exit_rule.captures) == 1  # waits; task copied
     assert not {0, 1, 3, 257} & entries_wait             # read, write, close, openat run on
     waits = set(tracer.syscalls.exits_that_wait())
     assert rules[1].run_on and {59, 43, 46, 47} <= waits  # execve, accept, sendmsg, recvmsg

@@ -35,10 +35,11 @@ class ProcessMonitor:
         """Set the lifecycle breakpoints; returns the names of those the kernel lacks."""
         missing = []
         current = ((VMITRACE_CAPTURE_GS_BASE, self.ctx.layout.current_offset, 8),)
-        # do_exit waits: the task's memory and task_struct go soon after it.
+        # do_exit waits: the task's memory and task_struct go soon after it. The host's copy
+        # of the current task spares a read while it waits.
         for name, handler, rule in (
                 ("ret_from_fork", self.on_fork_return, BreakpointRule(current, run_on=True)),
-                ("do_exit", self.on_exit, None)):
+                ("do_exit", self.on_exit, BreakpointRule(current))):
             address = self.ctx.layout.address(name)
             if address is None:
                 missing.append(name)
@@ -75,17 +76,21 @@ class ProcessMonitor:
             recorded += 1
         return recorded
 
+    def _current_task(self, event: Any, regs: FastRegs) -> int:
+        """The task current at the hit: the host's copy, or read while the vCPU waits."""
+        captured = event.captured
+        if captured is not None and len(captured[0]) == 8:
+            return int.from_bytes(captured[0], "little")
+        if event.blocking:
+            return self.ctx.tasks.current(regs.cr3, regs.gs_base)
+        # the host could not read it, and the vCPU ran on
+        raise UnreadableMemory(regs.gs_base + self.ctx.layout.current_offset,
+                               "current task not captured at the hit")
+
     def on_fork_return(self, event: Any, regs: FastRegs) -> None:
         ctx = self.ctx
-        captured = event.captured
         try:
-            if captured is not None and len(captured[0]) == 8:
-                task = int.from_bytes(captured[0], "little")
-            elif event.blocking:
-                task = ctx.tasks.current(regs.cr3, regs.gs_base)
-            else:  # the host could not read it, and the new task ran on
-                raise UnreadableMemory(regs.gs_base + ctx.layout.current_offset,
-                                       "current task not captured at the hit")
+            task = self._current_task(event, regs)
             ctx.tasks.forget(task)  # a reused task_struct address is a new task
             info = ctx.tasks.info(regs.cr3, task, user_cr3=regs.cr3)
         except UnreadableMemory:
@@ -105,7 +110,7 @@ class ProcessMonitor:
         ctx = self.ctx
         code = regs.rdi & 0xFFFF_FFFF
         try:
-            task = ctx.tasks.current(regs.cr3, regs.gs_base)
+            task = self._current_task(event, regs)
             info = ctx.tasks.info(regs.cr3, task, user_cr3=regs.cr3)
         except UnreadableMemory:
             ctx.loss.add("unreadable_task")

@@ -607,10 +607,10 @@ class SyscallMonitor:
     def _after_exec(self, cr3: int, task: int, call: DecodedCall | None,
                     emit_call: Callable[..., None] | None, fallback_info: Any = None) -> None:
         """A task replaced its image. Before the reply, read what the new program may
-        overwrite as soon as it runs: the filename, argv and envp on its new stack, which
-        complete the execve's arguments. After it (deferred), read the task's kernel state,
-        which only its later events (handled after this work) can change, and emit the
-        exec lifecycle record, then the call's (`emit_call(info=...)`, with
+        overwrite as soon as it runs: the filename, argv and envp on its new stack. After
+        it (deferred), complete the execve's arguments with them, read the task's kernel
+        state, which only its later events (handled after this work) can change, and emit
+        the exec lifecycle record, then the call's (`emit_call(info=...)`, with
         `fallback_info` if the task is unreadable)."""
         ctx = self.ctx
         now = ctx.clock()
@@ -620,14 +620,15 @@ class SyscallMonitor:
         except UnreadableMemory:
             ctx.loss.add("unreadable_task")
             recovered = {}
-        if call is not None:  # argv, envp and what was unreadable at entry
-            self.decoder.complete_exec(call, recovered)  # by name: either ABI's decoder
-        ctx.defer(partial(self._exec_records, cr3, task, recovered, now, emit_call,
+        ctx.defer(partial(self._exec_records, cr3, task, call, recovered, now, emit_call,
                           fallback_info))
 
-    def _exec_records(self, cr3: int, task: int, recovered: dict[str, Any], time_ns: int,
+    def _exec_records(self, cr3: int, task: int, call: DecodedCall | None,
+                      recovered: dict[str, Any], time_ns: int,
                       emit_call: Callable[..., None] | None, fallback_info: Any) -> None:
         ctx = self.ctx
+        if call is not None:  # argv, envp and what was unreadable at entry
+            self.decoder.complete_exec(call, recovered)  # by name: either ABI's decoder
         argv = recovered.get("argv", (None, False))[0]
         try:
             info = ctx.tasks.info(cr3, task, user_cr3=cr3, argv=argv)
