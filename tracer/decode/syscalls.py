@@ -619,15 +619,13 @@ class SyscallDecoder:
             return call
         spec = _SPECS.get(call.name, ())
         raw = call.raw_args
-        for pos in call.retry:
+        # A failed execve left its argv and envp in the caller's memory: read with the rest.
+        again = call.retry + call.at_exit if call.errno is not None else call.retry
+        for pos in again:
             c_type, arg_name = info.prototype[pos]
             kind = spec[pos] if pos < len(spec) else None
             call.args[pos] = self._decode_in(call, mem, cr3, pos, kind, c_type, arg_name, raw)
         if call.errno is not None:
-            for pos in call.at_exit:  # a failed execve left the caller's memory as it was
-                c_type, arg_name = info.prototype[pos]
-                call.args[pos] = self._decode_in(call, mem, cr3, pos, spec[pos], c_type,
-                                                 arg_name, raw)
             call.at_exit.clear()
             return call
         for pos, kind in enumerate(spec[:len(raw)]):
