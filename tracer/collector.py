@@ -44,6 +44,7 @@ it is not implemented and `VmTracer.start` refuses such hosts with a clear Setup
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 import socket
 import threading
@@ -563,6 +564,10 @@ class Collector:
         """
         tracer = VmTracer(session, self.profile_for(session), self.pump, self.options,
                           memory_source, clock)
+        # The profile's symbol tables are most of the heap and live as long as the collector:
+        # a full collection walking them (~60 ms for a Debian kernel's) would stall every vCPU
+        # waiting for a reply meanwhile, so they leave the cyclic GC's view.
+        gc.freeze()
         tracer.event_clock = event_clock
         with self._lock:
             self.tracers.append(tracer)
