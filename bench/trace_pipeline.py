@@ -27,8 +27,9 @@ feels) and of the fastest runs, the median and quartiles of the ratios of back-t
 (each traced run against the untraced run just before it: their spread shows the machine's
 noise), the CPU-time ratio (QEMU plus collector, traced, over QEMU
 untraced), the collector process's CPU time per KVMI event (all its threads: session reader,
-event loop, sink), how many events made their vCPU wait; and the load average (the machine
-is shared; compare ratios, not times).
+event loop, sink), how many events made their vCPU wait, the collector's cyclic-GC pauses
+(any vCPU waiting meanwhile waits for them too); and the load average (the machine is
+shared; compare ratios, not times).
 
 Usage: .venv/bin/python bench/trace_pipeline.py [--kernel 6.1] [--vcpus 1] [--rounds 5]
        [--repeat 3] [--spin-us 0]   (the collector's busy-poll for events, as `vmitrace trace --spin-us`)
@@ -37,6 +38,7 @@ Goal (issue 5): traced <= 1.5x untraced with blocking delivery.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -90,6 +92,27 @@ def set_events(session: Any, vcpus: int, enabled: bool) -> None:
     for vcpu in range(vcpus):
         for event_id in TRACED_EVENTS:
             session.control_events(vcpu, event_id, enabled)
+
+
+class GcPauses:
+    """The collector process's cyclic-GC pauses (gc.callbacks), while `state` is set."""
+
+    def __init__(self) -> None:
+        self.state: str | None = None
+        self.pauses: dict[str, list[float]] = {}
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self.state is not None:
+            self.pauses.setdefault(self.state, []).append(time.perf_counter() - self._start)
+
+    def summary(self, state: str) -> dict[str, float]:
+        pauses = self.pauses.get(state, [])
+        return {"count": len(pauses), "total_ms": round(sum(pauses) * 1e3, 2),
+                "max_ms": round(max(pauses, default=0.0) * 1e3, 2)}
 
 
 def timed(guest: Guest, command: str) -> float:
@@ -156,6 +179,7 @@ def main() -> None:
                       if rule.run_on}
             states = ("untraced", "traced", "blocking") if run_on else ("untraced", "traced")
             wall: dict[str, list[float]] = {state: [] for state in states}
+            gc_pauses = GcPauses()
             qemu_cpu = dict.fromkeys(states, 0.0)
             collector_cpu = dict.fromkeys(states, 0.0)
             events = dict.fromkeys(states, 0)
@@ -171,7 +195,9 @@ def main() -> None:
                     events0, cpu0 = tracer.ctx.events, cpu_seconds()
                     waited0 = events0 - tracer.ctx.events_run_on
                     qemu0 = process_cpu_seconds(guest.pid)
+                    gc_pauses.state = state
                     wall[state].append(timed(guest, work))
+                    gc_pauses.state = None
                     qemu_cpu[state] += process_cpu_seconds(guest.pid) - qemu0
                     collector_cpu[state] += cpu_seconds() - cpu0
                     events[state] += tracer.ctx.events - events0
@@ -204,6 +230,7 @@ def main() -> None:
             "events": events[state],
             "waited": waited[state],
             "cpu_us_per_event": round(cpu / events[state] * 1e6, 1) if events[state] else None,
+            "gc_pauses": gc_pauses.summary(state),
         }
     print(json.dumps(result, indent=1))
     if "blocking" not in result:
@@ -214,7 +241,9 @@ def main() -> None:
         print(f"{state}/untraced = {r['ratio']}x wall (median), {r['best_ratio']}x (fastest "
               f"runs), back-to-back runs {median}x ({q1}-{q3}x quartiles), {r['cpu_ratio']}x "
               f"CPU; collector CPU {r['cpu_us_per_event']} us/event; "
-              f"{r['waited']} of {r['events']} events waited",
+              f"{r['waited']} of {r['events']} events waited; GC paused the collector "
+              f"{r['gc_pauses']['count']} times, {r['gc_pauses']['total_ms']} ms in all "
+              f"(longest {r['gc_pauses']['max_ms']} ms)",
               file=sys.stderr)
     print("goal (issue 5): <= 1.5x with blocking delivery", file=sys.stderr)
 
