@@ -3,6 +3,7 @@ the protocol's own encoder (the guest cannot be made to, e.g., clear CR0.WP on d
 guest memory is an image built in the test."""
 from __future__ import annotations
 
+import gc
 import socket
 import struct
 import threading
@@ -14,7 +15,7 @@ import pytest
 from sinks.schema import RecordFactory, records_to_batch
 from support.kvmi_peer import HostPeer, msr_payload
 from test_memory_support import GuestImage
-from tracer.collector import MemorySink, RecordPump, TraceOptions, VmTracer
+from tracer.collector import MemorySink, RecordPump, TraceOptions, VmTracer, heap_frozen
 from tracer.decode import SyscallDecoder, SyscallInfo
 from tracer.kvmi import abi
 from tracer.kvmi.protocol import build_event, decode_event
@@ -241,6 +242,20 @@ def test_pump_counts_drops_instead_of_blocking():
     pump.close()
     accepted = offered.count(True)
     assert len(sink.records) == accepted
+
+
+def test_heap_is_frozen_while_any_vm_is_traced_and_back_in_view_after():
+    kept = {"cycle": None}
+    kept["cycle"] = kept  # alive, tracked, and a cycle: what a freeze could strand
+    assert gc.get_freeze_count() == 0, "a collector of an earlier test still traces"
+    with heap_frozen():
+        assert gc.get_freeze_count() > 0
+        with heap_frozen():  # a second VM starts, then ends first
+            pass
+        assert gc.get_freeze_count() > 0
+        assert not any(obj is kept for obj in gc.get_objects())
+    assert gc.get_freeze_count() == 0
+    assert any(obj is kept for obj in gc.get_objects())
 
 
 def test_pump_isolates_a_failing_sink():

@@ -44,13 +44,14 @@ it is not implemented and `VmTracer.start` refuses such hosts with a clear Setup
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import logging
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from sinks.schema import KIND_HV_EVENT, RecordFactory
 from profiles.syscalls import i386_abi
@@ -202,6 +203,29 @@ class RecordPump:
 
 
 ProfileSource = Callable[[Any], Any]  # session -> LinuxProfile
+
+_frozen_lock = threading.Lock()
+_frozen_users = 0
+
+
+@contextlib.contextmanager
+def heap_frozen() -> Iterator[None]:
+    """While any VM is traced, the heap as it was when its tracing began is out of the cyclic
+    GC's view (gc.freeze). It is mostly the profiles' symbol tables, which live as long as the
+    collector: a full collection walking them (60-113 ms for a Debian kernel's) would stall
+    every vCPU waiting for a reply meanwhile. When the last VM's tracing ends, the heap is
+    back in view, so that cycles frozen with it are still collected."""
+    global _frozen_users
+    with _frozen_lock:
+        _frozen_users += 1
+        gc.freeze()
+    try:
+        yield
+    finally:
+        with _frozen_lock:
+            _frozen_users -= 1
+            if not _frozen_users:
+                gc.unfreeze()
 
 
 class VmTracer:
@@ -564,18 +588,15 @@ class Collector:
         """
         tracer = VmTracer(session, self.profile_for(session), self.pump, self.options,
                           memory_source, clock)
-        # The profile's symbol tables are most of the heap and live as long as the collector:
-        # a full collection walking them (~60 ms for a Debian kernel's) would stall every vCPU
-        # waiting for a reply meanwhile, so they leave the cyclic GC's view.
-        gc.freeze()
         tracer.event_clock = event_clock
         with self._lock:
             self.tracers.append(tracer)
-        try:
-            tracer.start()
-            tracer.run(self.stop_event, deadline)
-        finally:
-            tracer.close()
+        with heap_frozen():
+            try:
+                tracer.start()
+                tracer.run(self.stop_event, deadline)
+            finally:
+                tracer.close()
         return tracer
 
     def trace_in_thread(self, session: Any, memory_source: PhysicalSource | None = None,
