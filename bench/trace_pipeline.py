@@ -31,6 +31,10 @@ event loop, sink), how many events made their vCPU wait, the collector's cyclic-
 (any vCPU waiting meanwhile waits for them too); and the load average (the machine is
 shared; compare ratios, not times).
 
+With --waits, also where the waits go: for each kind of event that made its vCPU wait, how
+many, and the time from its arrival at the collector to its reply (the wait's part in Python;
+the socket and the wake-ups come on top).
+
 Usage: .venv/bin/python bench/trace_pipeline.py [--kernel 6.1] [--vcpus 1] [--rounds 5]
        [--repeat 3] [--spin-us 0]   (the collector's busy-poll for events, as `vmitrace trace --spin-us`)
 Goal (issue 5): traced <= 1.5x untraced with blocking delivery.
@@ -43,6 +47,7 @@ import json
 import os
 import resource
 import statistics
+import struct
 import sys
 import tempfile
 import time
@@ -56,8 +61,12 @@ from guestlab.guest import Guest  # noqa: E402
 from ratios import paired  # noqa: E402
 from tracer.collector import Collector, TraceOptions  # noqa: E402
 from tracer.kvmi import abi  # noqa: E402
+from tracer.kvmi.events import BreakpointEvent  # noqa: E402
+from tracer.kvmi.protocol import decode_event  # noqa: E402
 from tracer.kvmi.transport import Listener  # noqa: E402
 from tracer.memory import RamFile  # noqa: E402
+from tracer.monitors.base import FastRegs  # noqa: E402
+from tracer.monitors.kernel import PT_REGS_SIZE, R_ORIG_AX  # noqa: E402
 from tracer.trace_cli import profile_for_image  # noqa: E402
 
 
@@ -115,6 +124,54 @@ class GcPauses:
                 "max_ms": round(max(pauses, default=0.0) * 1e3, 2)}
 
 
+class WaitTimes:
+    """With --waits, a Session recorder: for each event that made its vCPU wait, the time
+    from its arrival at the collector to its reply, by what it was (the handler of its
+    breakpoint, and the system call's name where the host captured pt_regs). It decodes
+    every event a second time, so it costs the collector a little: compare with runs
+    without it."""
+
+    def __init__(self) -> None:
+        self.state: str | None = None
+        self.tracer: Any = None
+        self._arrived: dict[int, tuple[int, str]] = {}
+        self.waits: dict[str, dict[str, list[int]]] = {}
+
+    def __call__(self, direction: str, time_ns: int, raw: bytes) -> None:
+        msg_id, size, seq = struct.unpack_from("<HHI", raw)
+        if direction == "in" and msg_id == abi.KVMI_EVENT and self.state is not None:
+            event = decode_event(raw, size, seq)
+            if event.blocking:
+                self._arrived[seq] = (time_ns, self._kind(event))
+        elif direction == "out" and msg_id == abi.KVMI_EVENT_REPLY:
+            arrived = self._arrived.pop(seq, None)
+            if arrived is not None and self.state is not None:
+                kinds = self.waits.setdefault(self.state, {})
+                kinds.setdefault(arrived[1], []).append(time_ns - arrived[0])
+
+    def _kind(self, event: Any) -> str:
+        if not isinstance(event, BreakpointEvent) or self.tracer is None:
+            return type(event).__name__
+        handler = self.tracer.ctx.breakpoints.get(FastRegs(event.raw).rip)
+        kind = getattr(getattr(handler, "func", handler), "__qualname__", "unknown breakpoint")
+        if getattr(handler, "keywords", None):  # the 32-bit sites' handlers take their ABI
+            kind += f"[{handler.keywords['abi'].name}]"
+        pt_regs = event.captured[0] if event.captured else b""
+        if len(pt_regs) == PT_REGS_SIZE:
+            nr = struct.unpack_from("<q", pt_regs, R_ORIG_AX * 8)[0]
+            if "[" in kind or nr not in self.tracer.decoder.syscalls:
+                return f"{kind} nr {nr}"
+            return f"{kind} {self.tracer.decoder.name(nr)}"
+        return kind
+
+    def summary(self, state: str, top: int = 12) -> list[dict[str, Any]]:
+        """The kinds of `state`'s waits, longest total first."""
+        kinds = sorted(self.waits.get(state, {}).items(), key=lambda kv: -sum(kv[1]))
+        return [{"kind": kind, "count": len(times), "total_ms": round(sum(times) / 1e6, 1),
+                 "median_us": round(statistics.median(times) / 1e3),
+                 "max_us": round(max(times) / 1e3)} for kind, times in kinds[:top]]
+
+
 def timed(guest: Guest, command: str) -> float:
     start = time.monotonic()
     status, output = guest.run(command, timeout=1800)
@@ -143,6 +200,8 @@ def main() -> None:
                         help="interleaved untraced/traced runs (medians are reported)")
     parser.add_argument("--spin-us", type=int, default=0,
                         help="collector busy-poll before sleeping for an event")
+    parser.add_argument("--waits", action="store_true",
+                        help="also report where the waits go (adds a little collector work)")
     parser.add_argument("--switch-interval", type=float, default=None,
                         help="sys.setswitchinterval for this process (GIL hand-off latency)")
     args = parser.parse_args()
@@ -154,7 +213,10 @@ def main() -> None:
     profile = profiles.load(profile_for_image(build.ensure(args.kernel, refresh=False).vmlinuz))
     work = guest_work(args.rounds)
     directory = tempfile.mkdtemp(prefix="vmitrace-bench-")
-    with Listener(f"unix:{directory}/kvmi.sock") as listener:
+    wait_times = WaitTimes() if args.waits else None
+    with Listener(f"unix:{directory}/kvmi.sock",
+                  recorder_factory=(lambda handshake: wait_times) if wait_times else None
+                  ) as listener:
         guest = Guest(kernel=args.kernel, vcpus=args.vcpus,
                       plugin_options={"socket": listener.path})
         guest.start()
@@ -173,6 +235,8 @@ def main() -> None:
                     raise SystemExit("collector did not become active")
                 time.sleep(0.1)
             tracer = collector.tracers[0]
+            if wait_times is not None:
+                wait_times.tracer = tracer
             timed(guest, guest_work(1))  # warm caches after the breakpoints' translation flush
             # "blocking" switches every rule that runs on, as --blocking-syscalls would
             run_on = {site: rule for site, rule in tracer.ctx.breakpoint_rules.items()
@@ -196,8 +260,12 @@ def main() -> None:
                     waited0 = events0 - tracer.ctx.events_run_on
                     qemu0 = process_cpu_seconds(guest.pid)
                     gc_pauses.state = state
+                    if wait_times is not None:
+                        wait_times.state = state
                     wall[state].append(timed(guest, work))
                     gc_pauses.state = None
+                    if wait_times is not None:
+                        wait_times.state = None
                     qemu_cpu[state] += process_cpu_seconds(guest.pid) - qemu0
                     collector_cpu[state] += cpu_seconds() - cpu0
                     events[state] += tracer.ctx.events - events0
@@ -232,6 +300,8 @@ def main() -> None:
             "cpu_us_per_event": round(cpu / events[state] * 1e6, 1) if events[state] else None,
             "gc_pauses": gc_pauses.summary(state),
         }
+        if wait_times is not None:
+            result[state]["waits"] = wait_times.summary(state)
     print(json.dumps(result, indent=1))
     if "blocking" not in result:
         print("host without VMITRACE_SET_BREAKPOINT_EX: every entry waits", file=sys.stderr)
@@ -245,6 +315,10 @@ def main() -> None:
               f"{r['gc_pauses']['count']} times, {r['gc_pauses']['total_ms']} ms in all "
               f"(longest {r['gc_pauses']['max_ms']} ms)",
               file=sys.stderr)
+        for wait in r.get("waits", []):
+            print(f"  waits at {wait['kind']}: {wait['count']}, {wait['total_ms']} ms in all "
+                  f"(median {wait['median_us']} us, longest {wait['max_us']} us)",
+                  file=sys.stderr)
     print("goal (issue 5): <= 1.5x with blocking delivery", file=sys.stderr)
 
 
