@@ -438,8 +438,9 @@ def test_no_integrity_alarm_and_few_unpaired(lab):
 
 
 def test_the_profile_is_out_of_the_cyclic_gcs_view(lab):
-    """The collector freezes the heap it starts with: a full collection while vCPUs wait
-    must not walk the profile's tables (124 000 objects for the 6.1 kernel: 60-90 ms)."""
+    """While it traces, the collector keeps the heap it started with out of the cyclic GC's
+    view: a full collection while vCPUs wait must not walk the profile's tables (124 000
+    objects for the 6.1 kernel: 60-113 ms)."""
     assert lab.profile.syscalls
     assert not any(obj is lab.profile.syscalls for obj in gc.get_objects())
 
