@@ -154,12 +154,13 @@ class WaitTimes:
             return type(event).__name__
         handler = self.tracer.ctx.breakpoints.get(FastRegs(event.raw).rip)
         kind = getattr(getattr(handler, "func", handler), "__qualname__", "unknown breakpoint")
-        if getattr(handler, "keywords", None):  # the 32-bit sites' handlers take their ABI
-            kind += f"[{handler.keywords['abi'].name}]"
+        compat_abi = getattr(handler, "keywords", {}).get("abi")  # the 32-bit sites' handlers
+        if compat_abi is not None:
+            kind += f"[{compat_abi.name}]"
         pt_regs = event.captured[0] if event.captured else b""
         if len(pt_regs) == PT_REGS_SIZE:
             nr = struct.unpack_from("<q", pt_regs, R_ORIG_AX * 8)[0]
-            if "[" in kind or nr not in self.tracer.decoder.syscalls:
+            if compat_abi is not None or nr not in self.tracer.decoder.syscalls:
                 return f"{kind} nr {nr}"
             return f"{kind} {self.tracer.decoder.name(nr)}"
         return kind
