@@ -574,6 +574,23 @@ def test_call_interrupted_by_a_handled_signal_keeps_its_return_value(lab):
     assert interrupted.get("errno") == "EINTR" and interrupted["ret"] == -4, interrupted
 
 
+def test_two_signals_at_one_return_keep_the_calls_result(lab):
+    """wl-signals: SIGUSR1 and SIGUSR2 are both delivered at the return of rt_sigsuspend,
+    each with a frame, the second on top; the call's -EINTR is in the first one, reached
+    through the registers the second saved for the first handler."""
+    frames_lost = lab.tracer.ctx.loss.counts["unreadable_signal_frame"]
+    pid, _, _ = lab.run_pid(wl.SIGNALS_BINARY)  # exit status 0: the guest saw it as described
+    calls = program_calls(lab.records(), pid, wl.SIGNALS_BINARY)
+    names = [r["action"] for r in calls]
+    suspend = calls[names.index("rt_sigsuspend")]
+    assert suspend.get("errno") == "EINTR" and suspend["ret"] == -wl.EINTR, suspend
+    kills = [arg(r, "sig")["value"] for r in calls if r["action"] == "kill"]
+    assert kills == ["SIGUSR1", "SIGUSR2"], names
+    after = names[names.index("rt_sigsuspend") + 1:]
+    assert after == ["rt_sigreturn", "rt_sigreturn", "exit_group"], after
+    assert lab.tracer.ctx.loss.counts["unreadable_signal_frame"] == frames_lost
+
+
 def test_restarted_syscall(lab):
     """A call stopped and continued comes back rewound for its restart, into no handler:
     no signal frame is looked for."""

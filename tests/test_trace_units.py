@@ -24,7 +24,7 @@ from tracer.monitors.base import FastRegs, Filters, VmContext
 from tracer.monitors.integrity import IntegrityMonitor
 from tracer.monitors import kernel as k
 from tracer.monitors.kernel import kernel_cr3_candidates
-from tracer.monitors.syscalls import SetupError, find_call_site
+from tracer.monitors.syscalls import SetupError, SyscallMonitor, find_call_site
 
 
 def event(event_id: int, vcpu: int = 0, arch: dict | None = None, seq: int = 1, **fields):
@@ -70,7 +70,6 @@ def test_ia32_entry_sites_installed_where_the_kernel_has_them():
     """Synthetic entry stubs: int80 and sysenter call their handlers; the 32-bit `syscall`
     stub calls something else (not found: skipped); entry_INT80_compat is absent."""
     from tracer.monitors.kernel import KernelLayout
-    from tracer.monitors.syscalls import SyscallMonitor
     base, handlers = 0xFFFFFFFF81C00000, 0xFFFFFFFF81A00000
     symbols = {"entry_SYSCALL_64": base, "do_syscall_64": handlers,
                "asm_int80_emulation": base + 0x1000, "int80_emulation": handlers + 0x100,
@@ -110,7 +109,7 @@ def test_fast_ia32_entry_takes_arg6_from_the_user_stack_and_ip_from_the_vdso(stu
     pointer (sp for SYSCALL, bp for SYSENTER, whose saved sp is 0), ip = the process's vDSO
     base + int80_landing_pad (mm->context.vdso); read from a real page-table image."""
     from tracer.monitors.kernel import KernelLayout, TaskReader
-    from tracer.monitors.syscalls import IA32_ENTRIES, SyscallMonitor
+    from tracer.monitors.syscalls import IA32_ENTRIES
     user_stack, task, mm, vdso = 0x0FFF_E000, 0xFFFF_8880_0100_0000, 0xFFFF_8880_0200_0000, \
         0xF7FC_0000
     img = GuestImage()
@@ -142,6 +141,18 @@ def test_fast_ia32_entry_takes_arg6_from_the_user_stack_and_ip_from_the_vdso(stu
     assert pt[k.R_IP] == (vdso + 0x578 if stub == "entry_SYSCALL_compat" else 0)
 
 
+def signal_frame_monitor(img: GuestImage) -> SyscallMonitor:
+    """A syscall monitor reading the guest image's memory, for its signal-frame walk."""
+    ctx = context([])
+    ctx.mem = img.mem
+    return SyscallMonitor(ctx, SyscallDecoder({}))
+
+
+def eintr_in(frame: str) -> int:
+    """-EINTR as a frame of that layout saved it: a u64 (x86-64) or a u32 (ia32)."""
+    return (-4) & (0xFFFF_FFFF_FFFF_FFFF if frame == "x86_64" else 0xFFFF_FFFF)
+
+
 @pytest.mark.parametrize("frame", ["x86_64", "ia32_rt", "ia32_legacy"])
 def test_call_returning_into_a_handler_takes_its_result_from_the_frame(frame):
     """A call whose return the kernel redirected into a signal handler: its ax and ip as the
@@ -149,7 +160,6 @@ def test_call_returning_into_a_handler_takes_its_result_from_the_frame(frame):
     (ax 0 and ucontext at dx: x86-64; ax the signal number and ucontext at cx: ia32 rt; cx
     0: the ia32 legacy frame at sp). A frame of another return, or none, changes nothing
     and is counted."""
-    from tracer.monitors.syscalls import SyscallMonitor
     stack, handler, return_ip = 0x0FFF_E000, 0x0804_9000, 0xF7FC_0578
     img = GuestImage()
     img.map_new(stack)
@@ -165,12 +175,11 @@ def test_call_returning_into_a_handler_takes_its_result_from_the_frame(frame):
         sigcontext = regs[k.R_CX] + 20 if frame == "ia32_rt" else regs[k.R_SP] + 8
         img.write(sigcontext + 44, struct.pack("<iII", -4, 0, 0))
         img.write(sigcontext + 56, struct.pack("<I", return_ip))
-    ctx = context([])
-    ctx.mem = img.mem
-    monitor = SyscallMonitor(ctx, SyscallDecoder({}))
+    monitor = signal_frame_monitor(img)
+    ctx = monitor.ctx
     pt = monitor._from_signal_frame(img.cr3, tuple(regs), return_ip, return_ip - 2)
-    ax = (-4) & (0xFFFF_FFFF_FFFF_FFFF if frame == "x86_64" else 0xFFFF_FFFF)
-    assert (pt[k.R_AX], pt[k.R_IP]) == (ax, return_ip) and pt[k.R_SP] == regs[k.R_SP]
+    assert (pt[k.R_AX], pt[k.R_IP]) == (eintr_in(frame), return_ip)
+    assert pt[k.R_SP] == regs[k.R_SP]
     restarted = monitor._from_signal_frame(img.cr3, tuple(regs), return_ip + 2, return_ip)
     assert restarted[k.R_IP] == return_ip  # the saved ip may be the restart before the return
     assert monitor._from_signal_frame(img.cr3, tuple(regs), return_ip + 8, return_ip + 6) == \
@@ -180,6 +189,52 @@ def test_call_returning_into_a_handler_takes_its_result_from_the_frame(frame):
     assert monitor._from_signal_frame(img.cr3, tuple(regs), return_ip, return_ip - 2) == \
         tuple(regs)
     assert ctx.loss.counts["unreadable_signal_frame"] == 2
+
+
+@pytest.mark.parametrize("frame", ["x86_64", "ia32_rt", "ia32_legacy"])
+def test_two_signals_at_one_return_are_walked_to_the_calls_frame(frame):
+    """Two signals delivered at one return: the second handler runs first, and its frame
+    holds the registers set for the first one's handler (ip = that handler, and where its
+    frame is), whose frame holds the call's. A frame pointing at itself ends at the bound,
+    counted."""
+    stack, handler1, handler2, return_ip = 0x0FFF_E000, 0x0804_9000, 0x0804_9100, 0xF7FC_0578
+    img = GuestImage()
+    img.map_new(stack)
+    second, first = stack + 0x100, stack + 0x400  # each frame's ucontext (or legacy sigframe)
+
+    def write_saved(frame_at: int, ax: int, cx: int, dx: int, sp: int, ip: int) -> None:
+        if frame == "x86_64":  # uc_mcontext at 40: dx, ax, cx, sp, ip from +96
+            img.write(frame_at + 40 + 96, struct.pack("<QqQQQ", dx, ax, cx, sp, ip))
+        else:  # sigcontext_32 at 20 (rt ucontext) or 8 (legacy sigframe): sp at +28 ... ip +56
+            sigcontext = frame_at + (20 if frame == "ia32_rt" else 8)
+            img.write(sigcontext + 28, struct.pack("<IIIIi8xI", sp, 0, dx, cx, ax, ip))
+
+    def handler_regs(ip: int, frame_at: int) -> tuple[int, int, int, int, int]:
+        """(ax, cx, dx, sp, ip) the kernel sets for a handler whose frame is at frame_at."""
+        if frame == "x86_64":
+            return 0, 0, frame_at, frame_at - 0x40, ip
+        if frame == "ia32_rt":
+            return 12, frame_at, frame_at - 0x10, frame_at - 0x40, ip
+        return 10, 0, 0, frame_at, ip
+
+    ax1, cx1, dx1, sp1, ip1 = handler_regs(handler1, first)
+    write_saved(second, ax1, cx1, dx1, sp1, ip1)  # the second frame: the first handler's start
+    write_saved(first, -4, 0, 0, 0x0FFF_F000, return_ip)  # the first frame: the call's
+    regs = [0] * 21
+    regs[k.R_AX], regs[k.R_CX], regs[k.R_DX], regs[k.R_SP], regs[k.R_IP] = \
+        handler_regs(handler2, second)
+    monitor = signal_frame_monitor(img)
+    ctx = monitor.ctx
+    pt = monitor._from_signal_frame(img.cr3, tuple(regs), return_ip, return_ip - 2)
+    assert (pt[k.R_AX], pt[k.R_IP]) == (eintr_in(frame), return_ip)
+    assert pt[k.R_SP] == regs[k.R_SP]
+    assert ctx.loss.counts["unreadable_signal_frame"] == 0
+
+    ax2, cx2, dx2, sp2, ip2 = handler_regs(handler2, second)
+    write_saved(second, ax2, cx2, dx2, sp2, ip2)  # a frame that leads back to itself
+    assert monitor._from_signal_frame(img.cr3, tuple(regs), return_ip, return_ip - 2) == \
+        tuple(regs)
+    assert ctx.loss.counts["unreadable_signal_frame"] == 1
 
 
 @pytest.mark.parametrize("cr,bit,name", [(0, 16, "CR0.WP"), (4, 20, "CR4.SMEP"),

@@ -124,6 +124,14 @@ COMPAT32_TICK_US = 100_000
 I386_NR_PAUSE = 29
 EINTR = 4
 
+# signals (`wl-signals`, not run by the driver): SIGUSR1 and SIGUSR2 blocked, sent, then
+# both delivered at the return of one rt_sigsuspend, which fails with EINTR. The kernel
+# stacks a frame for each; SIGUSR2's handler, on top, runs first.
+SIGNALS_BINARY = f"{WORKLOAD_DIR}/wl-signals"
+SIGUSR1 = 10
+SIGUSR2 = 12
+KERNEL_SIGSET_BYTES = 8
+
 
 def _c_string(value: str | bytes) -> str:
     raw = value.encode() if isinstance(value, str) else value
@@ -189,6 +197,7 @@ def c_header() -> str:
         f"#define WL_COMPAT32_SIGNALS_ARG {_c_string(COMPAT32_SIGNALS_ARG)}",
         f"#define WL_COMPAT32_TICK_US {COMPAT32_TICK_US}",
         f"#define WL_EINTR {EINTR}",
+        f"#define WL_KERNEL_SIGSET_BYTES {KERNEL_SIGSET_BYTES}",
         "#define WL_NAMES { " + ", ".join(_c_string(n) for n in WORKLOADS) + ", 0 }",
     ]
     return "\n".join(lines) + "\n"

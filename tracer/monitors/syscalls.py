@@ -141,20 +141,25 @@ IA32_ENTRIES = (("asm_int80_emulation", "int80_emulation", k.R_AX, None),
 IA32_ARGS = (k.R_BX, k.R_CX, k.R_DX, k.R_SI, k.R_DI, k.R_BP)
 MOVSLQ_EAX_RSI = bytes.fromhex("4863f0")  # how entry_SYSCALL_64 passes the number (5.11+)
 REG_RSI, REG_RSP = 6, 4                   # x86 register numbers
-# Signal frames: where the kernel saved the interrupted call's ax and ip (read as (ax, ip)
-# by the Struct, from the offset of ax), at an address it left in pt_regs for the handler:
+# Signal frames: where the kernel saved the registers of what the handler interrupted (read
+# as (dx, ax, cx, sp, ip) by the Structs, from the offset of the first one read), at an
+# address it left in pt_regs for the handler:
 # * x86-64: struct ucontext at dx: uc_flags, uc_link, stack_t uc_stack (24 bytes), then
 #   uc_mcontext = struct sigcontext: r8-r15, di, si, bp, bx, dx, ax, cx, sp, ip, ...
 # * ia32: struct sigcontext_32 {u16 gs, fs, es, ds and their pads; u32 di, si, bp, sp, bx, dx,
 #   cx, ax, trapno, err, ip, ...}, in struct ucontext_ia32 at cx (u32 uc_flags, uc_link,
 #   uc_stack (12 bytes), uc_mcontext) for an rt frame (SA_SIGINFO), else in the legacy
 #   struct sigframe_ia32 {u32 pretcode; int sig; struct sigcontext_32 sc; ...} at sp.
-UCONTEXT_AX = 8 + 8 + 24 + 13 * 8
-UCONTEXT_AX_IP = struct.Struct("<Q16xQ")  # ax, (cx, sp), ip
-SIGCONTEXT32_AX = 16 + 7 * 4
-UCONTEXT32_AX = 4 + 4 + 12 + SIGCONTEXT32_AX
-SIGFRAME32_AX = 4 + 4 + SIGCONTEXT32_AX
-SIGCONTEXT32_AX_IP = struct.Struct("<I8xI")  # ax, (trapno, err), ip
+UCONTEXT_DX = 8 + 8 + 24 + 12 * 8
+SIGCONTEXT_DX_IP = struct.Struct("<QQQQQ")  # dx, ax, cx, sp, ip
+SIGCONTEXT32_SP = 16 + 3 * 4
+UCONTEXT32_SP = 4 + 4 + 12 + SIGCONTEXT32_SP
+SIGFRAME32_SP = 4 + 4 + SIGCONTEXT32_SP
+SIGCONTEXT32_SP_IP = struct.Struct("<I4xIII8xI")  # sp, (bx), dx, cx, ax, (trapno, err), ip
+# The kernel stacks a frame for each signal it delivers at one return: at most one per
+# signal number, since each is blocked while its handler runs, unless SA_NODEFER. A deeper
+# stack is counted, not walked.
+MAX_SIGNAL_FRAMES = 64
 ABI_IA32 = "ia32"
 
 
@@ -553,33 +558,47 @@ class SyscallMonitor:
         the call's own ax and ip from the handler's frame. Which frame the kernel built shows
         in what it set for the handler: ax 0 for an x86-64 one (ucontext at dx); for an ia32
         one ax = the signal number, and cx the ucontext of an rt frame, or 0 for a legacy
-        frame at sp (see UCONTEXT_AX and after).
+        frame at sp (see UCONTEXT_DX and after).
 
-        The frame is read now, also where the exit ran on (a 64-bit exit into a handler
+        Several signals delivered at the same return stack a frame each, the last one's
+        handler running first: a frame whose saved ip is not this return's holds the
+        registers the kernel had set for the handler of the signal before, which tell where
+        that one's frame is. The walk follows them, at most MAX_SIGNAL_FRAMES frames.
+
+        The frames are read now, also where the exit ran on (a 64-bit exit into a handler
         waits, VMITRACE_BLOCK_WORDS_DIFFER on ip and cx; a 32-bit one cannot be told so, no
-        pt_regs word holding its return address): it stays as the kernel wrote it until the
-        handler returns, and that return waits at its entry (SIGRETURNS in
-        entries_that_wait), after this exit in the event order. Unreadable, or not a frame of
-        this return (its ip neither `return_ip` nor `restart_ip`: a handler that left by
-        longjmp and reused the stack, a second signal delivered at the same return), pt_regs
-        stay as they are (counted)."""
-        if pt[k.R_AX] == 0:
-            address, layout = pt[k.R_DX] + UCONTEXT_AX, UCONTEXT_AX_IP
-        elif pt[k.R_CX]:
-            address, layout = pt[k.R_CX] + UCONTEXT32_AX, SIGCONTEXT32_AX_IP
-        else:
-            address, layout = pt[k.R_SP] + SIGFRAME32_AX, SIGCONTEXT32_AX_IP
-        try:
-            ax, ip = layout.unpack(self.ctx.mem.read_virtual(cr3, address, layout.size))
-        except UnreadableMemory:
-            self.ctx.loss.add("unreadable_signal_frame")
-            return pt
-        if ip not in (return_ip, restart_ip):
-            self.ctx.loss.add("unreadable_signal_frame")
-            return pt
-        regs = list(pt)
-        regs[k.R_AX], regs[k.R_IP] = ax, ip
-        return tuple(regs)
+        pt_regs word holding its return address): each stays as the kernel wrote it until its
+        handler returns, and those returns wait at their entries (SIGRETURNS in
+        entries_that_wait), after this exit in the event order. Unreadable, or no frame of
+        this return within the bound (a handler that left by longjmp and reused the stack),
+        pt_regs stay as they are (counted)."""
+        handler = pt
+        for _ in range(MAX_SIGNAL_FRAMES):
+            if handler[k.R_AX] == 0:
+                address, layout = handler[k.R_DX] + UCONTEXT_DX, SIGCONTEXT_DX_IP
+            elif handler[k.R_CX]:
+                address, layout = handler[k.R_CX] + UCONTEXT32_SP, SIGCONTEXT32_SP_IP
+            else:
+                address, layout = handler[k.R_SP] + SIGFRAME32_SP, SIGCONTEXT32_SP_IP
+            try:
+                values = layout.unpack(self.ctx.mem.read_virtual(cr3, address, layout.size))
+            except UnreadableMemory:
+                break
+            if layout is SIGCONTEXT_DX_IP:
+                dx, ax, cx, sp, ip = values
+            else:
+                sp, dx, cx, ax, ip = values
+            if ip in (return_ip, restart_ip):
+                regs = list(pt)
+                regs[k.R_AX], regs[k.R_IP] = ax, ip
+                return tuple(regs)
+            # the registers set for the handler of a signal delivered before this one
+            regs = list(handler)
+            regs[k.R_AX], regs[k.R_CX], regs[k.R_DX], regs[k.R_SP], regs[k.R_IP] = \
+                ax, cx, dx, sp, ip
+            handler = tuple(regs)
+        self.ctx.loss.add("unreadable_signal_frame")
+        return pt
 
     # -- records ----------------------------------------------------------------------------
     def _emit(self, abi: Abi, call: DecodedCall, info: Any, time_ns: int, vcpu: int,
