@@ -370,9 +370,8 @@ class RecordFactory:
         `fields` are further columns (action, pid, path, ...); None values are left out.
         Unknown column names raise RecordError here, at the monitor, not later at a sink.
         """
-        unknown = fields.keys() - _COLUMN_SET
-        if unknown:
-            raise RecordError(f"unknown column(s) {sorted(unknown)}")
+        if not _COLUMN_SET.issuperset(fields):
+            raise RecordError(f"unknown column(s) {sorted(fields.keys() - _COLUMN_SET)}")
         if event_type not in EVENT_TYPES.get(kind, ()):
             raise RecordError(f"event_type {event_type!r} is not valid for kind {kind!r} "
                               f"(expected one of {EVENT_TYPES.get(kind, ())})")
@@ -395,7 +394,9 @@ class RecordFactory:
             record["vm_name"] = self.vm_name
         if self.observer_host is not None:
             record["observer_host"] = self.observer_host
-        record.update((k, v) for k, v in fields.items() if v is not None)
+        for name, value in fields.items():
+            if value is not None:
+                record[name] = value
         return record
 
     def loss(self, counter: str, count: int, interval_start_ns: int, time_ns: int,
