@@ -474,7 +474,8 @@ class VmTracer:
         except Exception:  # noqa: BLE001 - a monitor bug must not stall the guest
             self.ctx.loss.add("monitor_error")
             log.exception("monitor failed on %r", event)
-        s.reply(event)
+        if event.blocking:  # a vCPU that ran on takes no reply
+            s.reply(event)
         self._run_deferred()
         # Periodic loss records, paced by event times (not by idle wake-ups) so that a
         # replay emits them where the live run did.
