@@ -11,7 +11,8 @@ three states, alternating --repeat times in this one run (so load from elsewhere
              VMITRACE_SET_BREAKPOINT_EX (`vmitrace trace`'s default there), entries (64-
              and 32-bit) run on with their registers captured by the host, except
              execve/exit and calls that change credentials or the task's name (a bitmap;
-             32-bit fast-stub calls with a sixth argument also wait); exits
+             at the 32-bit fast stubs the host copies the sixth argument from the
+             caller's stack); exits
              wait for their reply only when the call's decoding reads guest memory that
              the host's capture tables do not copy (VMITRACE_SET_CAPTURE_TABLE: paths,
              read/write buffers, struct stat, ...), or changes the task: the host checks

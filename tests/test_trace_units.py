@@ -130,13 +130,14 @@ def test_fast_ia32_entry_takes_arg6_from_the_user_stack_and_ip_from_the_vdso(stu
     saved[k.R_BX], saved[k.R_BP] = 0x1000, 0x2222
     saved[k.R_IP] = 0 if stub == "entry_SYSENTER_compat" else vdso + 0x576
     saved[stack] = (0xDEAD_0000_0000_0000 | user_stack + 0x10)  # only the low 32 bits count
-    pt, error = monitor._fast_entry_regs(tuple(saved), stack, task, img.cr3)
+    pt, error = monitor._fast_entry_regs(tuple(saved), stack, task, img.cr3, img.mem)
     assert error is None and pt[k.R_BP] == 7 and pt[k.R_IP] == vdso + 0x578
     assert pt[k.R_BX] == 0x1000 and pt[k.R_SP] == saved[k.R_SP]
     saved[stack] = 0x1000_0000  # unmapped: the sixth argument is unknown, flagged
-    pt, error = monitor._fast_entry_regs(tuple(saved), stack, task, img.cr3)
+    pt, error = monitor._fast_entry_regs(tuple(saved), stack, task, img.cr3, img.mem)
     assert pt[k.R_BP] == 0 and error == "unreadable at 0x10000000"
-    pt, _ = monitor._fast_entry_regs(tuple(saved), stack, task + 8, img.cr3)  # mm NULL: no vDSO base
+    # mm NULL: no vDSO base
+    pt, _ = monitor._fast_entry_regs(tuple(saved), stack, task + 8, img.cr3, img.mem)
     # SYSCALL saved the address of the `int $0x80` before the landing pad; SYSENTER none
     assert pt[k.R_IP] == (vdso + 0x578 if stub == "entry_SYSCALL_compat" else 0)
 

@@ -39,8 +39,9 @@ return address and a restarted call (ip rewound to the `int $0x80` before the la
 where it enters again through the int80 stub) is recognized. Where the host takes rules,
 32-bit hits run on like 64-bit ones (below), pointer captures included (their addresses and
 lengths are the registers' low 32 bits, VMITRACE_TABLE_WORDS32, as the kernel reads them);
-at the fast stubs' entries the calls with a sixth argument wait, since it is read from the
-caller's stack, and a call whose captures would need it is not captured there. A call whose
+at the fast stubs' entries the host also copies the sixth argument from the caller's stack
+for the calls that have one (where it takes no capture tables, they wait for the collector
+to read it), and a call whose other captures would need its value is not captured. A call whose
 return the kernel redirected into a signal handler (pt_regs ip no longer the return address
 known from its entry) takes its result from the handler's frame (ia32 or x86-64 layout, by
 how the handler was installed), read at the exit even where it ran on: the frame stays as
@@ -110,7 +111,8 @@ from tracer.memory import CapturedMemory, GuestMemory, UnreadableMemory
 from tracer.monitors import kernel as k
 from tracer.kvmi.abi import (VMITRACE_BLOCK_BITMAP, VMITRACE_BLOCK_BITMAP_VALUES,
                              VMITRACE_BLOCK_FROM_CAPTURE, VMITRACE_BLOCK_WORDS_DIFFER,
-                             VMITRACE_CAPTURE_GS_BASE, CaptureTableEntry, block_bitmap)
+                             VMITRACE_CAPTURE_GS_BASE, VMITRACE_MAX_TABLE_CAPTURES,
+                             CaptureTableEntry, block_bitmap)
 from tracer.monitors.base import BreakpointRule, FastRegs, VmContext, process_fields
 
 log = logging.getLogger(__name__)
@@ -179,6 +181,8 @@ class Abi:
     arg6_stack: int | None = None  # pt_regs index of the user stack pointer whose first u32
     #                                is the sixth argument (the fast ia32 stubs), if not in args
     stub: str | None = None        # the ia32 entry stub (counted in ia32_hits)
+    # with arg6_stack: the numbers (below 512) whose decoding shows a sixth argument
+    arg6: frozenset[int] = field(default_factory=frozenset, compare=False)
     # calls decoded from the host's pointer captures at this ABI's sites: their exits run on
     captured: set[int] = field(default_factory=set, compare=False)
 
@@ -275,16 +279,14 @@ class SyscallMonitor:
         entries run on: those DECODED_AT_ENTRY (exit and exit_group aside where
         `do_exit_waits`) and a signal handler's return (SIGRETURNS: until it is answered,
         the frame of a call the handler interrupted is as the kernel wrote it, see
-        `_from_signal_frame`); with `arg6_on_stack` (the fast ia32 stubs:
-        the sixth argument is read from the caller's stack at the entry) also those whose
-        decoding shows a sixth argument, raw ones included."""
+        `_from_signal_frame`); with `arg6_on_stack` (the fast ia32 stubs, on a host that
+        does not copy the caller's stack for them: the sixth argument is read from it at
+        the entry) also `arg6_calls`."""
         decoder = decoder or self.decoder
         numbers = {decoder.number(name) for name in DECODED_AT_ENTRY | SIGRETURNS
                    if not (self.do_exit_waits and name in NO_RETURN)}
         if arg6_on_stack:
-            numbers |= set(range(VMITRACE_BLOCK_BITMAP_VALUES)) - set(decoder.syscalls)
-            numbers |= {nr for nr, info in decoder.syscalls.items()
-                        if info.prototype is None or len(info.prototype) == 6}
+            numbers |= self.arg6_calls(decoder)
         return sorted(n for n in numbers if n is not None and n < VMITRACE_BLOCK_BITMAP_VALUES)
 
     def exits_that_wait(self, abi: Abi | None = None) -> list[int]:
@@ -308,11 +310,11 @@ class SyscallMonitor:
         number, where the host takes them and hits may run on: every call whose memory
         arguments a bounded capture holds (SyscallDecoder.capture_plan) is decoded from what
         the host copied at its entry and exit, so neither waits. Calls whose entry waits
-        (`entry_waits`) are read then instead, and at the fast ia32 stubs, calls whose
-        captures involve the sixth argument are left out: it is not in pt_regs at the
-        entry. Fills `abi.captured`."""
-        ctx = self.ctx
-        if not (ctx.capture_tables_supported and ctx.run_on_allowed):
+        (`entry_waits`) are read then instead. At the fast ia32 stubs the sixth argument is
+        not in pt_regs at the entry but on the caller's stack: the entry table also copies
+        that u32 for every call that has one (`Abi.arg6`), and leaves out captures that
+        would need its value. Fills `abi.captured`."""
+        if not self.capture_tables_usable():
             return (), ()
         words, decoder = abi.args, abi.decoder
         words32 = abi is not self.x86_64
@@ -326,18 +328,34 @@ class SyscallMonitor:
                 signed_length=c.length_pos == RETURN_VALUE, words32=words32) for c in specs]
         entry_table: list[CaptureTableEntry] = []
         exit_table: list[CaptureTableEntry] = []
-        for nr in sorted(decoder.syscalls):
-            plan = decoder.capture_plan(nr)
-            if nr >= VMITRACE_BLOCK_BITMAP_VALUES or nr in special or plan is None or \
-                    not decoder.reads_memory(nr):
+        for nr in range(VMITRACE_BLOCK_BITMAP_VALUES):
+            if nr in special:
                 continue
-            if abi.arg6_stack is not None and any(5 in (c.pos, c.length_pos)
-                                                  for c in plan[0] + plan[1]):
+            stack_word: list[CaptureTableEntry] = []
+            if nr in abi.arg6:
+                stack_word = [CaptureTableEntry(nr, abi.arg6_stack, 4, words32=True)]
+            plan = decoder.capture_plan(nr) if nr in decoder.syscalls else None
+            if plan is None or not decoder.reads_memory(nr) or \
+                    (abi.arg6_stack is not None and
+                     any(5 in (c.pos, c.length_pos) for c in plan[0] + plan[1])) or \
+                    len(stack_word) + len(plan[0]) > VMITRACE_MAX_TABLE_CAPTURES:
+                entry_table += stack_word  # memory arguments, if any: read while the exit waits
                 continue
-            entry_table += entries(nr, plan[0])
+            entry_table += stack_word + entries(nr, plan[0])
             exit_table += entries(nr, plan[1])
             abi.captured.add(nr)
         return tuple(entry_table), tuple(exit_table)
+
+    def capture_tables_usable(self) -> bool:
+        """Whether the host copies what capture tables name at hits that run on."""
+        return self.ctx.capture_tables_supported and self.ctx.run_on_allowed
+
+    def arg6_calls(self, decoder: SyscallDecoder) -> set[int]:
+        """Numbers whose decoding shows a sixth argument: six-argument prototypes, and the
+        calls without one (raw arguments, all six), known or not."""
+        return {nr for nr in range(VMITRACE_BLOCK_BITMAP_VALUES)
+                if nr not in decoder.syscalls or decoder.syscalls[nr].prototype is None or
+                len(decoder.syscalls[nr].prototype) == 6}
 
     def _install_ia32(self, kernel_cr3: int, decoder: SyscallDecoder,
                       captures: tuple[tuple[int, int, int], ...]) -> None:
@@ -346,8 +364,8 @@ class SyscallMonitor:
         Where the host takes rules, the hits capture pt_regs and the current task and run
         on like the 64-bit ones (the number: pt_regs word `nr` at the entry, orig_ax at the
         exit), with capture tables: a 32-bit call that reads user memory the host does not
-        copy waits at its exit, and at the fast stubs' entries those with a sixth argument
-        wait too."""
+        copy waits at its exit. At the fast stubs' entries, calls with a sixth argument run
+        on where the host copies it from the caller's stack (capture tables), else wait."""
         layout = self.ctx.layout
         image, field_at = layout.address("vdso_image_32"), layout.vdso.get("landing_pad")
         if image is not None and field_at is not None:
@@ -368,9 +386,11 @@ class SyscallMonitor:
                 continue
             self.ia32_sites[stub] = site
             abi = Abi(ABI_IA32, decoder, nr, IA32_ARGS, decoder.number("restart_syscall"),
-                      arg6_stack, stub)
+                      arg6_stack, stub, frozenset(self.arg6_calls(decoder))
+                      if arg6_stack is not None else frozenset())
             by_number = VMITRACE_BLOCK_FROM_CAPTURE | VMITRACE_BLOCK_BITMAP
-            entry_waits = self.entries_that_wait(decoder, arg6_on_stack=arg6_stack is not None)
+            entry_waits = self.entries_that_wait(decoder, arg6_on_stack=arg6_stack is not None
+                                                 and not self.capture_tables_usable())
             entry_table, exit_table = self._capture_tables(abi, entry_waits)
             self.ctx.add_breakpoint(site, partial(self.on_entry, abi=abi), BreakpointRule(
                 captures, run_on=True, block_reg=nr, block_values=block_bitmap(entry_waits),
@@ -395,8 +415,14 @@ class SyscallMonitor:
         arg6_error = None
         if abi.stub is not None:
             self.ia32_hits[abi.stub] += 1
-        if abi.arg6_stack is not None:  # read before the reply: the caller's stack is live
-            pt, arg6_error = self._fast_entry_regs(pt, abi.arg6_stack, task, cr3)
+        if abi.arg6_stack is not None:
+            nr = pt[abi.nr] & 0xFFFF_FFFF
+            # a sixth argument: copied by the host, or read while the vCPU waits
+            stack = CapturedMemory(ctx.mem, event.pointer_captures) \
+                if nr >= VMITRACE_BLOCK_BITMAP_VALUES or nr in abi.arg6 else None
+            pt, arg6_error = self._fast_entry_regs(pt, abi.arg6_stack, task, cr3, stack)
+            if stack is not None:
+                self._count_live_reads(stack, waited=event.blocking)
         name = abi.decoder.name(pt[abi.nr])
         if name in DECODED_AT_ENTRY:
             self._enter(abi, task, pt, name, now, event.vcpu, cr3, arg6_error)
@@ -404,7 +430,8 @@ class SyscallMonitor:
             ctx.defer(partial(self._enter, abi, task, pt, name, now, event.vcpu, cr3, arg6_error,
                               event.pointer_captures))
 
-    def _fast_entry_regs(self, pt: tuple[int, ...], stack: int, task: int, cr3: int
+    def _fast_entry_regs(self, pt: tuple[int, ...], stack: int, task: int, cr3: int,
+                         user: GuestMemory | CapturedMemory | None
                          ) -> tuple[tuple[int, ...], str | None]:
         """pt_regs as do_fast_syscall_32 completes them before the call runs: bp = the sixth
         argument, the u32 at the user stack pointer (32 bits) where the vDSO pushed the
@@ -413,13 +440,14 @@ class SyscallMonitor:
         error of an unreadable sixth argument (bp 0 then; the kernel fails such a call with
         EFAULT). Where the landing pad is unknown: 2 bytes after the saved ip for 32-bit
         SYSCALL (it saved the address of the vDSO's `int $0x80`, which the landing pad
-        follows), 0 for SYSENTER (it saves none)."""
-        mem = self.ctx.mem
-        address = pt[stack] & 0xFFFF_FFFF
-        try:
-            bp, error = mem.read_u32(cr3, address), None
-        except UnreadableMemory as exc:
-            bp, error = 0, f"unreadable at {exc.address:#x}"
+        follows), 0 for SYSENTER (it saves none). `user`: where the caller's stack is read;
+        None for a call without a sixth argument (bp stays as saved)."""
+        bp, error = pt[k.R_BP], None
+        if user is not None:
+            try:
+                bp = user.read_u32(cr3, pt[stack] & 0xFFFF_FFFF)
+            except UnreadableMemory as exc:
+                bp, error = 0, f"unreadable at {exc.address:#x}"
         ip = pt[k.R_IP] + 2 if pt[k.R_IP] else 0
         if self.landing_pad is not None:
             try:
