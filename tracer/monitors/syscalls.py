@@ -334,7 +334,7 @@ class SyscallMonitor:
             stack_word: list[CaptureTableEntry] = []
             if nr in abi.arg6:
                 stack_word = [CaptureTableEntry(nr, abi.arg6_stack, 4, words32=True)]
-            plan = decoder.capture_plan(nr) if nr in decoder.syscalls else None
+            plan = decoder.capture_plan(nr)
             if plan is None or not decoder.reads_memory(nr) or \
                     (abi.arg6_stack is not None and
                      any(5 in (c.pos, c.length_pos) for c in plan[0] + plan[1])) or \
