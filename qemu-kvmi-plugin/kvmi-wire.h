@@ -38,6 +38,7 @@ enum {
     VMITRACE_SET_DELIVERY = 0x7f03,
     VMITRACE_SET_BREAKPOINT_EX = 0x7f04,
     VMITRACE_SET_CAPTURE_TABLE = 0x7f05,
+    VMITRACE_GET_VCPU_STATS = 0x7f06,
 };
 
 /* Event ids. */
@@ -366,7 +367,24 @@ struct vmitrace_delivery {
     uint8_t padding[7];
 };
 
+/* VMITRACE_GET_VCPU_STATS: what delivering events has cost a vCPU since QEMU started. */
+struct vmitrace_get_vcpu_stats {
+    uint16_t vcpu;
+    uint8_t padding[6];
+};
+
+struct vmitrace_vcpu_stats {
+    uint64_t events;      /* events delivered */
+    uint64_t waits;       /* of which the vCPU waited for a reply */
+    uint64_t timeouts;    /* waits that ended without one (timeout, introspector gone) */
+    uint64_t event_us;    /* time in delivering events, waits included */
+    uint64_t wait_us;     /* of which waiting for replies */
+    uint64_t max_wait_us; /* the longest wait */
+};
+
 static_assert(sizeof(struct kvmi_msg_hdr) == 8, "hdr");
+static_assert(sizeof(struct vmitrace_get_vcpu_stats) == 8, "get stats");
+static_assert(sizeof(struct vmitrace_vcpu_stats) == 48, "stats");
 static_assert(sizeof(struct kvmi_qemu2introspector) == 96, "q2i");
 static_assert(sizeof(struct kvmi_introspector2qemu) == 24, "i2q");
 static_assert(sizeof(struct kvm_regs) == 144, "regs");

@@ -221,6 +221,9 @@ struct vcpu {
     struct cpu_state idle_state;
     struct msr_value known_msrs[MAX_KNOWN_MSRS]; /* last values the guest wrote */
     unsigned n_known_msrs;
+
+    /* Written by the vCPU's thread only, read by the reader (VMITRACE_GET_VCPU_STATS). */
+    struct vmitrace_vcpu_stats stats;
 };
 
 static struct vcpu vcpus[MAX_VCPUS];
@@ -777,6 +780,28 @@ static void crash_vm(unsigned vcpu)
     kill(getpid(), SIGTERM); /* QEMU shuts the VM down */
 }
 
+static void stat_add(uint64_t *counter, uint64_t n)
+{
+    __atomic_store_n(counter, __atomic_load_n(counter, __ATOMIC_RELAXED) + n, __ATOMIC_RELAXED);
+}
+
+/* Count a delivered event that began at `start`; `wait_start` 0: the vCPU did not wait. */
+static void count_event(struct vcpu *v, gint64 start, gint64 wait_start, bool replied)
+{
+    gint64 now = g_get_monotonic_time();
+    stat_add(&v->stats.events, 1);
+    stat_add(&v->stats.event_us, (uint64_t)(now - start));
+    if (wait_start) {
+        uint64_t waited = (uint64_t)(now - wait_start);
+        stat_add(&v->stats.waits, 1);
+        stat_add(&v->stats.wait_us, waited);
+        stat_add(&v->stats.timeouts, !replied);
+        if (waited > __atomic_load_n(&v->stats.max_wait_us, __ATOMIC_RELAXED)) {
+            __atomic_store_n(&v->stats.max_wait_us, waited, __ATOMIC_RELAXED);
+        }
+    }
+}
+
 static gint64 deadline_after(unsigned ms)
 {
     return g_get_monotonic_time() + (gint64)ms * 1000;
@@ -801,6 +826,7 @@ static uint8_t deliver_event(struct vcpu *v, uint8_t event_id, uint64_t rip, boo
     if (!connected()) {
         return action;
     }
+    gint64 start = g_get_monotonic_time();
     if (have_arch) {
         fill_arch(v, rip, &ev.arch);
     }
@@ -821,10 +847,12 @@ static uint8_t deliver_event(struct vcpu *v, uint8_t event_id, uint64_t rip, boo
         g_mutex_lock(&v->lock);
         v->waiting = false;
         g_mutex_unlock(&v->lock);
+        count_event(v, start, 0, false);
         return action;
     }
 
-    gint64 deadline = deadline_after(timeout_ms);
+    gint64 wait_start = g_get_monotonic_time();
+    gint64 deadline = wait_start + (gint64)timeout_ms * 1000;
     v->in_event = true;
     v->event_rip = rip;
     __atomic_add_fetch(&direct_readers, 1, __ATOMIC_ACQ_REL);
@@ -863,6 +891,7 @@ static uint8_t deliver_event(struct vcpu *v, uint8_t event_id, uint64_t rip, boo
     __atomic_store_n(&last_direct, g_get_monotonic_time(), __ATOMIC_RELEASE);
     __atomic_sub_fetch(&direct_readers, 1, __ATOMIC_ACQ_REL);
     v->in_event = false;
+    count_event(v, start, wait_start, replied);
 
     if (!replied) {
         if (current_generation() == generation) {
@@ -1508,6 +1537,7 @@ static bool command_supported(unsigned id)
     case VMITRACE_SET_DELIVERY:
     case VMITRACE_SET_BREAKPOINT_EX:
     case VMITRACE_SET_CAPTURE_TABLE:
+    case VMITRACE_GET_VCPU_STATS:
         return true;
     case KVMI_READ_PHYSICAL:
     case KVMI_WRITE_PHYSICAL:
@@ -2038,6 +2068,30 @@ static void handle_command(unsigned generation, const struct kvmi_msg_hdr *hdr,
     case VMITRACE_SET_CAPTURE_TABLE:
         err = set_capture_table(hdr, payload);
         break;
+    case VMITRACE_GET_VCPU_STATS: {
+        struct vmitrace_get_vcpu_stats req;
+        if (size != sizeof(req)) {
+            err = -KVM_EINVAL;
+            break;
+        }
+        memcpy(&req, payload, sizeof(req));
+        if (!all_zero(req.padding, sizeof(req.padding)) || req.vcpu >= MAX_VCPUS ||
+            !__atomic_load_n(&vcpus[req.vcpu].present, __ATOMIC_ACQUIRE)) {
+            err = -KVM_EINVAL;
+            break;
+        }
+        const struct vmitrace_vcpu_stats *live = &vcpus[req.vcpu].stats;
+        struct vmitrace_vcpu_stats out = {
+            .events = __atomic_load_n(&live->events, __ATOMIC_RELAXED),
+            .waits = __atomic_load_n(&live->waits, __ATOMIC_RELAXED),
+            .timeouts = __atomic_load_n(&live->timeouts, __ATOMIC_RELAXED),
+            .event_us = __atomic_load_n(&live->event_us, __ATOMIC_RELAXED),
+            .wait_us = __atomic_load_n(&live->wait_us, __ATOMIC_RELAXED),
+            .max_wait_us = __atomic_load_n(&live->max_wait_us, __ATOMIC_RELAXED),
+        };
+        send_reply(generation, hdr, 0, &out, sizeof(out));
+        return;
+    }
     case VMITRACE_SET_DELIVERY: {
         struct vmitrace_delivery req;
         if (size != sizeof(req)) {

@@ -113,6 +113,8 @@ INDEPENDENT: dict[str, str] = {
     "vmitrace_table_entry": "HBBHBx",
     "vmitrace_table_captured": "B7x",
     "vmitrace_pointer_capture": "QHB5x",
+    "vmitrace_get_vcpu_stats": "H6x",
+    "vmitrace_vcpu_stats": "6Q",
 }
 
 SIZES = {  # from the headers (sizeof)
@@ -255,6 +257,7 @@ def test_constants_match_the_dialect() -> None:
            "KVM_ENOSYS": 1000, "VMITRACE_SET_BREAKPOINT": 0x7F01,
            "VMITRACE_CLEAR_BREAKPOINT": 0x7F02, "VMITRACE_SET_DELIVERY": 0x7F03,
            "VMITRACE_SET_BREAKPOINT_EX": 0x7F04, "VMITRACE_SET_CAPTURE_TABLE": 0x7F05,
+           "VMITRACE_GET_VCPU_STATS": 0x7F06,
            # the largest messages of the extension, as the plugin's kvmi-wire.h pins them
            "VMITRACE_TABLE_MSG_SIZE": 16400, "VMITRACE_EVENT_MSG_SIZE": 33920}
     consts = abi.constants()

@@ -49,7 +49,7 @@ SUPPORTED_COMMANDS = {
     abi.KVMI_CONTROL_MSR, abi.KVMI_GET_REGISTERS, abi.KVMI_READ_PHYSICAL,
     abi.KVMI_WRITE_PHYSICAL, abi.KVMI_VCPU_TRANSLATE_GVA,
     abi.VMITRACE_SET_BREAKPOINT, abi.VMITRACE_CLEAR_BREAKPOINT, abi.VMITRACE_SET_DELIVERY,
-    abi.VMITRACE_SET_BREAKPOINT_EX, abi.VMITRACE_SET_CAPTURE_TABLE,
+    abi.VMITRACE_SET_BREAKPOINT_EX, abi.VMITRACE_SET_CAPTURE_TABLE, abi.VMITRACE_GET_VCPU_STATS,
 }
 SUPPORTED_EVENTS = {
     abi.KVMI_EVENT_UNHOOK, abi.KVMI_EVENT_CR, abi.KVMI_EVENT_MSR, abi.KVMI_EVENT_BREAKPOINT,
@@ -211,7 +211,7 @@ def test_version_guest_and_vcpu_info(lab):
 
 def test_check_command_and_check_event_tell_the_truth(lab):
     s = lab.session
-    for command in list(range(64)) + [0x7F00, 0x7F01, 0x7F02, 0x7F03, 0x7F04, 0x7F05, 0x7F06]:
+    for command in list(range(64)) + list(range(0x7F00, 0x7F08)):
         assert s.check_command(command) == (command in SUPPORTED_COMMANDS), command
     for event in range(16):
         assert s.check_event(event) == (event in SUPPORTED_EVENTS), event
@@ -844,6 +844,57 @@ def test_vmcall_program_yields_hypercall_with_its_rax(lab):
         workloads.VMCALL_RBX, workloads.VMCALL_RCX, workloads.VMCALL_RDX, workloads.VMCALL_RSI)
     assert hit.arch.sregs.cs.selector & 3 == 3  # executed in user mode
     assert code_at_rip.get(hit.seq) == workloads.VMCALL_INSN  # rip is the vmcall itself
+
+
+def test_vcpu_stats_count_events_and_the_time_they_waited(lab):
+    """VMITRACE_GET_VCPU_STATS: a hypercall whose reply the introspector holds for 50 ms is
+    one more event and one more wait on its vCPU, of at least 50 ms; events delivered
+    without waiting add no wait. Counters only grow; an absent vCPU is refused."""
+    s = lab.session
+    before = [s.get_vcpu_stats(vcpu) for vcpu in range(lab.vcpus)]
+
+    def hold_hypercalls(session: Session, event: Any) -> None:
+        if event.event_id == abi.KVMI_EVENT_HYPERCALL:
+            time.sleep(0.05)
+        return None
+
+    for vcpu in range(lab.vcpus):
+        s.control_events(vcpu, abi.KVMI_EVENT_HYPERCALL, True)
+    lab.handler = hold_hypercalls
+    mark = lab.mark()
+    try:
+        lab.run_ok(workloads.WORKLOAD_BINARIES["vmcall"])
+        hit = lab.wait_for(lambda e: e.event_id == abi.KVMI_EVENT_HYPERCALL
+                           and e.arch.regs.rax == workloads.VMCALL_RAX, mark)
+    finally:
+        lab.handler = None
+        for vcpu in range(lab.vcpus):
+            s.control_events(vcpu, abi.KVMI_EVENT_HYPERCALL, False)
+    held = [s.get_vcpu_stats(vcpu) for vcpu in range(lab.vcpus)]
+    old, new = before[hit.vcpu], held[hit.vcpu]
+    assert new.events > old.events and new.waits > old.waits
+    assert new.wait_us - old.wait_us >= 50_000 and new.max_wait_us >= 50_000
+    assert new.event_us - old.event_us >= new.wait_us - old.wait_us
+    assert new.timeouts == old.timeouts
+    for was, now in zip(before, held):
+        assert all(n >= w for n, w in zip(now, was))
+
+    s.set_delivery(False)
+    for vcpu in range(lab.vcpus):
+        s.control_events(vcpu, abi.KVMI_EVENT_CR, True)
+        s.control_cr(vcpu, 3, True)
+    try:
+        lab.run_ok("ls / > /dev/null")
+    finally:
+        for vcpu in range(lab.vcpus):
+            s.control_cr(vcpu, 3, False)
+        s.set_delivery(True)
+    after = [s.get_vcpu_stats(vcpu) for vcpu in range(lab.vcpus)]
+    assert sum(a.events for a in after) > sum(h.events for h in held)
+    assert [a.waits for a in after] == [h.waits for h in held]
+    for vcpu in (lab.vcpus, 999):
+        with pytest.raises(KvmEINVAL):
+            s.get_vcpu_stats(vcpu)
 
 
 @pytest.mark.parametrize("lab", [("6.12", 2)], ids=["6.12-2vcpu"], indirect=True)

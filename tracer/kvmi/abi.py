@@ -632,6 +632,7 @@ VMITRACE_CAPTURED = _def("vmitrace_captured", [
     "of each capture follow (length 0: not configured or unreadable).")
 # VMITRACE_SET_CAPTURE_TABLE (docs/kvmi-vendor-extension.md)
 VMITRACE_SET_CAPTURE_TABLE = 0x7F05
+VMITRACE_GET_VCPU_STATS = 0x7F06
 VMITRACE_EVENT_TABLE_CAPTURED = 4  # vmitrace_table_captured + pointer captures follow
 VMITRACE_TABLE_STRING = 1          # vmitrace_table_entry.flags: stop after the first NUL
 VMITRACE_TABLE_SIGNED_LENGTH = 2   # the length word is signed; negative: capture nothing
@@ -702,6 +703,14 @@ class CaptureTableEntry(NamedTuple):
 
 VMITRACE_DELIVERY = _def("vmitrace_delivery", [("blocking", "u8"), ("padding", ("u8", 7))], 8,
                          "blocking=0: events are delivered without waiting for replies.")
+VMITRACE_GET_VCPU_STATS_ = _def("vmitrace_get_vcpu_stats",
+                                [("vcpu", "u16"), ("padding", ("u8", 6))], 8)
+VMITRACE_VCPU_STATS = _def("vmitrace_vcpu_stats", [
+    ("events", "u64"), ("waits", "u64"), ("timeouts", "u64"), ("event_us", "u64"),
+    ("wait_us", "u64"), ("max_wait_us", "u64")], 48,
+    "What delivering events has cost a vCPU since QEMU started: events delivered, how many "
+    "waited for a reply and how many of those ended without one, the time in delivering "
+    "them (waits included) and in waiting, and the longest wait.")
 
 # --------------------------------------------------------------------------------------------
 # Message and event tables
@@ -781,6 +790,7 @@ COMMANDS: dict[int, CommandSpec] = {c.id: c for c in [
     _cmd("VMITRACE_SET_DELIVERY", False, VMITRACE_DELIVERY, None),
     _cmd("VMITRACE_SET_BREAKPOINT_EX", False, VMITRACE_BREAKPOINT_EX, None),
     _cmd("VMITRACE_SET_CAPTURE_TABLE", False, VMITRACE_CAPTURE_TABLE, None),
+    _cmd("VMITRACE_GET_VCPU_STATS", False, VMITRACE_GET_VCPU_STATS_, VMITRACE_VCPU_STATS),
 ]}
 
 # Event id -> (C name, payload struct or None, event-specific reply struct or None).

@@ -963,6 +963,14 @@ class Session:
         payload = abi.VMITRACE_DELIVERY.encode(blocking=int(blocking))
         self.request(abi.VMITRACE_SET_DELIVERY, payload, None, timeout, _on_success=switch)
 
+    def get_vcpu_stats(self, vcpu: int, timeout: float | None = None) -> Any:
+        """What delivering events has cost ``vcpu`` since QEMU started (vmitrace hosts only):
+        a ``vmitrace_vcpu_stats`` tuple (events, waits, timeouts, event_us, wait_us,
+        max_wait_us). Differences between two calls give the cost of what ran between them."""
+        payload = abi.VMITRACE_GET_VCPU_STATS_.encode({"vcpu": vcpu})  # a field, no vcpu hdr
+        return self._reply(abi.VMITRACE_GET_VCPU_STATS,
+                           self.request(abi.VMITRACE_GET_VCPU_STATS, payload, None, timeout))
+
 
 def _close_socket(sock: socket.socket) -> None:
     try:
