@@ -28,7 +28,11 @@ feels) and of the fastest runs, the median and quartiles of the ratios of back-t
 (each traced run against the untraced run just before it: their spread shows the machine's
 noise), the CPU-time ratio (QEMU plus collector, traced, over QEMU
 untraced), the collector process's CPU time per KVMI event (all its threads: session reader,
-event loop, sink), how many events made their vCPU wait, the collector's cyclic-GC pauses
+event loop, sink), how many events made their vCPU wait, the time the vCPU spent in events
+per run (waits included) by the host's own count (VMITRACE_GET_VCPU_STATS) and its ratio to
+the untraced run's time (the tracer's direct share of the overhead, which the machine's
+noise does not blur; the rest is indirect: the collector's CPU and caches on the same
+host, and noise), the collector's cyclic-GC pauses
 (any vCPU waiting meanwhile waits for them too); and the load average (the machine is
 shared; compare ratios, not times).
 
@@ -250,6 +254,8 @@ def main() -> None:
             collector_cpu = dict.fromkeys(states, 0.0)
             events = dict.fromkeys(states, 0)
             waited = dict.fromkeys(states, 0)  # events whose vCPU waited for the reply
+            in_events_us = dict.fromkeys(states, 0)  # the host's count (vCPU stats)
+            waiting_us = dict.fromkeys(states, 0)
             for _ in range(args.repeat):
                 for state in states:
                     set_events(session, args.vcpus, state != "untraced")
@@ -261,6 +267,7 @@ def main() -> None:
                     events0, cpu0 = tracer.ctx.events, cpu_seconds()
                     waited0 = events0 - tracer.ctx.events_run_on
                     qemu0 = process_cpu_seconds(guest.pid)
+                    host0 = tracer.measure_host_cost()
                     gc_pauses.state = state
                     if wait_times is not None:
                         wait_times.state = state
@@ -269,6 +276,10 @@ def main() -> None:
                     if wait_times is not None:
                         wait_times.state = None
                     qemu_cpu[state] += process_cpu_seconds(guest.pid) - qemu0
+                    host1 = tracer.measure_host_cost()
+                    if host0 is not None and host1 is not None:
+                        in_events_us[state] += host1["event_us"] - host0["event_us"]
+                        waiting_us[state] += host1["wait_us"] - host0["wait_us"]
                     collector_cpu[state] += cpu_seconds() - cpu0
                     events[state] += tracer.ctx.events - events0
                     waited[state] += tracer.ctx.events - tracer.ctx.events_run_on - waited0
@@ -300,6 +311,12 @@ def main() -> None:
             "events": events[state],
             "waited": waited[state],
             "cpu_us_per_event": round(cpu / events[state] * 1e6, 1) if events[state] else None,
+            # by the host's count: the vCPU's time in events (waits included) per run, and
+            # as a share of the untraced run: the tracer's own part of the overhead, which
+            # the machine's noise does not blur
+            "vcpu_in_events_ms": round(in_events_us[state] / 1e3 / args.repeat, 1),
+            "vcpu_waiting_ms": round(waiting_us[state] / 1e3 / args.repeat, 1),
+            "in_events_ratio": round(in_events_us[state] / 1e6 / args.repeat / base, 3),
             "gc_pauses": gc_pauses.summary(state),
         }
         if wait_times is not None:
@@ -313,7 +330,9 @@ def main() -> None:
         print(f"{state}/untraced = {r['ratio']}x wall (median), {r['best_ratio']}x (fastest "
               f"runs), back-to-back runs {median}x ({q1}-{q3}x quartiles), {r['cpu_ratio']}x "
               f"CPU; collector CPU {r['cpu_us_per_event']} us/event; "
-              f"{r['waited']} of {r['events']} events waited; GC paused the collector "
+              f"{r['waited']} of {r['events']} events waited; the vCPU spent "
+              f"{r['vcpu_in_events_ms']} ms per run in events ({r['vcpu_waiting_ms']} ms "
+              f"waiting): {r['in_events_ratio']}x the untraced time; GC paused the collector "
               f"{r['gc_pauses']['count']} times, {r['gc_pauses']['total_ms']} ms in all "
               f"(longest {r['gc_pauses']['max_ms']} ms)",
               file=sys.stderr)

@@ -21,7 +21,8 @@ PLUGIN_COMMANDS = {
     "KVMI_GET_VCPU_INFO", "KVMI_PAUSE_VCPU", "KVMI_CONTROL_VM_EVENTS", "KVMI_CONTROL_EVENTS",
     "KVMI_CONTROL_CR", "KVMI_CONTROL_MSR", "KVMI_GET_REGISTERS", "KVMI_READ_PHYSICAL",
     "KVMI_WRITE_PHYSICAL", "KVMI_VCPU_TRANSLATE_GVA", "VMITRACE_SET_BREAKPOINT",
-    "VMITRACE_CLEAR_BREAKPOINT", "VMITRACE_SET_DELIVERY",
+    "VMITRACE_CLEAR_BREAKPOINT", "VMITRACE_SET_DELIVERY", "VMITRACE_SET_BREAKPOINT_EX",
+    "VMITRACE_SET_CAPTURE_TABLE", "VMITRACE_GET_VCPU_STATS",
 }
 PLUGIN_EVENTS = {
     "KVMI_EVENT_UNHOOK", "KVMI_EVENT_CR", "KVMI_EVENT_MSR", "KVMI_EVENT_BREAKPOINT",
@@ -62,6 +63,10 @@ def test_probe_lab_reports_plugin_capabilities_and_counts(tmp_path):
     # The steady workload runs processes: address-space switches are CR3 writes.
     assert report["event_counts"].get("KVMI_EVENT_CR", 0) > 0
     assert set(report["event_counts"]) <= PLUGIN_EVENTS
+    # what delivering them cost the vCPU: non-blocking, so nothing waited
+    [cost] = report["vcpu_cost"]
+    assert cost["vcpu"] == 0 and cost["events"] >= sum(report["event_counts"].values())
+    assert cost["waits"] == 0 and cost["wait_us"] == 0 and cost["event_us"] > 0
 
 
 @pytest.mark.guest
@@ -92,3 +97,7 @@ def test_probe_listen_waits_for_a_host(tmp_path):
     assert "vcpus       2" in out
     assert ", blocking delivery" in out
     assert "VMITRACE_SET_BREAKPOINT" in out
+    # blocking: each counted event waited for the probe's reply
+    waited = [int(line.split(" events delivered, ")[1].split()[0])
+              for line in out.splitlines() if line.startswith("  vCPU ")]
+    assert len(waited) == 2 and sum(waited) > 0, out

@@ -426,6 +426,26 @@ def test_matches_strace_name_for_name_and_value_for_value(lab):
     assert ours == truth
 
 
+def test_the_host_counts_what_tracing_cost_the_vcpus(lab):
+    """The host's vCPU statistics (VMITRACE_GET_VCPU_STATS) agree with the collector: the
+    events that waited are those the collector answered (the host counts one once its vCPU
+    has the reply, the collector before it replies), with the time spent in them."""
+    ctx, tracer = lab.tracer.ctx, lab.tracer
+
+    def waited() -> int:
+        return ctx.events - ctx.events_run_on
+
+    w0, c0, w0_after = waited(), tracer.measure_host_cost(), waited()
+    lab.run(f"{wl.WORKLOAD_DRIVER} once >/dev/null")
+    w1, c1, w1_after = waited(), tracer.measure_host_cost(), waited()
+    assert c0 is not None and c1 is not None
+    cost = {field: c1[field] - c0[field] for field in c0 if field != "max_wait_us"}
+    assert w1 - w0_after - lab.guest.vcpus <= cost["waits"] <= w1_after - w0 + lab.guest.vcpus
+    assert cost["waits"] > 0 and cost["events"] > 10 * cost["waits"]  # most entries run on
+    assert cost["event_us"] > cost["wait_us"] > 0 and cost["timeouts"] == 0
+    assert c1["max_wait_us"] * cost["waits"] >= cost["wait_us"]
+
+
 def test_no_integrity_alarm_and_few_unpaired(lab):
     lab.run(f"timeout 30 {wl.WORKLOAD_DRIVER} steady 200 >/dev/null; true", timeout=90)
     records = lab.records()

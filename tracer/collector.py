@@ -263,6 +263,8 @@ class VmTracer:
         self._installer: threading.Thread | None = None
         self._last_loss_ns = clock()
         self.enabled_events: list[int] = []  # per-vCPU events start() switched on
+        self._host_stats_at_start: list[Any] | None = None
+        self.host_cost: dict[str, int] | None = None  # set by close() where the host tells
 
     # -- records ----------------------------------------------------------------------------
     def _emit(self, record: dict[str, Any]) -> None:
@@ -273,6 +275,7 @@ class VmTracer:
     def start(self) -> None:
         s = self.session
         self.vcpus = s.get_guest_info().vcpu_count
+        self._host_stats_at_start = self._host_stats()
         if not s.check_command(abi.VMITRACE_SET_BREAKPOINT):
             raise SetupError(
                 "this KVMI host has no instrumentation breakpoints (vmitrace vendor extension); "
@@ -542,6 +545,7 @@ class VmTracer:
                     s.reply(event)
                 except kerr.KvmiError:
                     pass
+            self.host_cost = self.measure_host_cost()
             s.close()  # the host drops introspection and the guest runs on untouched
         inflight = sum(1 for p in self.syscalls.pending.values() if p.call is not None)
         if inflight:
@@ -557,12 +561,37 @@ class VmTracer:
         self.ctx.emit_losses(final=True)
         return self.summary()
 
+    def _host_stats(self) -> list[Any] | None:
+        """Each vCPU's VMITRACE_GET_VCPU_STATS, where the host offers them."""
+        s = self.session
+        try:
+            if not s.check_command(abi.VMITRACE_GET_VCPU_STATS):
+                return None
+            return [s.get_vcpu_stats(vcpu) for vcpu in range(self.vcpus)]
+        except kerr.KvmiError as exc:  # e.g. a replay whose recording predates them
+            log.info("VM %s: no vCPU statistics: %s", self.ctx.vm_id, exc)
+            return None
+
+    def measure_host_cost(self) -> dict[str, int] | None:
+        """What this trace has cost the guest's vCPUs so far, by the host's count (None where
+        the host does not tell, or has gone): events delivered,
+        waits (and those without a reply), microseconds in events and in waits, summed over
+        the vCPUs, and the longest wait since the VM started."""
+        before, after = self._host_stats_at_start, self._host_stats()
+        if before is None or after is None:
+            return None
+        fields = ("events", "waits", "timeouts", "event_us", "wait_us")
+        cost = {f: sum(getattr(a, f) - getattr(b, f) for a, b in zip(after, before))
+                for f in fields}
+        cost["max_wait_us"] = max((a.max_wait_us for a in after), default=0)
+        return cost
+
     def summary(self) -> dict[str, Any]:
         return {"vm_id": self.ctx.vm_id, "vm_name": getattr(self.session, "name", None),
                 "events": self.ctx.events, "events_run_on": self.ctx.events_run_on,
                 "syscalls": self.syscalls.calls,
                 "losses": dict(self.ctx.loss.counts), "notes": list(self.notes),
-                "kaslr_slide": self.layout.slide}
+                "kaslr_slide": self.layout.slide, "host_cost": self.host_cost}
 
 
 class Collector:

@@ -4,7 +4,9 @@ The first thing to run when wiring up a host. It waits for one host on ``--liste
 (or boots a lab guest with the vmitrace plugin, ``--lab``), then prints the handshake,
 the version, which commands and events the host supports (CHECK_COMMAND / CHECK_EVENT
 over every standard id and the vmitrace vendor ids), and how many events of each type
-arrive in ``--duration`` seconds with the cheap events enabled on every vCPU.
+arrive in ``--duration`` seconds with the cheap events enabled on every vCPU. On a host with
+VMITRACE_GET_VCPU_STATS it also shows what delivering those events cost each vCPU: how many
+waited for their reply and the time spent in events and in waits.
 """
 from __future__ import annotations
 
@@ -22,8 +24,7 @@ from tracer.kvmi.errors import CommandError, ConnectionClosed, KvmiError
 from tracer.kvmi.transport import Listener, Session
 
 STANDARD_IDS = range(2, 64)  # 0 and 1 are EVENT_REPLY/EVENT, not commands
-VENDOR_IDS = (abi.VMITRACE_SET_BREAKPOINT, abi.VMITRACE_CLEAR_BREAKPOINT,
-              abi.VMITRACE_SET_DELIVERY)
+VENDOR_IDS = sorted(i for i in abi.COMMANDS if i >= abi.VMITRACE_SET_BREAKPOINT)
 EVENT_IDS = range(0, 16)
 # Events enabled during the counting window (per vCPU), and which CRs/MSRs they report.
 COUNTED_EVENTS = (abi.KVMI_EVENT_CR, abi.KVMI_EVENT_MSR, abi.KVMI_EVENT_HYPERCALL,
@@ -65,6 +66,7 @@ def probe_session(session: Session, duration: float, blocking: bool) -> dict[str
     if nonblocking:
         session.set_delivery(False)
     report["delivery"] = "non-blocking" if nonblocking else "blocking"
+    stats_before = _vcpu_stats(session, vcpus, report["commands"])
     enabled = _enable(session, vcpus, report["events"], True)
     report["enabled_events"] = sorted(event_name(e) for e in enabled)
     counts: dict[str, int] = {}
@@ -89,7 +91,23 @@ def probe_session(session: Session, duration: float, blocking: bool) -> dict[str
             _drain(session)
     report["duration"] = duration
     report["event_counts"] = dict(sorted(counts.items()))
+    stats_after = _vcpu_stats(session, vcpus, report["commands"])
+    report["vcpu_cost"] = [
+        {"vcpu": vcpu, **{field: getattr(after, field) - getattr(before, field)
+                          for field in ("events", "waits", "timeouts", "event_us", "wait_us")},
+         "max_wait_us_since_start": after.max_wait_us}
+        for vcpu, (before, after) in enumerate(zip(stats_before or (), stats_after or ()))]
     return report
+
+
+def _vcpu_stats(session: Session, vcpus: int, commands: dict[str, bool]) -> list[Any] | None:
+    """Each vCPU's VMITRACE_GET_VCPU_STATS, or None (not offered, or the host left)."""
+    if session.closed or not commands.get(command_name(abi.VMITRACE_GET_VCPU_STATS)):
+        return None
+    try:
+        return [session.get_vcpu_stats(vcpu) for vcpu in range(vcpus)]
+    except (CommandError, ConnectionClosed):
+        return None
 
 
 def _enable(session: Session, vcpus: int, supported: dict[str, bool], on: bool) -> set[int]:
@@ -146,6 +164,12 @@ def render_text(report: dict[str, Any]) -> str:
             lines.append(f"  {name:<26} {count:8d}  ({rate:.0f}/s)")
     else:
         lines.append("  no events")
+    for cost in report["vcpu_cost"]:
+        share = cost["event_us"] / 1e4 / report["duration"] if report["duration"] else 0.0
+        lines.append(f"  vCPU {cost['vcpu']}: {cost['events']} events delivered, "
+                     f"{cost['waits']} waited ({cost['timeouts']} without a reply): "
+                     f"{cost['event_us'] / 1e3:.1f} ms in events ({share:.2f} % of the time), "
+                     f"{cost['wait_us'] / 1e3:.1f} ms of it waiting")
     return "\n".join(lines)
 
 

@@ -137,6 +137,13 @@ def _summary(result: dict[str, Any]) -> None:
         losses = {k: v for k, v in sorted(vm["losses"].items()) if v}
         click.echo("[trace]   losses: " + (", ".join(f"{k}={v}" for k, v in losses.items())
                                           or "none"), err=True)
+        cost = vm.get("host_cost")
+        if cost:
+            click.echo(f"[trace]   host: {cost['waits']} of {cost['events']} events made their "
+                       f"vCPU wait ({cost['timeouts']} without a reply); vCPUs spent "
+                       f"{cost['event_us'] / 1e6:.3f} s in events, {cost['wait_us'] / 1e6:.3f} s "
+                       f"of it waiting (longest wait {cost['max_wait_us'] / 1e3:.1f} ms)",
+                       err=True)
         for note in vm["notes"]:
             click.echo(f"[trace]   note: {note}", err=True)
     for error in result["errors"]:
