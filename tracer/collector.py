@@ -275,12 +275,12 @@ class VmTracer:
     def start(self) -> None:
         s = self.session
         self.vcpus = s.get_guest_info().vcpu_count
-        self._host_stats_at_start = self._host_stats()
         if not s.check_command(abi.VMITRACE_SET_BREAKPOINT):
             raise SetupError(
                 "this KVMI host has no instrumentation breakpoints (vmitrace vendor extension); "
                 "int3 patching through WRITE_PHYSICAL is not implemented, so system calls "
                 "cannot be traced on it")
+        self._host_stats_at_start = self._host_stats()
         self.ctx.breakpoint_rules_supported = s.check_command(abi.VMITRACE_SET_BREAKPOINT_EX)
         self.ctx.capture_tables_supported = self.ctx.breakpoint_rules_supported and \
             s.check_command(abi.VMITRACE_SET_CAPTURE_TABLE)
@@ -577,7 +577,8 @@ class VmTracer:
         the host does not tell, or has gone): events delivered,
         waits (and those without a reply), microseconds in events and in waits, summed over
         the vCPUs, and the longest wait since the VM started."""
-        before, after = self._host_stats_at_start, self._host_stats()
+        before = self._host_stats_at_start
+        after = self._host_stats() if before is not None else None
         if before is None or after is None:
             return None
         fields = ("events", "waits", "timeouts", "event_us", "wait_us")
