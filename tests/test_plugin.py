@@ -1097,7 +1097,8 @@ def _fuzz_commands(conn: socket.socket, vcpus: int, count: int = 1500) -> None:
     rng = random.Random(1234)
     ids = [i for i in range(2, 64) if i != abi.KVMI_WRITE_PHYSICAL] + [
         abi.VMITRACE_SET_BREAKPOINT, abi.VMITRACE_CLEAR_BREAKPOINT, abi.VMITRACE_SET_DELIVERY,
-        abi.VMITRACE_SET_CAPTURE_TABLE, 0x7F7F, 0xFFFF]
+        abi.VMITRACE_SET_BREAKPOINT_EX, abi.VMITRACE_SET_CAPTURE_TABLE,
+        abi.VMITRACE_GET_VCPU_STATS, 0x7F7F, 0xFFFF]
     errors: collections.Counter = collections.Counter()
     for seq in range(1000, 1000 + count):
         msg_id = rng.choice(ids)
