@@ -815,8 +815,24 @@ def test_capture_table_refuses_malformed_requests(lab, payload, error):
 
 # -- hypercalls, pauses ------------------------------------------------------------------------
 
-def test_vmcall_program_yields_hypercall_with_its_rax(lab):
+def vmcall_hypercall(lab: Lab, handler: Handler) -> Any:
+    """Run the vmcall workload with hypercall events on and `handler` answering: its event."""
     s = lab.session
+    for vcpu in range(lab.vcpus):
+        s.control_events(vcpu, abi.KVMI_EVENT_HYPERCALL, True)
+    lab.handler = handler
+    mark = lab.mark()
+    try:
+        lab.run_ok(workloads.WORKLOAD_BINARIES["vmcall"])
+        return lab.wait_for(lambda e: e.event_id == abi.KVMI_EVENT_HYPERCALL
+                            and e.arch.regs.rax == workloads.VMCALL_RAX, mark)
+    finally:
+        lab.handler = None
+        for vcpu in range(lab.vcpus):
+            s.control_events(vcpu, abi.KVMI_EVENT_HYPERCALL, False)
+
+
+def test_vmcall_program_yields_hypercall_with_its_rax(lab):
     code_at_rip: dict[int, bytes] = {}
 
     def read_code(session: Session, event: Any) -> None:
@@ -827,18 +843,7 @@ def test_vmcall_program_yields_hypercall_with_its_rax(lab):
                 code_at_rip[event.seq] = session.read_physical(gpa, len(workloads.VMCALL_INSN))
         return None
 
-    for vcpu in range(lab.vcpus):
-        s.control_events(vcpu, abi.KVMI_EVENT_HYPERCALL, True)
-    lab.handler = read_code
-    mark = lab.mark()
-    try:
-        lab.run_ok(workloads.WORKLOAD_BINARIES["vmcall"])
-        hit = lab.wait_for(lambda e: e.event_id == abi.KVMI_EVENT_HYPERCALL
-                           and e.arch.regs.rax == workloads.VMCALL_RAX, mark)
-    finally:
-        lab.handler = None
-        for vcpu in range(lab.vcpus):
-            s.control_events(vcpu, abi.KVMI_EVENT_HYPERCALL, False)
+    hit = vmcall_hypercall(lab, read_code)
     regs = hit.arch.regs
     assert (regs.rbx, regs.rcx, regs.rdx, regs.rsi) == (
         workloads.VMCALL_RBX, workloads.VMCALL_RCX, workloads.VMCALL_RDX, workloads.VMCALL_RSI)
@@ -858,18 +863,7 @@ def test_vcpu_stats_count_events_and_the_time_they_waited(lab):
             time.sleep(0.05)
         return None
 
-    for vcpu in range(lab.vcpus):
-        s.control_events(vcpu, abi.KVMI_EVENT_HYPERCALL, True)
-    lab.handler = hold_hypercalls
-    mark = lab.mark()
-    try:
-        lab.run_ok(workloads.WORKLOAD_BINARIES["vmcall"])
-        hit = lab.wait_for(lambda e: e.event_id == abi.KVMI_EVENT_HYPERCALL
-                           and e.arch.regs.rax == workloads.VMCALL_RAX, mark)
-    finally:
-        lab.handler = None
-        for vcpu in range(lab.vcpus):
-            s.control_events(vcpu, abi.KVMI_EVENT_HYPERCALL, False)
+    hit = vmcall_hypercall(lab, hold_hypercalls)
     held = [s.get_vcpu_stats(vcpu) for vcpu in range(lab.vcpus)]
     old, new = before[hit.vcpu], held[hit.vcpu]
     assert new.events > old.events and new.waits > old.waits
