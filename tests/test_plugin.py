@@ -873,16 +873,7 @@ def test_vcpu_stats_count_events_and_the_time_they_waited(lab):
     for was, now in zip(before, held):
         assert all(n >= w for n, w in zip(now, was))
 
-    s.set_delivery(False)
-    for vcpu in range(lab.vcpus):
-        s.control_events(vcpu, abi.KVMI_EVENT_CR, True)
-        s.control_cr(vcpu, 3, True)
-    try:
-        lab.run_ok("ls / > /dev/null")
-    finally:
-        for vcpu in range(lab.vcpus):
-            s.control_cr(vcpu, 3, False)
-        s.set_delivery(True)
+    nonblocking_cr3_events(lab)
     after = [s.get_vcpu_stats(vcpu) for vcpu in range(lab.vcpus)]
     assert sum(a.events for a in after) > sum(h.events for h in held)
     assert [a.waits for a in after] == [h.waits for h in held]
@@ -944,7 +935,8 @@ def test_pause_vcpu_yields_pause_event(lab):
         assert event.vcpu == vcpu
 
 
-def test_nonblocking_delivery_needs_no_replies(lab):
+def nonblocking_cr3_events(lab: Lab) -> list[Any]:
+    """The CR3 events of running `ls /` with non-blocking delivery."""
     s = lab.session
     s.set_delivery(False)
     for vcpu in range(lab.vcpus):
@@ -957,7 +949,11 @@ def test_nonblocking_delivery_needs_no_replies(lab):
         for vcpu in range(lab.vcpus):
             s.control_cr(vcpu, 3, False)
         s.set_delivery(True)
-    events = lab.since(mark, abi.KVMI_EVENT_CR)
+    return lab.since(mark, abi.KVMI_EVENT_CR)
+
+
+def test_nonblocking_delivery_needs_no_replies(lab):
+    events = nonblocking_cr3_events(lab)
     assert events and not any(e.blocking for e in events)
 
 
