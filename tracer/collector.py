@@ -280,7 +280,8 @@ class VmTracer:
                 "this KVMI host has no instrumentation breakpoints (vmitrace vendor extension); "
                 "int3 patching through WRITE_PHYSICAL is not implemented, so system calls "
                 "cannot be traced on it")
-        self._host_stats_at_start = self._host_stats()
+        if s.check_command(abi.VMITRACE_GET_VCPU_STATS):
+            self._host_stats_at_start = self._host_stats()
         self.ctx.breakpoint_rules_supported = s.check_command(abi.VMITRACE_SET_BREAKPOINT_EX)
         self.ctx.capture_tables_supported = self.ctx.breakpoint_rules_supported and \
             s.check_command(abi.VMITRACE_SET_CAPTURE_TABLE)
@@ -562,21 +563,18 @@ class VmTracer:
         return self.summary()
 
     def _host_stats(self) -> list[Any] | None:
-        """Each vCPU's VMITRACE_GET_VCPU_STATS, where the host offers them."""
-        s = self.session
+        """Each vCPU's VMITRACE_GET_VCPU_STATS; None if the host does not answer them."""
         try:
-            if not s.check_command(abi.VMITRACE_GET_VCPU_STATS):
-                return None
-            return [s.get_vcpu_stats(vcpu) for vcpu in range(self.vcpus)]
+            return [self.session.get_vcpu_stats(vcpu) for vcpu in range(self.vcpus)]
         except kerr.KvmiError as exc:  # e.g. a replay whose recording predates them
             log.info("VM %s: no vCPU statistics: %s", self.ctx.vm_id, exc)
             return None
 
     def measure_host_cost(self) -> dict[str, int] | None:
-        """What this trace has cost the guest's vCPUs so far, by the host's count (None where
-        the host does not tell, or has gone): events delivered,
-        waits (and those without a reply), microseconds in events and in waits, summed over
-        the vCPUs, and the longest wait since the VM started."""
+        """What this trace has cost the guest's vCPUs so far, by the host's count: events
+        delivered, waits (and those without a reply), microseconds in events and in waits,
+        summed over the vCPUs, and the longest wait since the VM started. None where the host
+        does not tell, or has gone."""
         before = self._host_stats_at_start
         after = self._host_stats() if before is not None else None
         if before is None or after is None:
