@@ -91,6 +91,13 @@ def test_progress_goes_to_stderr_and_json_to_stdout(run: DemoRun, summary: dict[
     for step in ("step 1/4", "step 2/4", "step 3/4", "step 4/4", "records written"):
         assert step in run.stderr
     assert "[demo]" not in run.stdout
+    # what tracing cost the guest, by the plugin's count: in the summary and on stderr
+    [vm] = summary["collector"]["vms"]
+    cost = vm["host_cost"]
+    assert cost["events"] > 0 and 0 < cost["waits"] < cost["events"]
+    assert cost["event_us"] >= cost["wait_us"] > 0
+    assert f"[demo] host: {cost['waits']} of {cost['events']} events made their vCPU wait" \
+        in run.stderr
     assert summary["dataset"] == str(run.dataset)
     assert json.loads((run.out / "summary.json").read_text())["records"] == summary["records"]
     assert (run.out / MARKER).exists()

@@ -527,7 +527,10 @@ def demo(duration: float, out_dir: Path, kernel: str, vcpus: int, top: int,
     result = run_trace(kernel, vcpus, duration, dataset, recording)
     for error in result["errors"]:
         _say(f"error: {error}")
+    from tracer.trace_cli import describe_host_cost
     for vm in result["vms"]:
+        if vm.get("host_cost"):
+            _say(f"host: {describe_host_cost(vm['host_cost'])}")
         for note in vm["notes"]:
             _say(f"note: {note}")
     if result["errors"] or not result["records"]:

@@ -128,6 +128,14 @@ def _options(pids: tuple[int, ...], comms: tuple[str, ...], syscalls: tuple[str,
                         run_on_syscalls=not blocking_syscalls)
 
 
+def describe_host_cost(cost: dict[str, int]) -> str:
+    """A VM's `host_cost` (VmTracer.measure_host_cost) in a sentence."""
+    return (f"{cost['waits']} of {cost['events']} events made their vCPU wait "
+            f"({cost['timeouts']} without a reply); vCPUs spent {cost['event_us'] / 1e6:.3f} s "
+            f"in events, {cost['wait_us'] / 1e6:.3f} s of it waiting (longest wait "
+            f"{cost['max_wait_us'] / 1e3:.1f} ms)")
+
+
 def _summary(result: dict[str, Any]) -> None:
     """The final loss summary, on stderr."""
     for vm in result["vms"]:
@@ -137,13 +145,8 @@ def _summary(result: dict[str, Any]) -> None:
         losses = {k: v for k, v in sorted(vm["losses"].items()) if v}
         click.echo("[trace]   losses: " + (", ".join(f"{k}={v}" for k, v in losses.items())
                                           or "none"), err=True)
-        cost = vm.get("host_cost")
-        if cost:
-            click.echo(f"[trace]   host: {cost['waits']} of {cost['events']} events made their "
-                       f"vCPU wait ({cost['timeouts']} without a reply); vCPUs spent "
-                       f"{cost['event_us'] / 1e6:.3f} s in events, {cost['wait_us'] / 1e6:.3f} s "
-                       f"of it waiting (longest wait {cost['max_wait_us'] / 1e3:.1f} ms)",
-                       err=True)
+        if vm.get("host_cost"):
+            click.echo(f"[trace]   host: {describe_host_cost(vm['host_cost'])}", err=True)
         for note in vm["notes"]:
             click.echo(f"[trace]   note: {note}", err=True)
     for error in result["errors"]:
