@@ -60,7 +60,7 @@ from tracer.kvmi import abi
 from tracer.kvmi import errors as kerr
 from tracer.kvmi.events import (EVENT_CLASSES, BreakpointEvent, CrEvent, HypercallEvent, MsrEvent,
                                 UnhookEvent)
-from tracer.kvmi.transport import DEFAULT_REPLY_SPIN_US
+from tracer.kvmi.transport import DEFAULT_REPLY_SPIN_US, VCPU_STATS_COUNTERS, vcpu_stats_delta
 from tracer.memory import GuestMemory, PhysicalSource, RamFile, SessionSource, UnreadableMemory
 from tracer.monitors.base import MSR_LSTAR, BreakpointRule, FastRegs, Filters, VmContext
 from tracer.monitors.hypercall import HypercallMonitor
@@ -579,9 +579,8 @@ class VmTracer:
         after = self._host_stats() if before is not None else None
         if before is None or after is None:
             return None
-        fields = ("events", "waits", "timeouts", "event_us", "wait_us")
-        cost = {f: sum(getattr(a, f) - getattr(b, f) for a, b in zip(after, before))
-                for f in fields}
+        deltas = [vcpu_stats_delta(b, a) for b, a in zip(before, after)]
+        cost = {f: sum(d[f] for d in deltas) for f in VCPU_STATS_COUNTERS}
         cost["max_wait_us"] = max((a.max_wait_us for a in after), default=0)
         return cost
 

@@ -21,7 +21,7 @@ import click
 
 from tracer.kvmi import abi
 from tracer.kvmi.errors import CommandError, ConnectionClosed, KvmiError
-from tracer.kvmi.transport import Listener, Session
+from tracer.kvmi.transport import Listener, Session, vcpu_stats_delta
 
 STANDARD_IDS = range(2, 64)  # 0 and 1 are EVENT_REPLY/EVENT, not commands
 VENDOR_IDS = sorted(i for i in abi.COMMANDS if i >= abi.VMITRACE_SET_BREAKPOINT)
@@ -93,8 +93,7 @@ def probe_session(session: Session, duration: float, blocking: bool) -> dict[str
     report["event_counts"] = dict(sorted(counts.items()))
     stats_after = _vcpu_stats(session, vcpus, report["commands"])
     report["vcpu_cost"] = [
-        {"vcpu": vcpu, **{field: getattr(after, field) - getattr(before, field)
-                          for field in ("events", "waits", "timeouts", "event_us", "wait_us")},
+        {"vcpu": vcpu, **vcpu_stats_delta(before, after),
          "max_wait_us_since_start": after.max_wait_us}
         for vcpu, (before, after) in enumerate(zip(stats_before or (), stats_after or ()))]
     return report

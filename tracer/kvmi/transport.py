@@ -972,6 +972,16 @@ class Session:
                            self.request(abi.VMITRACE_GET_VCPU_STATS, payload, None, timeout))
 
 
+#: The counters of ``vmitrace_vcpu_stats`` (max_wait_us is a running maximum, not a counter).
+VCPU_STATS_COUNTERS = ("events", "waits", "timeouts", "event_us", "wait_us")
+
+
+def vcpu_stats_delta(before: Any, after: Any) -> dict[str, int]:
+    """What two readings of one vCPU's :meth:`Session.get_vcpu_stats` counted in between."""
+    return {field: getattr(after, field) - getattr(before, field)
+            for field in VCPU_STATS_COUNTERS}
+
+
 def _close_socket(sock: socket.socket) -> None:
     try:
         sock.close()
