@@ -292,12 +292,16 @@ struct vmitrace_capture {
     int32_t offset;
 };
 
-/* VMITRACE_SET_BREAKPOINT_EX: 32 bytes + 4 per value (count <= 16). */
+/* VMITRACE_SET_BREAKPOINT_EX: 32 bytes + 4 per value (count <= 16; 32 with DIFFER_REVERSED). */
 #define VMITRACE_MAX_BLOCK_VALUES 16
 /* block_flags */
 #define VMITRACE_BLOCK_FROM_CAPTURE 1 /* the value: u64 word block_reg of the first capture */
 #define VMITRACE_BLOCK_BITMAP 2       /* block_values: a set of 0..511 (bit v of word v/32) */
 #define VMITRACE_BLOCK_WORDS_DIFFER 4 /* also wait where differ_words of the first capture do */
+/* With BITMAP and WORDS_DIFFER: 16 more words, a second set whose values wait where the
+ * words are equal instead (and run on where they differ). */
+#define VMITRACE_BLOCK_DIFFER_REVERSED 8
+#define VMITRACE_MAX_BLOCK_WORDS (2 * VMITRACE_MAX_BLOCK_VALUES)
 #define VMITRACE_BLOCK_BITMAP_VALUES 512
 struct vmitrace_breakpoint_ex {
     uint64_t gva;
@@ -332,6 +336,7 @@ struct vmitrace_captured {
 #define VMITRACE_TABLE_STRING 1        /* stop after the first NUL (included) */
 #define VMITRACE_TABLE_SIGNED_LENGTH 2 /* the length word is signed; negative: nothing */
 #define VMITRACE_TABLE_WORDS32 4       /* pointer and length words: their low 32 bits */
+#define VMITRACE_TABLE_INDIRECT 8      /* the address: a pointer in guest memory (offset) */
 struct vmitrace_capture_table {
     uint64_t gva;
     uint8_t key_word; /* u64 word of the first capture whose low 32 bits select entries */
@@ -345,7 +350,8 @@ struct vmitrace_table_entry {
     uint8_t length_word;  /* u64 word bounding the length; VMITRACE_TABLE_NO_LENGTH: none */
     uint16_t max_length;  /* 1-VMITRACE_MAX_POINTER_CAPTURE */
     uint8_t flags;
-    uint8_t padding;
+    uint8_t offset; /* INDIRECT: the address is the pointer (u64; WORDS32: u32) read at the
+                       pointer word's value + offset; 0 without it */
 };
 
 /* After the captured bytes, with VMITRACE_EVENT_TABLE_CAPTURED: count pointer captures,

@@ -307,7 +307,7 @@ struct bp_rule {
     uint8_t count;
     uint8_t block_flags;
     uint8_t differ_words[2];
-    uint32_t block_values[VMITRACE_MAX_BLOCK_VALUES];
+    uint32_t block_values[VMITRACE_MAX_BLOCK_WORDS]; /* DIFFER_REVERSED: two bitmaps */
     struct vmitrace_capture captures[VMITRACE_CAPTURES]; /* copied into each hit's event */
     struct capture_table *table; /* NULL: none; one reference held by the rule */
 };
@@ -1120,6 +1120,7 @@ static bool hit_runs_on(struct vcpu *v, const struct bp_rule *rule, const struct
     if (!rule->run_on) {
         return false;
     }
+    bool differ = false;
     if (rule->block_flags & VMITRACE_BLOCK_WORDS_DIFFER) {
         size_t end = (MAX(rule->differ_words[0], rule->differ_words[1]) + 1u) * 8;
         uint64_t a, b;
@@ -1128,9 +1129,7 @@ static bool hit_runs_on(struct vcpu *v, const struct bp_rule *rule, const struct
         }
         memcpy(&a, p->data + rule->differ_words[0] * 8u, sizeof(a));
         memcpy(&b, p->data + rule->differ_words[1] * 8u, sizeof(b));
-        if (a != b) {
-            return false;
-        }
+        differ = a != b;
     }
     uint32_t value;
     if (rule->block_flags & VMITRACE_BLOCK_FROM_CAPTURE) {
@@ -1143,8 +1142,19 @@ static bool hit_runs_on(struct vcpu *v, const struct bp_rule *rule, const struct
         value = (uint32_t)read_reg(v, gpr_by_number[rule->block_reg]);
     }
     if (rule->block_flags & VMITRACE_BLOCK_BITMAP) {
-        return value < VMITRACE_BLOCK_BITMAP_VALUES &&
-               !(rule->block_values[value / 32] & (1u << (value % 32)));
+        if (value >= VMITRACE_BLOCK_BITMAP_VALUES ||
+            (rule->block_values[value / 32] & (1u << (value % 32)))) {
+            return false;
+        }
+        const uint32_t *reversed = rule->block_values + VMITRACE_BLOCK_BITMAP_VALUES / 32;
+        if ((rule->block_flags & VMITRACE_BLOCK_DIFFER_REVERSED) &&
+            (reversed[value / 32] & (1u << (value % 32)))) {
+            return differ;
+        }
+        return !differ;
+    }
+    if (differ) {
+        return false;
     }
     for (unsigned i = 0; i < rule->count; i++) {
         if (rule->block_values[i] == value) {
@@ -1198,7 +1208,17 @@ static size_t capture_pointers(struct vcpu *v, const struct capture_table *t,
             want = MIN(want, bound);
         }
         uint64_t pointer = captured_word(p, e->pointer_word);
-        struct vmitrace_pointer_capture pc = { .gva = words32 ? (uint32_t)pointer : pointer };
+        if (words32) {
+            pointer = (uint32_t)pointer;
+        }
+        if (e->flags & VMITRACE_TABLE_INDIRECT) {
+            uint64_t at = pointer + e->offset;
+            pointer = 0; /* unreadable: no address, as for a NULL one */
+            if (!read_virtual(v, at, (uint8_t *)&pointer, words32 ? 4 : 8)) {
+                pointer = 0;
+            }
+        }
+        struct vmitrace_pointer_capture pc = { .gva = pointer };
         bool faulted = false;
         size_t got = 0;
         if (want && !pc.gva) {
@@ -1694,12 +1714,17 @@ static bool parse_breakpoint(const struct kvmi_msg_hdr *hdr, const uint8_t *payl
     }
     memcpy(&req, payload, fixed);
     bool from_capture = req.block_flags & VMITRACE_BLOCK_FROM_CAPTURE;
-    if (req.run_on > 1 || req.count > VMITRACE_MAX_BLOCK_VALUES ||
+    const uint8_t reversed = VMITRACE_BLOCK_BITMAP | VMITRACE_BLOCK_WORDS_DIFFER |
+                             VMITRACE_BLOCK_DIFFER_REVERSED;
+    unsigned bitmap_words = (req.block_flags & VMITRACE_BLOCK_DIFFER_REVERSED ? 2 : 1) *
+                            VMITRACE_BLOCK_BITMAP_VALUES / 32;
+    if (req.run_on > 1 || req.count > VMITRACE_MAX_BLOCK_WORDS ||
         req.block_reg > (from_capture ? VMITRACE_MAX_CAPTURE / 8 - 1 : 15) ||
-        (req.block_flags & ~(VMITRACE_BLOCK_FROM_CAPTURE | VMITRACE_BLOCK_BITMAP |
-                             VMITRACE_BLOCK_WORDS_DIFFER)) ||
-        ((req.block_flags & VMITRACE_BLOCK_BITMAP) &&
-         req.count != VMITRACE_BLOCK_BITMAP_VALUES / 32) ||
+        (req.block_flags & ~(VMITRACE_BLOCK_FROM_CAPTURE | reversed)) ||
+        ((req.block_flags & VMITRACE_BLOCK_DIFFER_REVERSED) &&
+         (req.block_flags & reversed) != reversed) ||
+        ((req.block_flags & VMITRACE_BLOCK_BITMAP) ? req.count != bitmap_words
+                                                   : req.count > VMITRACE_MAX_BLOCK_VALUES) ||
         !all_zero(req.padding, sizeof(req.padding)) ||
         hdr->size != fixed + req.count * sizeof(uint32_t)) {
         return false;
@@ -1790,7 +1815,8 @@ static bool parse_capture_table(const struct kvmi_msg_hdr *hdr, const uint8_t *p
             (bounded && e.length_word >= words) || e.max_length == 0 ||
             e.max_length > VMITRACE_MAX_POINTER_CAPTURE ||
             (e.flags & ~(VMITRACE_TABLE_STRING | VMITRACE_TABLE_SIGNED_LENGTH |
-                         VMITRACE_TABLE_WORDS32)) || e.padding ||
+                         VMITRACE_TABLE_WORDS32 | VMITRACE_TABLE_INDIRECT)) ||
+            (e.offset && !(e.flags & VMITRACE_TABLE_INDIRECT)) ||
             count[e.key] == VMITRACE_MAX_TABLE_CAPTURES) {
             return false;
         }

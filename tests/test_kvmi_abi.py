@@ -110,7 +110,7 @@ INDEPENDENT: dict[str, str] = {
     "vmitrace_breakpoint_ex": "QBBBB2B2x" + "BxHi" * 2,  # + u32 block_values[count]
     "vmitrace_captured": "2H4x",
     "vmitrace_capture_table": "QB3xI",  # + vmitrace_table_entry[count]
-    "vmitrace_table_entry": "HBBHBx",
+    "vmitrace_table_entry": "HBBHBB",
     "vmitrace_table_captured": "B7x",
     "vmitrace_pointer_capture": "QHB5x",
     "vmitrace_get_vcpu_stats": "H6x",

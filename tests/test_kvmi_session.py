@@ -194,16 +194,26 @@ def test_extended_breakpoint_wire_bytes_and_checks(listener) -> None:
     s.set_breakpoint_ex(0x2000, True, 0, [], [pt_regs], differ, (16, 11))
     assert seen[-1] == struct.pack("<QBBBBBB2xBxHiBxHi", 0x2000, 1, 0, 0, differ, 16, 11,
                                    4, 168, 0, 0xFF, 0, 0)
+    reversed_set = flags | differ | abi.VMITRACE_BLOCK_DIFFER_REVERSED
+    two_sets = abi.block_bitmap([43]) + abi.block_bitmap([59])
+    s.set_breakpoint_ex(0x3000, True, 15, two_sets, [pt_regs], reversed_set, (16, 11))
+    assert seen[-1] == struct.pack("<QBBBBBB2xBxHiBxHi32I", 0x3000, 1, 15, 32, 15, 16, 11,
+                                   4, 168, 0, 0xFF, 0, 0, *two_sets)
     for bad in (dict(block_reg=21, captures=[pt_regs], block_flags=1),  # word 21 > 168 bytes
                 dict(block_reg=0, captures=[], block_flags=1),           # no first capture
                 dict(block_values=[1, 2], captures=[pt_regs], block_flags=2),  # not 16 words
-                dict(block_flags=8),                                     # unknown flag
+                dict(block_flags=16),                                    # unknown flag
+                dict(block_flags=8),                                     # reversed alone
+                dict(block_reg=15, block_values=two_sets[:16], captures=[pt_regs],
+                     block_flags=reversed_set, differ_words=(16, 11)),   # one set of two
+                dict(block_reg=15, block_values=two_sets, captures=[pt_regs],
+                     block_flags=flags | abi.VMITRACE_BLOCK_DIFFER_REVERSED),  # no differ
                 dict(block_reg=16),                                      # no register 16
                 dict(captures=[pt_regs], block_flags=differ, differ_words=(21, 11)),  # word 21
                 dict(captures=[pt_regs], differ_words=(16, 11))):        # without the flag
         with pytest.raises(ValueError):
             s.set_breakpoint_ex(0x1000, True, **bad)
-    assert len(seen) == 2  # refused before sending
+    assert len(seen) == 3  # refused before sending
     s.close()
     peer.close()
 
@@ -224,12 +234,13 @@ def test_capture_table_wire_bytes_and_checks(listener) -> None:
         Entry(257, 13, 4096, string=True),                          # openat: path at si
         Entry(1, 13, 8192, length_word=12),                         # write: buf at si, dx
         Entry(0, 13, 8192, length_word=10, signed_length=True),     # read: ax at the exit
-        Entry(3, 5, 8192, length_word=10, signed_length=True, words32=True)])  # ia32 read
-    entry = struct.Struct("<HBBHBx")  # vmitrace_table_entry
+        Entry(3, 5, 8192, length_word=10, signed_length=True, words32=True),  # ia32 read
+        Entry(59, 19, 8192, indirect=8)])              # execve's exit: at argv[0] (sp + 8)
+    entry = struct.Struct("<HBBHBB")  # vmitrace_table_entry
     assert seen == [(abi.VMITRACE_SET_CAPTURE_TABLE,
-                     struct.pack("<QB3xI", site, 15, 4) + entry.pack(257, 13, 0xFF, 4096, 1)
-                     + entry.pack(1, 13, 12, 8192, 0) + entry.pack(0, 13, 10, 8192, 2)
-                     + entry.pack(3, 5, 10, 8192, 6))]
+                     struct.pack("<QB3xI", site, 15, 5) + entry.pack(257, 13, 0xFF, 4096, 1, 0)
+                     + entry.pack(1, 13, 12, 8192, 0, 0) + entry.pack(0, 13, 10, 8192, 2, 0)
+                     + entry.pack(3, 5, 10, 8192, 6, 0) + entry.pack(59, 19, 0xFF, 8192, 8, 8))]
     s.set_capture_table(site, 15, [])  # removes it
     assert seen[-1] == (abi.VMITRACE_SET_CAPTURE_TABLE, struct.pack("<QB3xI", site, 15, 0))
     # The largest table is bigger than KVMI_MSG_SIZE; the message carries it whole.
@@ -244,6 +255,7 @@ def test_capture_table_wire_bytes_and_checks(listener) -> None:
                           (0, [Entry(3, 0, 1, length_word=32)]),      # length word 32
                           (0, [Entry(3, 0, 0)]),                      # max_length 0
                           (0, [Entry(3, 0, 8193)]),                   # max_length 8193
+                          (0, [Entry(3, 0, 1, indirect=256)]),        # offset 256
                           (0, [Entry(3, 0, 1)] * 5)):                 # 5 entries for key 3
         with pytest.raises(ValueError):
             s.set_capture_table(site, key_word, bad)

@@ -529,7 +529,13 @@ def test_run_on_exit_waits_where_the_return_was_redirected(lab):
     struct.pack("<QBBB5xBxHiBxHi", 0x1000, 1, 0, 0, 4, 257, 0, 0xFF, 0, 0),   # capture too long
     struct.pack("<QBBB5xBxHiBxHi", 0x1000, 1, 0, 0, 17, 8, 0, 0xFF, 0, 0),    # no base 17
     struct.pack("<QBBB4xBBxHiBxHi", 0x1000, 1, 0, 0, 1, 0xFF, 0, 0, 0xFF, 0, 0),  # padding
-    struct.pack("<QBBBB4xBxHiBxHi", 0x1000, 1, 0, 0, 8, 0xFF, 0, 0, 0xFF, 0, 0),  # flag 8
+    struct.pack("<QBBBB4xBxHiBxHi", 0x1000, 1, 0, 0, 16, 0xFF, 0, 0, 0xFF, 0, 0),  # flag 16
+    struct.pack("<QBBBB4xBxHiBxHi", 0x1000, 1, 0, 0, 8, 0xFF, 0, 0, 0xFF, 0, 0),
+    # ^ DIFFER_REVERSED without a bitmap and differ_words; below: with them, 16 values
+    struct.pack("<QBBBBBB2xBxHiBxHi16I", 0x1000, 1, 15, 16, 15, 16, 11, 4, 168, 0, 0xFF, 0,
+                0, *range(16)),
+    struct.pack("<QBBBB4xBxHiBxHi32I", 0x1000, 1, 0, 32, 2, 0xFF, 0, 0, 0xFF, 0, 0,
+                *range(32)),                                                # 32 without it
     struct.pack("<QBBBBBB2xBxHiBxHi", 0x1000, 1, 0, 0, 4, 16, 11, 4, 128, 0, 0xFF, 0, 0),
     # ^ differ_words: word 16 past a 128-byte capture; v without the flag
     struct.pack("<QBBBBBB2xBxHiBxHi", 0x1000, 1, 0, 0, 0, 1, 0, 4, 168, 0, 0xFF, 0, 0),
@@ -683,6 +689,51 @@ def test_capture_table_at_the_syscall_exit_bounds_by_a_signed_result(lab):
                                            PointerCapture(failed_buffer & 0xFFFF_FFFF, b"", False))
 
 
+def test_exec_exit_runs_on_with_the_strings_of_its_new_stack(lab):
+    """The syscall return as the tracer sets it for execve. VMITRACE_BLOCK_DIFFER_REVERSED:
+    a successful exec's return is redirected to the new image (pt_regs ip no longer equals
+    cx), so it runs on, while a failed one returns to the caller and waits; other calls keep
+    the ordinary rule. VMITRACE_TABLE_INDIRECT: the hit carries the strings at the top of
+    the new stack, from argv[0] (the pointer at sp + 8) to the end of the mapping: argv,
+    envp, then the filename 8 bytes below the top."""
+    s = lab.session
+    _, exit_site = syscall_sites(lab)
+    W_CX, W_IP = 11, 16
+    ENOENT = 2
+    program = workloads.WORKLOAD_BINARIES["file"]
+    flags = abi.VMITRACE_BLOCK_FROM_CAPTURE | abi.VMITRACE_BLOCK_BITMAP | \
+        abi.VMITRACE_BLOCK_WORDS_DIFFER | abi.VMITRACE_BLOCK_DIFFER_REVERSED
+    for vcpu in range(lab.vcpus):
+        s.control_events(vcpu, abi.KVMI_EVENT_BREAKPOINT, True)
+    try:
+        s.set_breakpoint_ex(exit_site, False, captures=[PT_REGS])
+        s.set_capture_table(exit_site, W_ORIG_AX, [Entry(NR_EXECVE, W_SP, 8192, indirect=8)])
+        s.set_breakpoint_ex(exit_site, True, W_ORIG_AX,
+                            abi.block_bitmap([]) + abi.block_bitmap([NR_EXECVE]), [PT_REGS],
+                            flags, (W_IP, W_CX))
+        mark = lab.mark()
+        lab.run_ok(f"/bin/busybox env VMITRACE_TEST=1 {program}")
+        status, _ = lab.guest.run("/bin/busybox env /nonexistent/program")
+        executed = lab.wait_for(lambda e: is_call(exit_site, NR_EXECVE, ax=0)(e) and
+                                e.pointer_captures[0].data.startswith(program.encode()), mark)
+        failed = lab.wait_for(is_call(exit_site, NR_EXECVE, ax=2**64 - ENOENT), mark)
+    finally:
+        s.clear_breakpoint(exit_site)
+    assert status != 0
+    assert not executed.blocking and pt_regs(executed)[W_IP] != pt_regs(executed)[W_CX]
+    assert failed.blocking and pt_regs(failed)[W_IP] == pt_regs(failed)[W_CX]
+    (strings,) = executed.pointer_captures
+    assert strings.faulted and strings.data.endswith(program.encode() + b"\0" + bytes(8))
+    args, env = strings.data.split(b"\0", 1)
+    assert args == program.encode() and b"VMITRACE_TEST=1\0" in env
+    # (rt_sigreturn's exits, orig_ax -1, wait: values from 512 up always do)
+    others = [e for e in lab.since(mark, abi.KVMI_EVENT_BREAKPOINT)
+              if e.arch.regs.rip == exit_site and e.captured and e.captured[0] and
+              pt_regs(e)[W_ORIG_AX] not in (NR_EXECVE, 2**64 - 1)]
+    assert others and not [pt_regs(e)[W_ORIG_AX] for e in others
+                           if e.blocking and pt_regs(e)[W_IP] == pt_regs(e)[W_CX]]
+
+
 def test_setting_the_breakpoint_again_drops_its_table(lab):
     """A new rule keeps the table while its first capture holds the table's words (the
     introspector sets the table while hits wait, then lets them run on); a plain breakpoint,
@@ -766,7 +817,7 @@ def test_capture_table_replaced_while_hits_run(lab):
 def _table(gva: int, key_word: int, *entries: tuple, count: int | None = None,
            padding: bytes = bytes(3)) -> bytes:
     """A raw vmitrace_capture_table payload; entries are (key, pointer_word, length_word,
-    max_length, flags[, padding])."""
+    max_length, flags[, offset])."""
     head = struct.pack("<QB3sI", gva, key_word, padding, len(entries) if count is None else count)
     return head + b"".join(struct.pack("<HBBHBB", *(e + (0,) * (6 - len(e)))) for e in entries)
 
@@ -790,8 +841,8 @@ OK = (1, 0, 0xFF, 8, 0)  # a valid entry
     (_table(BP, 0, (1, 0, 2, 8, 0)), KvmEINVAL),                     # past the first capture
     (_table(BP, 0, (1, 0, 0xFF, 0, 0)), KvmEINVAL),                  # max_length 0
     (_table(BP, 0, (1, 0, 0xFF, 8193, 0)), KvmEINVAL),               # max_length 8193
-    (_table(BP, 0, (1, 0, 0xFF, 8, 8)), KvmEINVAL),                  # unknown flag
-    (_table(BP, 0, (1, 0, 0xFF, 8, 0, 1)), KvmEINVAL),               # entry padding
+    (_table(BP, 0, (1, 0, 0xFF, 8, 16)), KvmEINVAL),                 # unknown flag
+    (_table(BP, 0, (1, 0, 0xFF, 8, 0, 1)), KvmEINVAL),               # offset, not INDIRECT
     (_table(BP, 0, *[OK] * 5), KvmEINVAL),                           # 5 entries for key 1
     (_table(BP + 1, 0, OK), KvmENOENT),                              # no breakpoint there
     (_table(BP + 2, 0, OK), KvmENOENT),                              # one without captures

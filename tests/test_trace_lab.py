@@ -491,6 +491,15 @@ def test_run_on_and_blocking_syscalls_decode_the_same(lab):
     assert rules[1].run_on and {59, 43, 46, 47} <= waits  # execve, accept, sendmsg, recvmsg
     assert not {3, 12, 39} & waits                          # close, brk, getpid
     assert not {105, 157} & waits  # setuid, prctl: what follows reads the task again
+    # A successful exec(at) runs on (its return is redirected: the reversed set), with the
+    # strings at its new stack's top copied from argv[0] (the pointer at sp + 8) on.
+    half = abi.VMITRACE_MAX_BLOCK_VALUES
+    assert rules[1].block_flags & abi.VMITRACE_BLOCK_DIFFER_REVERSED
+    assert rules[1].block_values[half:] == abi.block_bitmap([59, 322])
+    assert rules[1].block_values[:half] == abi.block_bitmap(waits - {59, 322})
+    assert [e for e in rules[1].table if e.key in (59, 322)] == [
+        abi.CaptureTableEntry(nr, k.R_SP, abi.VMITRACE_MAX_POINTER_CAPTURE, indirect=8)
+        for nr in (59, 322)]
     # Read, write, open(at), wait4 are decoded from what the host captured at the sites.
     assert {0, 1, 2, 257, 61} <= tracer.syscalls.x86_64.captured and not {0, 1, 2, 257, 61} & waits
     assert {e.key for e in rules[0].table} >= {1, 2, 257} and {e.key for e in rules[1].table} >= \
@@ -520,6 +529,7 @@ def test_run_on_and_blocking_syscalls_decode_the_same(lab):
         exit_waited = {nr: blocking for site, nr, blocking in hits if site == sites[1]}
         assert exit_waited[3] is False and exit_waited[0] is False, exit_waited
         assert exit_waited[1] is False and exit_waited[257] is False, exit_waited
+        assert exit_waited[59] is False, exit_waited  # the program's exec
         assert wl.FILE_PATH.encode() + b"\0" in paths
         entry_waited = {nr: blocking for site, nr, blocking in hits if site == sites[0]}
         assert entry_waited[257] is False and entry_waited[231] is False, entry_waited

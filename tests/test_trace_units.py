@@ -19,8 +19,9 @@ from tracer.collector import MemorySink, RecordPump, TraceOptions, VmTracer, hea
 from tracer.decode import SyscallDecoder, SyscallInfo
 from tracer.kvmi import abi
 from tracer.kvmi.protocol import build_event, decode_event
+from tracer.kvmi.errors import KvmEINVAL
 from tracer.kvmi.transport import Session
-from tracer.monitors.base import FastRegs, Filters, VmContext
+from tracer.monitors.base import BreakpointRule, FastRegs, Filters, VmContext
 from tracer.monitors.integrity import IntegrityMonitor
 from tracer.monitors import kernel as k
 from tracer.monitors.kernel import kernel_cr3_candidates
@@ -360,6 +361,51 @@ def test_host_without_instrumentation_breakpoints_is_refused_clearly():
                       TraceOptions())
     with pytest.raises(SetupError, match="int3 patching .* not implemented"):
         tracer.start()
+
+
+class OlderPluginHost(NoBreakpointHost):
+    """A vmitrace host stand-in (named as such) from before VMITRACE_BLOCK_DIFFER_REVERSED
+    and VMITRACE_TABLE_INDIRECT: it refuses both with -KVM_EINVAL, as that plugin did, and
+    keeps what it accepted."""
+
+    def __init__(self):
+        self.rules: dict[int, tuple] = {}
+        self.tables: dict[int, list] = {}
+
+    def set_breakpoint_ex(self, gva, run_on=False, block_reg=0, block_values=(), captures=(),
+                          block_flags=0, differ_words=(0, 0)):
+        if block_flags & abi.VMITRACE_BLOCK_DIFFER_REVERSED:
+            raise KvmEINVAL(abi.KVM_EINVAL, "VMITRACE_SET_BREAKPOINT_EX")
+        self.rules[gva] = (run_on, tuple(block_values), block_flags)
+
+    def set_capture_table(self, gva, key_word, entries):
+        if any(e.indirect is not None for e in entries):
+            raise KvmEINVAL(abi.KVM_EINVAL, "VMITRACE_SET_CAPTURE_TABLE")
+        self.tables[gva] = list(entries)
+
+
+def test_rule_for_an_older_plugin_makes_the_reversed_set_wait():
+    """A host that refuses the later flags gets the rule without them: the reversed set's
+    values join the bitmap (they always wait) and indirect table entries are left out; the
+    trace notes it. The rule the monitors see is the one installed."""
+    from test_trace_support import lab_profile
+    host = OlderPluginHost()
+    tracer = VmTracer(host, lab_profile("6.1"), RecordPump([MemorySink()]), TraceOptions())
+    plain, indirect = abi.CaptureTableEntry(0, 13, 64), abi.CaptureTableEntry(59, 19, 64,
+                                                                            indirect=8)
+    flags = abi.VMITRACE_BLOCK_FROM_CAPTURE | abi.VMITRACE_BLOCK_BITMAP | \
+        abi.VMITRACE_BLOCK_WORDS_DIFFER
+    rule = BreakpointRule(((4, 0, 168),), run_on=True, block_reg=15,
+                          block_values=abi.block_bitmap([43]) + abi.block_bitmap([59]),
+                          block_flags=flags | abi.VMITRACE_BLOCK_DIFFER_REVERSED,
+                          differ_words=(16, 11), table=(plain, indirect), table_key_word=15)
+    assert rule.uses_revision2() and not rule.for_older_host().uses_revision2()
+    tracer.ctx.breakpoint_rules[0x1000] = rule
+    tracer.install_breakpoint(0x1000)
+    assert host.rules[0x1000] == (True, abi.block_bitmap([43, 59]), flags)
+    assert host.tables[0x1000] == [plain]
+    assert tracer.ctx.breakpoint_rules[0x1000] == rule.for_older_host()
+    assert any("VMITRACE_BLOCK_DIFFER_REVERSED" in note for note in tracer.notes)
 
 
 def test_exec_args_recovered_when_unreadable_at_entry_or_left_for_the_exit():

@@ -397,6 +397,18 @@ class VmTracer:
         if rule is None:
             self.session.set_breakpoint(gva)
             return
+        try:
+            self._set_rule(gva, rule)
+        except kerr.KvmEINVAL:
+            if not rule.uses_revision2():
+                raise
+            # an older vmitrace plugin: those hits wait instead (successful exec exits)
+            self.notes.append(f"host refuses VMITRACE_BLOCK_DIFFER_REVERSED or "
+                              f"VMITRACE_TABLE_INDIRECT: more hits wait at {gva:#x}")
+            self.ctx.breakpoint_rules[gva] = rule = rule.for_older_host()
+            self._set_rule(gva, rule)
+
+    def _set_rule(self, gva: int, rule: BreakpointRule) -> None:
         if rule.table:
             # Hits wait until the table is in place: those that run on rely on its
             # captures. Setting the rule afterwards keeps the table.

@@ -590,6 +590,9 @@ VMITRACE_MAX_BLOCK_VALUES = 16
 VMITRACE_BLOCK_FROM_CAPTURE = 1  # the value: u64 word `block_reg` (0-31) of the first capture
 VMITRACE_BLOCK_BITMAP = 2        # block_values (16 words): the set of 0..511 whose bits are set
 VMITRACE_BLOCK_WORDS_DIFFER = 4  # also wait where the first capture's words differ_words differ
+# with BITMAP and WORDS_DIFFER: 16 more block_values, a second set whose values wait where
+# the words are equal instead (and run on where they differ)
+VMITRACE_BLOCK_DIFFER_REVERSED = 8
 VMITRACE_BLOCK_BITMAP_VALUES = 512
 VMITRACE_CAPTURES = 2
 VMITRACE_CAPTURE_GS_BASE = 16  # vmitrace_capture.base: GS base (0-15: general registers)
@@ -615,7 +618,9 @@ VMITRACE_BREAKPOINT_EX = _def("vmitrace_breakpoint_ex", [
     "capture instead (unreadable: the hit waits); VMITRACE_BLOCK_BITMAP makes the 16 "
     "block_values a 512-bit set (bit v%32 of word v/32; values from 512 up always wait); "
     "VMITRACE_BLOCK_WORDS_DIFFER also makes hits wait where the first capture's u64 words "
-    "differ_words[0] and differ_words[1] differ (0 and 0 without it).")
+    "differ_words[0] and differ_words[1] differ (0 and 0 without it); "
+    "VMITRACE_BLOCK_DIFFER_REVERSED (with both) adds 16 block_values, a second 512-bit set "
+    "whose values wait where those words are equal instead, and run on where they differ.")
 
 
 def block_bitmap(values: Iterable[int]) -> tuple[int, ...]:
@@ -637,6 +642,7 @@ VMITRACE_EVENT_TABLE_CAPTURED = 4  # vmitrace_table_captured + pointer captures 
 VMITRACE_TABLE_STRING = 1          # vmitrace_table_entry.flags: stop after the first NUL
 VMITRACE_TABLE_SIGNED_LENGTH = 2   # the length word is signed; negative: capture nothing
 VMITRACE_TABLE_WORDS32 = 4         # pointer and length: the words' low 32 bits (ia32 callers)
+VMITRACE_TABLE_INDIRECT = 8        # the address: a pointer read at the pointer word + offset
 VMITRACE_TABLE_NO_LENGTH = 0xFF    # vmitrace_table_entry.length_word: max_length bytes
 VMITRACE_MAX_TABLE_ENTRIES = 2048
 VMITRACE_MAX_TABLE_CAPTURES = 4    # entries per key, and pointer captures per event
@@ -644,12 +650,14 @@ VMITRACE_MAX_POINTER_CAPTURE = 8192
 VMITRACE_TABLE_KEYS = 512          # vmitrace_table_entry.key: 0-511
 VMITRACE_TABLE_ENTRY = _def("vmitrace_table_entry", [
     ("key", "u16"), ("pointer_word", "u8"), ("length_word", "u8"), ("max_length", "u16"),
-    ("flags", "u8"), ("padding", "u8")], 8,
+    ("flags", "u8"), ("offset", "u8")], 8,
     "At hits whose key word holds `key` (0-511): capture up to `max_length` (1-8192) bytes at "
     "the address in u64 word `pointer_word` (0-31) of the first capture, bounded by word "
     "`length_word` (0xff: none). flags: VMITRACE_TABLE_STRING stops after the first NUL; "
     "VMITRACE_TABLE_SIGNED_LENGTH reads the length word as signed (negative: nothing); "
-    "VMITRACE_TABLE_WORDS32 takes the low 32 bits of the pointer and length words.")
+    "VMITRACE_TABLE_WORDS32 takes the low 32 bits of the pointer and length words; "
+    "VMITRACE_TABLE_INDIRECT reads the address from guest memory, a u64 (u32 with WORDS32) "
+    "at the pointer word's value + `offset` (0-255; 0 without the flag).")
 VMITRACE_CAPTURE_TABLE = _def("vmitrace_capture_table", [
     ("gva", "u64"), ("key_word", "u8"), ("padding", ("u8", 3)), ("count", "u32"),
     ("entries", flex(VMITRACE_TABLE_ENTRY))], 16,
@@ -690,7 +698,8 @@ class CaptureTableEntry(NamedTuple):
     `max_length` bytes at the address in u64 word `pointer_word` of the first capture,
     bounded by word `length_word` (None: no bound word); `string`: stop after the first NUL;
     `signed_length`: a negative length word captures nothing; `words32`: address and length
-    are the words' low 32 bits (a 32-bit caller's registers)."""
+    are the words' low 32 bits (a 32-bit caller's registers); `indirect`: the address is
+    the pointer in guest memory at the pointer word's value + `indirect` bytes (0-255)."""
 
     key: int
     pointer_word: int
@@ -699,6 +708,7 @@ class CaptureTableEntry(NamedTuple):
     string: bool = False
     signed_length: bool = False
     words32: bool = False
+    indirect: int | None = None
 
 
 VMITRACE_DELIVERY = _def("vmitrace_delivery", [("blocking", "u8"), ("padding", ("u8", 7))], 8,

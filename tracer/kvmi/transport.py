@@ -496,8 +496,9 @@ class Session:
                                       "(or does not belong to this session)")
             del self._outstanding[event.seq]
         self._send(data)
-        if self.reply_spin_us:
-            self._reply_spin_until = time.monotonic() + self.reply_spin_us / 1e6
+        # the next read busy-polls until then (0.0: not after this reply)
+        self._reply_spin_until = time.monotonic() + self.reply_spin_us / 1e6 \
+            if self.reply_spin_us else 0.0
 
     def unanswered(self) -> list[Event]:
         """Blocking events received (queued or handed out) and not replied yet."""
@@ -878,19 +879,25 @@ class Session:
         ``abi.VMITRACE_BLOCK_FROM_CAPTURE`` takes the value from u64 word ``block_reg`` of
         the first capture instead; ``abi.VMITRACE_BLOCK_BITMAP`` makes ``block_values`` a
         512-bit set (``abi.block_bitmap``); ``abi.VMITRACE_BLOCK_WORDS_DIFFER`` also makes
-        hits wait where the first capture's u64 words ``differ_words`` differ. Setting an
-        address again replaces its rule (vmitrace hosts only).
+        hits wait where the first capture's u64 words ``differ_words`` differ;
+        ``abi.VMITRACE_BLOCK_DIFFER_REVERSED`` (with both) takes a second bitmap after the
+        first, of values that wait where those words are equal instead. Setting an address
+        again replaces its rule (vmitrace hosts only).
         """
         from_capture = bool(block_flags & abi.VMITRACE_BLOCK_FROM_CAPTURE)
         bitmap = bool(block_flags & abi.VMITRACE_BLOCK_BITMAP)
         differ = bool(block_flags & abi.VMITRACE_BLOCK_WORDS_DIFFER)
+        reversed_flags = abi.VMITRACE_BLOCK_BITMAP | abi.VMITRACE_BLOCK_WORDS_DIFFER | \
+            abi.VMITRACE_BLOCK_DIFFER_REVERSED
+        reversed_set = bool(block_flags & abi.VMITRACE_BLOCK_DIFFER_REVERSED)
         max_reg = abi.VMITRACE_MAX_CAPTURE // 8 - 1 if from_capture else 15
         first = captures[0][2] if captures else 0
-        known = abi.VMITRACE_BLOCK_FROM_CAPTURE | abi.VMITRACE_BLOCK_BITMAP | \
-            abi.VMITRACE_BLOCK_WORDS_DIFFER
-        if len(block_values) > abi.VMITRACE_MAX_BLOCK_VALUES or not 0 <= block_reg <= max_reg \
+        known = abi.VMITRACE_BLOCK_FROM_CAPTURE | reversed_flags
+        values = abi.VMITRACE_MAX_BLOCK_VALUES * (2 if reversed_set else 1)
+        if len(block_values) > values or not 0 <= block_reg <= max_reg \
                 or len(captures) > abi.VMITRACE_CAPTURES or block_flags & ~known or \
-                (bitmap and len(block_values) != abi.VMITRACE_MAX_BLOCK_VALUES) or \
+                (reversed_set and block_flags & reversed_flags != reversed_flags) or \
+                (bitmap and len(block_values) != values) or \
                 (from_capture and first < (block_reg + 1) * 8) or \
                 (differ and (min(differ_words) < 0 or first < (max(differ_words) + 1) * 8)) or \
                 (not differ and any(differ_words)):
@@ -898,7 +905,8 @@ class Session:
                              f"{differ_words}) with {len(block_values)} values and "
                              f"{len(captures)} captures: at most "
                              f"{abi.VMITRACE_MAX_BLOCK_VALUES} values (a bitmap: exactly that "
-                             f"many), registers 0-15 or words inside the first capture, "
+                             f"many, two with a reversed set, which needs a bitmap and "
+                             f"differ_words), registers 0-15 or words inside the first capture, "
                              f"{abi.VMITRACE_CAPTURES} captures")
         regions = [dict(base=base, offset=offset, length=length)
                    for base, offset, length in captures]
@@ -916,8 +924,9 @@ class Session:
         """Give the breakpoint at ``gva`` (set with ``set_breakpoint_ex`` and a first capture)
         a table of pointer captures: at each hit, the entries whose ``key`` equals the low 32
         bits of u64 word ``key_word`` of the first capture copy guest memory at the address
-        in their ``pointer_word`` into the event (``event.pointer_captures``, in table
-        order). At most 2048 entries, 4 per key; none removes the table. A new rule
+        in their ``pointer_word`` (``indirect``: at the pointer found that many bytes past
+        it) into the event (``event.pointer_captures``, in table order). At most 2048
+        entries, 4 per key; none removes the table. A new rule
         (``set_breakpoint_ex``) keeps it while its first capture covers the table's words;
         ``set_breakpoint`` and ``clear_breakpoint`` drop it. The host also refuses
         (``KvmEINVAL``) words past the end of the first capture, and (``KvmENOENT``) a
@@ -928,6 +937,7 @@ class Session:
         bad = [e for e in entries
                if not (0 <= e.key < abi.VMITRACE_TABLE_KEYS and 0 <= e.pointer_word < words
                        and (e.length_word is None or 0 <= e.length_word < words)
+                       and (e.indirect is None or 0 <= e.indirect <= 0xFF)
                        and 1 <= e.max_length <= abi.VMITRACE_MAX_POINTER_CAPTURE)]
         if len(entries) > abi.VMITRACE_MAX_TABLE_ENTRIES or not 0 <= key_word < words or bad \
                 or max(per_key.values(), default=0) > abi.VMITRACE_MAX_TABLE_CAPTURES:
@@ -935,13 +945,16 @@ class Session:
                              f"entries: at most {abi.VMITRACE_MAX_TABLE_ENTRIES}, "
                              f"{abi.VMITRACE_MAX_TABLE_CAPTURES} per key (0-"
                              f"{abi.VMITRACE_TABLE_KEYS - 1}), words 0-{words - 1}, lengths "
-                             f"1-{abi.VMITRACE_MAX_POINTER_CAPTURE}; refused: {bad[:3]}")
+                             f"1-{abi.VMITRACE_MAX_POINTER_CAPTURE}, offsets 0-255; refused: "
+                             f"{bad[:3]}")
         rows = [dict(key=e.key, pointer_word=e.pointer_word, max_length=e.max_length,
                      length_word=abi.VMITRACE_TABLE_NO_LENGTH if e.length_word is None
                      else e.length_word,
                      flags=(abi.VMITRACE_TABLE_STRING if e.string else 0)
                      | (abi.VMITRACE_TABLE_SIGNED_LENGTH if e.signed_length else 0)
-                     | (abi.VMITRACE_TABLE_WORDS32 if e.words32 else 0))
+                     | (abi.VMITRACE_TABLE_WORDS32 if e.words32 else 0)
+                     | (abi.VMITRACE_TABLE_INDIRECT if e.indirect is not None else 0),
+                     offset=e.indirect or 0)
                 for e in entries]
         self._call(abi.VMITRACE_SET_CAPTURE_TABLE, None, timeout,
                    tail=abi.pack_flex(abi.VMITRACE_TABLE_ENTRY, rows), gva=gva,

@@ -10,7 +10,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from tracer.memory import GuestMemory, UnreadableMemory
+from tracer.memory import CapturedMemory, GuestMemory, UnreadableMemory
 
 
 PT_REGS = struct.Struct("<21Q")  # r15 r14 r13 r12 bp bx r11 r10 r9 r8 ax cx dx si di orig_ax ip cs flags sp ss
@@ -382,9 +382,11 @@ class TaskReader:
         mm = self.mem.read_u64(cr3, task + mm_at)
         return self.mem.read_u64(cr3, mm + vdso_at) if mm else None
 
-    def exec_strings(self, cr3: int, task: int) -> dict[str, tuple[Any, bool]]:
+    def exec_strings(self, cr3: int, task: int, user: CapturedMemory | None = None
+                     ) -> dict[str, tuple[Any, bool]]:
         """The filename, argv and envp a freshly exec'd task was given, as the kernel copied
-        them onto its new stack: [argv strings][envp strings][filename] at the top."""
+        them onto its new stack: [argv strings][envp strings][filename] at the top. `user`:
+        where that stack is read (a host's copy of it, memory.CapturedMemory), if not live."""
         t, m = self.layout.task, self.layout.mm
         out: dict[str, tuple[Any, bool]] = {}
         if "mm" not in t or not all(k in m for k in ("arg_start", "arg_end", "env_start",
@@ -394,9 +396,10 @@ class TaskReader:
         arg_start, arg_end, env_start, env_end = (
             self.mem.read_u64(cr3, mm + m[k]) for k in ("arg_start", "arg_end", "env_start",
                                                          "env_end"))
-        out["argv"] = read_string_area(self.mem, cr3, arg_start, arg_end)
-        out["envp"] = read_string_area(self.mem, cr3, env_start, env_end)
-        name = self.mem.read_cstring(cr3, env_end, 4096)
+        stack = user or self.mem
+        out["argv"] = read_string_area(stack, cr3, arg_start, arg_end)
+        out["envp"] = read_string_area(stack, cr3, env_start, env_end)
+        name = stack.read_cstring(cr3, env_end, 4096)
         if name.error_address is None:
             out["path"] = (name.text(), name.truncated)
         return out
@@ -439,7 +442,7 @@ class TaskReader:
         return "/" + "/".join(x.decode("utf-8", "backslashreplace") for x in reversed(parts))
 
 
-def read_string_area(mem: GuestMemory, cr3: int, start: int, end: int,
+def read_string_area(mem: GuestMemory | CapturedMemory, cr3: int, start: int, end: int,
                      limit: int = MAX_CMDLINE) -> tuple[list[str], bool]:
     """NUL-separated strings in [start, end) (argv or envp on a new stack), bounded; the
     last one cut if the bound cuts the area. Trailing NULs end the list, as for readers of

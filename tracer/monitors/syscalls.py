@@ -92,7 +92,13 @@ both sites as well: keyed by orig_ax, the host copies the IN arguments at the en
 OUT ones (with the IN ones again, for those the kernel had still to fault in) at the exit,
 and the call is decoded from those copies (memory.CapturedMemory). A read they do not hold
 goes to live memory and is counted (`read_after_run_on`). Calls with addresses or lengths
-held in guest memory (execve's argv, msghdr, accept's sockaddr) still wait at their exit.
+held in guest memory (msghdr, accept's sockaddr) still wait at their exit. So does a failed
+exec (its argv is read from the caller's memory), but a successful one runs on: its return
+is redirected to the new image, which the exit rule's reversed set
+(VMITRACE_BLOCK_DIFFER_REVERSED) lets run on, and the host copies the strings at the top of
+the new stack, from the argv[0] pointer at sp + 8 (VMITRACE_TABLE_INDIRECT): argv, envp and
+the filename. The task's kernel state (name, credentials, exe) is read after the reply: only
+the task's later events can change it, and those that do wait at their entries.
 """
 from __future__ import annotations
 
@@ -110,8 +116,9 @@ from tracer.kvmi.events import PointerCapture
 from tracer.memory import CapturedMemory, GuestMemory, UnreadableMemory
 from tracer.monitors import kernel as k
 from tracer.kvmi.abi import (VMITRACE_BLOCK_BITMAP, VMITRACE_BLOCK_BITMAP_VALUES,
-                             VMITRACE_BLOCK_FROM_CAPTURE, VMITRACE_BLOCK_WORDS_DIFFER,
-                             VMITRACE_CAPTURE_GS_BASE, VMITRACE_MAX_TABLE_CAPTURES,
+                             VMITRACE_BLOCK_DIFFER_REVERSED, VMITRACE_BLOCK_FROM_CAPTURE,
+                             VMITRACE_BLOCK_WORDS_DIFFER, VMITRACE_CAPTURE_GS_BASE,
+                             VMITRACE_MAX_POINTER_CAPTURE, VMITRACE_MAX_TABLE_CAPTURES,
                              CaptureTableEntry, block_bitmap)
 from tracer.monitors.base import BreakpointRule, FastRegs, VmContext, process_fields
 
@@ -261,10 +268,22 @@ class SyscallMonitor:
             # sigreturn and exec: pt_regs ip no longer equals cx, where SYSCALL saved the
             # same return address) waits: its pt_regs no longer hold the call's arguments,
             # so the table captured the wrong addresses.
+            exit_waits = self.exits_that_wait()
+            block_values = block_bitmap(exit_waits)
+            block_flags = VMITRACE_BLOCK_FROM_CAPTURE | VMITRACE_BLOCK_BITMAP | \
+                VMITRACE_BLOCK_WORDS_DIFFER
+            if self.capture_tables_usable():
+                # A successful exec's return is redirected to the new image: that exit runs
+                # on, with the strings at its new stack's top copied, from argv[0] (the
+                # pointer at sp + 8) on (`_after_exec`); a failed one returns to the caller
+                # and waits (the rule's reversed set).
+                execs = self.exec_numbers()
+                exit_table += tuple(CaptureTableEntry(nr, k.R_SP, VMITRACE_MAX_POINTER_CAPTURE,
+                                                      indirect=8) for nr in execs)
+                block_values = block_bitmap(set(exit_waits) - execs) + block_bitmap(execs)
+                block_flags |= VMITRACE_BLOCK_DIFFER_REVERSED
             exit_rule = BreakpointRule(captures, run_on=True, block_reg=k.R_ORIG_AX,
-                                       block_values=block_bitmap(self.exits_that_wait()),
-                                       block_flags=VMITRACE_BLOCK_FROM_CAPTURE |
-                                       VMITRACE_BLOCK_BITMAP | VMITRACE_BLOCK_WORDS_DIFFER,
+                                       block_values=block_values, block_flags=block_flags,
                                        differ_words=(k.R_IP, k.R_CX), table=exit_table,
                                        table_key_word=k.R_ORIG_AX)
         self.ctx.add_breakpoint(site, self.on_entry, entry_rule)
@@ -303,6 +322,11 @@ class SyscallMonitor:
         return sorted(nr for nr in decoder.syscalls
                       if nr < VMITRACE_BLOCK_BITMAP_VALUES and nr not in abi.captured and
                       (decoder.reads_memory(nr) or nr in execs))
+
+    def exec_numbers(self) -> set[int]:
+        """The 64-bit numbers of execve and execveat."""
+        numbers = {self.decoder.number(name) for name in EXECS}
+        return {nr for nr in numbers if nr is not None}
 
     def _capture_tables(self, abi: Abi, entry_waits: list[int]
                         ) -> tuple[tuple[CaptureTableEntry, ...], tuple[CaptureTableEntry, ...]]:
@@ -554,7 +578,7 @@ class SyscallMonitor:
         ret = pt[k.R_AX]
         if call is None:  # filtered out; lifecycle and caches still follow it
             if pending.name in EXECS and ret == 0:
-                self._after_exec(cr3, task, None, None)
+                self._after_exec(cr3, task, None, None, event=event)
             elif pending.name in CHANGES_TASK:
                 ctx.tasks.forget(task)
             return
@@ -572,7 +596,7 @@ class SyscallMonitor:
             self._after_exec(cr3, task, call, partial(
                 self._emit, abi, call, time_ns=pending.time_ns, vcpu=pending.vcpu,
                 user_ip=pending.user_ip, cr3=cr3, event_type="call", exit_vcpu=event.vcpu),
-                fallback_info=info)
+                fallback_info=info, event=event)
             return
         if call.name in CHANGES_TASK:
             ctx.tasks.forget(task)
@@ -652,21 +676,27 @@ class SyscallMonitor:
             decoded_args=call.args, argv=call.argv, extra=extra or None, **call.typed)
 
     def _after_exec(self, cr3: int, task: int, call: DecodedCall | None,
-                    emit_call: Callable[..., None] | None, fallback_info: Any = None) -> None:
-        """A task replaced its image. Before the reply, read what the new program may
-        overwrite as soon as it runs: the filename, argv and envp on its new stack. After
-        it (deferred), complete the execve's arguments with them, read the task's kernel
-        state, which only its later events (handled after this work) can change, and emit
-        the exec lifecycle record, then the call's (`emit_call(info=...)`, with
-        `fallback_info` if the task is unreadable)."""
+                    emit_call: Callable[..., None] | None, fallback_info: Any = None,
+                    event: Any = None) -> None:
+        """A task replaced its image. What the new program may overwrite as soon as it runs,
+        the filename, argv and envp at its new stack's top, is read from the host's copy of
+        that stack where the exit `event` ran on (a read past it is counted), else before
+        the reply. After it (deferred), complete the execve's arguments with them, read the
+        task's kernel state, which only its later events (handled after this work) can
+        change, and emit the exec lifecycle record, then the call's (`emit_call(info=...)`,
+        with `fallback_info` if the task is unreadable)."""
         ctx = self.ctx
         now = ctx.clock()
         ctx.tasks.forget(task)
+        stack = CapturedMemory(ctx.mem, event.pointer_captures) \
+            if event is not None and event.pointer_captures else None
         try:
-            recovered = ctx.tasks.exec_strings(cr3, task)
+            recovered = ctx.tasks.exec_strings(cr3, task, user=stack)
         except UnreadableMemory:
             ctx.loss.add("unreadable_task")
             recovered = {}
+        if stack is not None:
+            self._count_live_reads(stack, waited=event.blocking)
         ctx.defer(partial(self._exec_records, cr3, task, call, recovered, now, emit_call,
                           fallback_info))
 
