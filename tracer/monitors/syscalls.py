@@ -280,7 +280,8 @@ class SyscallMonitor:
                 execs = self.exec_numbers()
                 exit_table += tuple(CaptureTableEntry(nr, k.R_SP, VMITRACE_MAX_POINTER_CAPTURE,
                                                       indirect=8) for nr in execs)
-                block_values = block_bitmap(set(exit_waits) - execs) + block_bitmap(execs)
+                block_values = block_bitmap(set(exit_waits).difference(execs)) + \
+                    block_bitmap(execs)
                 block_flags |= VMITRACE_BLOCK_DIFFER_REVERSED
             exit_rule = BreakpointRule(captures, run_on=True, block_reg=k.R_ORIG_AX,
                                        block_values=block_values, block_flags=block_flags,
@@ -323,10 +324,10 @@ class SyscallMonitor:
                       if nr < VMITRACE_BLOCK_BITMAP_VALUES and nr not in abi.captured and
                       (decoder.reads_memory(nr) or nr in execs))
 
-    def exec_numbers(self) -> set[int]:
-        """The 64-bit numbers of execve and execveat."""
+    def exec_numbers(self) -> list[int]:
+        """The 64-bit numbers of execve and execveat, in order."""
         numbers = {self.decoder.number(name) for name in EXECS}
-        return {nr for nr in numbers if nr is not None}
+        return sorted(nr for nr in numbers if nr is not None)
 
     def _capture_tables(self, abi: Abi, entry_waits: list[int]
                         ) -> tuple[tuple[CaptureTableEntry, ...], tuple[CaptureTableEntry, ...]]:
