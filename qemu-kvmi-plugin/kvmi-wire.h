@@ -337,6 +337,7 @@ struct vmitrace_captured {
 #define VMITRACE_TABLE_SIGNED_LENGTH 2 /* the length word is signed; negative: nothing */
 #define VMITRACE_TABLE_WORDS32 4       /* pointer and length words: their low 32 bits */
 #define VMITRACE_TABLE_INDIRECT 8      /* the address: a pointer in guest memory (offset) */
+#define VMITRACE_TABLE_WAIT_IF_CUT 16  /* the hit waits if max_length cut this capture short */
 struct vmitrace_capture_table {
     uint64_t gva;
     uint8_t key_word; /* u64 word of the first capture whose low 32 bits select entries */

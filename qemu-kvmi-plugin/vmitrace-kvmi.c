@@ -1177,7 +1177,7 @@ static uint64_t captured_word(const struct bp_payload *p, unsigned word)
  * Returns their length; 0 if the first capture was not read or no entry has the key.
  */
 static size_t capture_pointers(struct vcpu *v, const struct capture_table *t,
-                               const struct bp_payload *p)
+                               const struct bp_payload *p, bool *cut)
 {
     if (p->captured.length[0] < t->min_capture) {
         return 0; /* unread (0), which bounds every word below */
@@ -1196,6 +1196,7 @@ static size_t capture_pointers(struct vcpu *v, const struct capture_table *t,
         /* WORDS32: a 32-bit caller's registers, whose high halves the kernel ignores */
         bool words32 = e->flags & VMITRACE_TABLE_WORDS32;
         uint64_t want = e->max_length;
+        bool more = e->length_word == VMITRACE_TABLE_NO_LENGTH; /* beyond max_length */
         if (e->length_word != VMITRACE_TABLE_NO_LENGTH) {
             uint64_t bound = captured_word(p, e->length_word);
             if (words32) {
@@ -1205,6 +1206,7 @@ static size_t capture_pointers(struct vcpu *v, const struct capture_table *t,
             if ((e->flags & VMITRACE_TABLE_SIGNED_LENGTH) && (int64_t)bound < 0) {
                 bound = 0;
             }
+            more = bound > want;
             want = MIN(want, bound);
         }
         uint64_t pointer = captured_word(p, e->pointer_word);
@@ -1227,6 +1229,12 @@ static size_t capture_pointers(struct vcpu *v, const struct capture_table *t,
             got = copy_virtual(v, pc.gva, v->pointers + used, want,
                                e->flags & VMITRACE_TABLE_STRING, &faulted);
         }
+        /* Stopped by max_length before a fault, the length word's end or a string's NUL. */
+        if ((e->flags & VMITRACE_TABLE_WAIT_IF_CUT) && more && !faulted &&
+            got == e->max_length &&
+            !((e->flags & VMITRACE_TABLE_STRING) && v->pointers[used + got - 1] == 0)) {
+            *cut = true;
+        }
         pc.length = (uint16_t)got;
         pc.faulted = faulted;
         memcpy(&pcs[i], &pc, sizeof(pc));
@@ -1240,6 +1248,7 @@ static void on_breakpoint_hit(struct vcpu *v, const struct site *s, const struct
     struct bp_payload p = { .bp = { .gpa = breakpoint_gpa(v, s->gva), .insn_len = s->len } };
     size_t len = sizeof(p.bp);
     size_t pointers_len = 0;
+    bool cut = false; /* a WAIT_IF_CUT capture did not hold all it was to */
     uint8_t flags = 0;
 
     if (rule && (rule->captures[0].base != VMITRACE_CAPTURE_NONE ||
@@ -1260,12 +1269,12 @@ static void on_breakpoint_hit(struct vcpu *v, const struct site *s, const struct
         }
         len = offsetof(struct bp_payload, data) + used;
         flags = VMITRACE_EVENT_CAPTURED;
-        if (rule->table && (pointers_len = capture_pointers(v, rule->table, &p))) {
+        if (rule->table && (pointers_len = capture_pointers(v, rule->table, &p, &cut))) {
             flags |= VMITRACE_EVENT_TABLE_CAPTURED;
         }
     }
     deliver_event(v, KVMI_EVENT_BREAKPOINT, s->gva, true, &p, len, v->pointers, pointers_len,
-                  cfg.reply_timeout_ms, rule && hit_runs_on(v, rule, &p), flags);
+                  cfg.reply_timeout_ms, rule && !cut && hit_runs_on(v, rule, &p), flags);
 }
 
 static bool breakpoint_set(uint64_t gva)
@@ -1815,7 +1824,8 @@ static bool parse_capture_table(const struct kvmi_msg_hdr *hdr, const uint8_t *p
             (bounded && e.length_word >= words) || e.max_length == 0 ||
             e.max_length > VMITRACE_MAX_POINTER_CAPTURE ||
             (e.flags & ~(VMITRACE_TABLE_STRING | VMITRACE_TABLE_SIGNED_LENGTH |
-                         VMITRACE_TABLE_WORDS32 | VMITRACE_TABLE_INDIRECT)) ||
+                         VMITRACE_TABLE_WORDS32 | VMITRACE_TABLE_INDIRECT |
+                         VMITRACE_TABLE_WAIT_IF_CUT)) ||
             (e.offset && !(e.flags & VMITRACE_TABLE_INDIRECT)) ||
             count[e.key] == VMITRACE_MAX_TABLE_CAPTURES) {
             return false;

@@ -235,12 +235,12 @@ def test_capture_table_wire_bytes_and_checks(listener) -> None:
         Entry(1, 13, 8192, length_word=12),                         # write: buf at si, dx
         Entry(0, 13, 8192, length_word=10, signed_length=True),     # read: ax at the exit
         Entry(3, 5, 8192, length_word=10, signed_length=True, words32=True),  # ia32 read
-        Entry(59, 19, 8192, indirect=8)])              # execve's exit: at argv[0] (sp + 8)
+        Entry(59, 19, 8192, indirect=8, wait_if_cut=True)])  # execve's exit: at argv[0]
     entry = struct.Struct("<HBBHBB")  # vmitrace_table_entry
     assert seen == [(abi.VMITRACE_SET_CAPTURE_TABLE,
                      struct.pack("<QB3xI", site, 15, 5) + entry.pack(257, 13, 0xFF, 4096, 1, 0)
                      + entry.pack(1, 13, 12, 8192, 0, 0) + entry.pack(0, 13, 10, 8192, 2, 0)
-                     + entry.pack(3, 5, 10, 8192, 6, 0) + entry.pack(59, 19, 0xFF, 8192, 8, 8))]
+                     + entry.pack(3, 5, 10, 8192, 6, 0) + entry.pack(59, 19, 0xFF, 8192, 24, 8))]
     s.set_capture_table(site, 15, [])  # removes it
     assert seen[-1] == (abi.VMITRACE_SET_CAPTURE_TABLE, struct.pack("<QB3xI", site, 15, 0))
     # The largest table is bigger than KVMI_MSG_SIZE; the message carries it whole.

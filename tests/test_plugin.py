@@ -695,7 +695,8 @@ def test_exec_exit_runs_on_with_the_strings_of_its_new_stack(lab):
     cx), so it runs on, while a failed one returns to the caller and waits; other calls keep
     the ordinary rule. VMITRACE_TABLE_INDIRECT: the hit carries the strings at the top of
     the new stack, from argv[0] (the pointer at sp + 8) to the end of the mapping: argv,
-    envp, then the filename 8 bytes below the top."""
+    envp, then the filename 8 bytes below the top. VMITRACE_TABLE_WAIT_IF_CUT: where they
+    are longer than the capture, the exit waits."""
     s = lab.session
     _, exit_site = syscall_sites(lab)
     W_CX, W_IP = 11, 16
@@ -707,7 +708,8 @@ def test_exec_exit_runs_on_with_the_strings_of_its_new_stack(lab):
         s.control_events(vcpu, abi.KVMI_EVENT_BREAKPOINT, True)
     try:
         s.set_breakpoint_ex(exit_site, False, captures=[PT_REGS])
-        s.set_capture_table(exit_site, W_ORIG_AX, [Entry(NR_EXECVE, W_SP, 8192, indirect=8)])
+        s.set_capture_table(exit_site, W_ORIG_AX, [Entry(NR_EXECVE, W_SP, 8192, indirect=8,
+                                                         wait_if_cut=True)])
         s.set_breakpoint_ex(exit_site, True, W_ORIG_AX,
                             abi.block_bitmap([]) + abi.block_bitmap([NR_EXECVE]), [PT_REGS],
                             flags, (W_IP, W_CX))
@@ -716,12 +718,19 @@ def test_exec_exit_runs_on_with_the_strings_of_its_new_stack(lab):
         status, _ = lab.guest.run("/bin/busybox env /nonexistent/program")
         executed = lab.wait_for(lambda e: is_call(exit_site, NR_EXECVE, ax=0)(e) and
                                 e.pointer_captures[0].data.startswith(program.encode()), mark)
+        # strings longer than the capture: VMITRACE_TABLE_WAIT_IF_CUT makes the exit wait
+        lab.run_ok("x=$(/bin/busybox head -c 9000 /dev/zero | /bin/busybox tr '\\0' x); "
+                   f"/bin/busybox env LONG=$x {program}")
+        cut = lab.wait_for(lambda e: is_call(exit_site, NR_EXECVE, ax=0)(e) and
+                           e.pointer_captures[0].data.startswith(program.encode() + b"\0") and
+                           len(e.pointer_captures[0].data) == 8192, mark)
         failed = lab.wait_for(is_call(exit_site, NR_EXECVE, ax=2**64 - ENOENT), mark)
     finally:
         s.clear_breakpoint(exit_site)
     assert status != 0
     assert not executed.blocking and pt_regs(executed)[W_IP] != pt_regs(executed)[W_CX]
     assert failed.blocking and pt_regs(failed)[W_IP] == pt_regs(failed)[W_CX]
+    assert cut.blocking and not cut.pointer_captures[0].faulted
     (strings,) = executed.pointer_captures
     assert strings.faulted and strings.data.endswith(program.encode() + b"\0" + bytes(8))
     args, env = strings.data.split(b"\0", 1)
@@ -841,7 +850,7 @@ OK = (1, 0, 0xFF, 8, 0)  # a valid entry
     (_table(BP, 0, (1, 0, 2, 8, 0)), KvmEINVAL),                     # past the first capture
     (_table(BP, 0, (1, 0, 0xFF, 0, 0)), KvmEINVAL),                  # max_length 0
     (_table(BP, 0, (1, 0, 0xFF, 8193, 0)), KvmEINVAL),               # max_length 8193
-    (_table(BP, 0, (1, 0, 0xFF, 8, 16)), KvmEINVAL),                 # unknown flag
+    (_table(BP, 0, (1, 0, 0xFF, 8, 32)), KvmEINVAL),                 # unknown flag
     (_table(BP, 0, (1, 0, 0xFF, 8, 0, 1)), KvmEINVAL),               # offset, not INDIRECT
     (_table(BP, 0, *[OK] * 5), KvmEINVAL),                           # 5 entries for key 1
     (_table(BP + 1, 0, OK), KvmENOENT),                              # no breakpoint there

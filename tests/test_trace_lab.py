@@ -108,6 +108,35 @@ def test_exec_workload_argv_envp_and_child(lab):
     assert life[2]["exit_code"] == wl.EXEC_EXIT_CODE
 
 
+def test_exec_with_strings_longer_than_the_hosts_copy_waits(lab):
+    """A successful exec's exit runs on with the host's copy of the strings at its new
+    stack's top, 8 KiB from argv[0]; where they are longer (ten 1000-byte variables here)
+    the copy is cut short and the exit waits instead (VMITRACE_TABLE_WAIT_IF_CUT): the
+    filename, at the very top, is still read before the new program runs. Nothing was read
+    after a hit ran on."""
+    ctx, program = lab.tracer.ctx, wl.WORKLOAD_BINARIES["file"]
+    value = "x" * 1000
+    exit_site = lab.tracer.syscalls.return_site
+    live_reads = ctx.loss.counts["read_after_run_on"]
+    with watching(ctx, (exit_site,)) as hits:
+        lab.run_pid(program)  # short strings: runs on
+        out = lab.run("x=$(/bin/busybox head -c 1000 /dev/zero | /bin/busybox tr '\\0' x); "
+                      "sh -c 'echo vmitrace-pid $$; exec /bin/busybox env " +
+                      " ".join(f"VMITRACE_{i}=$0" for i in range(10)) + f" {program}' $x")
+    pid = int(out.split("vmitrace-pid ")[1].split()[0])
+    waited = [waited for _, nr, waited in hits if nr == 59]
+    # only sh's exec of env (the variables are its arguments) and env's of the program
+    assert waited.count(True) == 2, waited
+    execs = [r for r in syscalls_of(lab.records(), pid) if r["action"] == "execve"]
+    assert [r["path"] for r in execs][-2:] == ["/bin/busybox", program]
+    envp = json.loads(arg(execs[-1], "envp")["value"])
+    assert f"VMITRACE_0={value}" in envp and f"VMITRACE_9={value}" not in envp  # 4 KiB of it
+    assert execs[-1]["argv"] == [program] and execs[-1]["ret"] == 0
+    assert json.loads(arg(execs[-2], "argv")["value"])[:3] == \
+        ["/bin/busybox", "env", f"VMITRACE_0={value}"]
+    assert ctx.loss.counts["read_after_run_on"] == live_reads, dict(ctx.loss.counts)
+
+
 def test_enoent_workload(lab):
     pid, _, _ = lab.run_pid(wl.WORKLOAD_BINARIES["enoent"])
     main = after_startup(program_calls(lab.records(), pid, wl.WORKLOAD_BINARIES["enoent"]))
@@ -498,8 +527,8 @@ def test_run_on_and_blocking_syscalls_decode_the_same(lab):
     assert rules[1].block_values[half:] == abi.block_bitmap([59, 322])
     assert rules[1].block_values[:half] == abi.block_bitmap(waits - {59, 322})
     assert [e for e in rules[1].table if e.key in (59, 322)] == [
-        abi.CaptureTableEntry(nr, k.R_SP, abi.VMITRACE_MAX_POINTER_CAPTURE, indirect=8)
-        for nr in (59, 322)]
+        abi.CaptureTableEntry(nr, k.R_SP, abi.VMITRACE_MAX_POINTER_CAPTURE, indirect=8,
+                              wait_if_cut=True) for nr in (59, 322)]
     # Read, write, open(at), wait4 are decoded from what the host captured at the sites.
     assert {0, 1, 2, 257, 61} <= tracer.syscalls.x86_64.captured and not {0, 1, 2, 257, 61} & waits
     assert {e.key for e in rules[0].table} >= {1, 2, 257} and {e.key for e in rules[1].table} >= \

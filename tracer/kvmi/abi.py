@@ -643,6 +643,7 @@ VMITRACE_TABLE_STRING = 1          # vmitrace_table_entry.flags: stop after the 
 VMITRACE_TABLE_SIGNED_LENGTH = 2   # the length word is signed; negative: capture nothing
 VMITRACE_TABLE_WORDS32 = 4         # pointer and length: the words' low 32 bits (ia32 callers)
 VMITRACE_TABLE_INDIRECT = 8        # the address: a pointer read at the pointer word + offset
+VMITRACE_TABLE_WAIT_IF_CUT = 16    # the hit waits if max_length cut the capture short
 VMITRACE_TABLE_NO_LENGTH = 0xFF    # vmitrace_table_entry.length_word: max_length bytes
 VMITRACE_MAX_TABLE_ENTRIES = 2048
 VMITRACE_MAX_TABLE_CAPTURES = 4    # entries per key, and pointer captures per event
@@ -657,7 +658,9 @@ VMITRACE_TABLE_ENTRY = _def("vmitrace_table_entry", [
     "VMITRACE_TABLE_SIGNED_LENGTH reads the length word as signed (negative: nothing); "
     "VMITRACE_TABLE_WORDS32 takes the low 32 bits of the pointer and length words; "
     "VMITRACE_TABLE_INDIRECT reads the address from guest memory, a u64 (u32 with WORDS32) "
-    "at the pointer word's value + `offset` (0-255; 0 without the flag).")
+    "at the pointer word's value + `offset` (0-255; 0 without the flag); "
+    "VMITRACE_TABLE_WAIT_IF_CUT makes the hit wait for its reply where max_length stopped "
+    "the capture before its end (a fault, the length word's bound, a string's NUL).")
 VMITRACE_CAPTURE_TABLE = _def("vmitrace_capture_table", [
     ("gva", "u64"), ("key_word", "u8"), ("padding", ("u8", 3)), ("count", "u32"),
     ("entries", flex(VMITRACE_TABLE_ENTRY))], 16,
@@ -699,7 +702,8 @@ class CaptureTableEntry(NamedTuple):
     bounded by word `length_word` (None: no bound word); `string`: stop after the first NUL;
     `signed_length`: a negative length word captures nothing; `words32`: address and length
     are the words' low 32 bits (a 32-bit caller's registers); `indirect`: the address is
-    the pointer in guest memory at the pointer word's value + `indirect` bytes (0-255)."""
+    the pointer in guest memory at the pointer word's value + `indirect` bytes (0-255);
+    `wait_if_cut`: the hit waits where `max_length` stopped the capture before its end."""
 
     key: int
     pointer_word: int
@@ -709,6 +713,7 @@ class CaptureTableEntry(NamedTuple):
     signed_length: bool = False
     words32: bool = False
     indirect: int | None = None
+    wait_if_cut: bool = False
 
 
 VMITRACE_DELIVERY = _def("vmitrace_delivery", [("blocking", "u8"), ("padding", ("u8", 7))], 8,

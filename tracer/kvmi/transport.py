@@ -925,8 +925,9 @@ class Session:
         a table of pointer captures: at each hit, the entries whose ``key`` equals the low 32
         bits of u64 word ``key_word`` of the first capture copy guest memory at the address
         in their ``pointer_word`` (``indirect``: at the pointer found that many bytes past
-        it) into the event (``event.pointer_captures``, in table order). At most 2048
-        entries, 4 per key; none removes the table. A new rule
+        it) into the event (``event.pointer_captures``, in table order; ``wait_if_cut``:
+        the hit waits where ``max_length`` cut the copy short). At most 2048 entries, 4 per
+        key; none removes the table. A new rule
         (``set_breakpoint_ex``) keeps it while its first capture covers the table's words;
         ``set_breakpoint`` and ``clear_breakpoint`` drop it. The host also refuses
         (``KvmEINVAL``) words past the end of the first capture, and (``KvmENOENT``) a
@@ -953,7 +954,8 @@ class Session:
                      flags=(abi.VMITRACE_TABLE_STRING if e.string else 0)
                      | (abi.VMITRACE_TABLE_SIGNED_LENGTH if e.signed_length else 0)
                      | (abi.VMITRACE_TABLE_WORDS32 if e.words32 else 0)
-                     | (abi.VMITRACE_TABLE_INDIRECT if e.indirect is not None else 0),
+                     | (abi.VMITRACE_TABLE_INDIRECT if e.indirect is not None else 0)
+                     | (abi.VMITRACE_TABLE_WAIT_IF_CUT if e.wait_if_cut else 0),
                      offset=e.indirect or 0)
                 for e in entries]
         self._call(abi.VMITRACE_SET_CAPTURE_TABLE, None, timeout,

@@ -89,21 +89,24 @@ class BreakpointRule:
     table_key_word: int = 0
 
     def uses_revision2(self) -> bool:
-        """Whether the rule needs a host that takes abi.VMITRACE_BLOCK_DIFFER_REVERSED and
-        abi.VMITRACE_TABLE_INDIRECT (the vmitrace plugin since both were added)."""
+        """Whether the rule needs a host that takes abi.VMITRACE_BLOCK_DIFFER_REVERSED,
+        abi.VMITRACE_TABLE_INDIRECT and abi.VMITRACE_TABLE_WAIT_IF_CUT (the vmitrace plugin
+        since they were added together)."""
         return bool(self.block_flags & abi.VMITRACE_BLOCK_DIFFER_REVERSED or
-                    any(e.indirect is not None for e in self.table))
+                    any(e.indirect is not None or e.wait_if_cut for e in self.table))
 
     def for_older_host(self) -> "BreakpointRule":
         """This rule for a host that refuses those (`uses_revision2`): the values of the
-        reversed set always wait, and the table has no indirect entries."""
+        reversed set always wait, and the table has no indirect entries (their hits wait
+        instead) nor WAIT_IF_CUT ones."""
         half = abi.VMITRACE_MAX_BLOCK_VALUES
         words = self.block_values
         if self.block_flags & abi.VMITRACE_BLOCK_DIFFER_REVERSED:
             words = tuple(a | b for a, b in zip(words[:half], words[half:]))
         return replace(self, block_values=words,
                        block_flags=self.block_flags & ~abi.VMITRACE_BLOCK_DIFFER_REVERSED,
-                       table=tuple(e for e in self.table if e.indirect is None))
+                       table=tuple(e._replace(wait_if_cut=False) for e in self.table
+                                   if e.indirect is None))
 
 
 @dataclass

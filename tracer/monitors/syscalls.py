@@ -97,8 +97,9 @@ exec (its argv is read from the caller's memory), but a successful one runs on: 
 is redirected to the new image, which the exit rule's reversed set
 (VMITRACE_BLOCK_DIFFER_REVERSED) lets run on, and the host copies the strings at the top of
 the new stack, from the argv[0] pointer at sp + 8 (VMITRACE_TABLE_INDIRECT): argv, envp and
-the filename. The task's kernel state (name, credentials, exe) is read after the reply: only
-the task's later events can change it, and those that do wait at their entries.
+the filename (more than the capture holds, 8 KiB, and the exit waits: VMITRACE_TABLE_WAIT_IF_CUT).
+The task's kernel state (name, credentials, exe) is read after the reply: only the task's
+later events can change it, and those that do wait at their entries.
 """
 from __future__ import annotations
 
@@ -275,11 +276,13 @@ class SyscallMonitor:
             if self.capture_tables_usable():
                 # A successful exec's return is redirected to the new image: that exit runs
                 # on, with the strings at its new stack's top copied, from argv[0] (the
-                # pointer at sp + 8) on (`_after_exec`); a failed one returns to the caller
-                # and waits (the rule's reversed set).
+                # pointer at sp + 8) on (`_after_exec`), unless they are longer than a
+                # capture holds; a failed one returns to the caller and waits (the rule's
+                # reversed set).
                 execs = self.exec_numbers()
                 exit_table += tuple(CaptureTableEntry(nr, k.R_SP, VMITRACE_MAX_POINTER_CAPTURE,
-                                                      indirect=8) for nr in execs)
+                                                      indirect=8, wait_if_cut=True)
+                                    for nr in execs)
                 block_values = block_bitmap(set(exit_waits).difference(execs)) + \
                     block_bitmap(execs)
                 block_flags |= VMITRACE_BLOCK_DIFFER_REVERSED
