@@ -1215,9 +1215,9 @@ static size_t capture_pointers(struct vcpu *v, const struct capture_table *t,
         }
         if (e->flags & VMITRACE_TABLE_INDIRECT) {
             uint64_t at = pointer + e->offset;
-            pointer = 0; /* unreadable: no address, as for a NULL one */
+            pointer = 0; /* a u32 fills the low half (little-endian host) */
             if (!read_virtual(v, at, (uint8_t *)&pointer, words32 ? 4 : 8)) {
-                pointer = 0;
+                pointer = 0; /* unreadable, maybe in part: no address, as for NULL */
             }
         }
         struct vmitrace_pointer_capture pc = { .gva = pointer };

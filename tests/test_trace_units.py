@@ -399,7 +399,7 @@ def test_rule_for_an_older_plugin_makes_the_reversed_set_wait():
                           block_values=abi.block_bitmap([43]) + abi.block_bitmap([59]),
                           block_flags=flags | abi.VMITRACE_BLOCK_DIFFER_REVERSED,
                           differ_words=(16, 11), table=(plain, indirect), table_key_word=15)
-    assert rule.uses_revision2() and not rule.for_older_host().uses_revision2()
+    assert rule.uses_later_flags() and not rule.for_older_host().uses_later_flags()
     tracer.ctx.breakpoint_rules[0x1000] = rule
     tracer.install_breakpoint(0x1000)
     assert host.rules[0x1000] == (True, abi.block_bitmap([43, 59]), flags)

@@ -400,11 +400,12 @@ class VmTracer:
         try:
             self._set_rule(gva, rule)
         except kerr.KvmEINVAL:
-            if not rule.uses_revision2():
+            if not rule.uses_later_flags():
                 raise
             # an older vmitrace plugin: those hits wait instead (successful exec exits)
-            self.notes.append(f"host refuses VMITRACE_BLOCK_DIFFER_REVERSED or "
-                              f"VMITRACE_TABLE_INDIRECT: more hits wait at {gva:#x}")
+            self.notes.append(f"host refuses VMITRACE_BLOCK_DIFFER_REVERSED, "
+                              f"VMITRACE_TABLE_INDIRECT or VMITRACE_TABLE_WAIT_IF_CUT: more "
+                              f"hits wait at {gva:#x}")
             self.ctx.breakpoint_rules[gva] = rule = rule.for_older_host()
             self._set_rule(gva, rule)
 

@@ -88,15 +88,15 @@ class BreakpointRule:
     table: tuple[abi.CaptureTableEntry, ...] = ()
     table_key_word: int = 0
 
-    def uses_revision2(self) -> bool:
+    def uses_later_flags(self) -> bool:
         """Whether the rule needs a host that takes abi.VMITRACE_BLOCK_DIFFER_REVERSED,
-        abi.VMITRACE_TABLE_INDIRECT and abi.VMITRACE_TABLE_WAIT_IF_CUT (the vmitrace plugin
-        since they were added together)."""
+        abi.VMITRACE_TABLE_INDIRECT and abi.VMITRACE_TABLE_WAIT_IF_CUT (vmitrace plugins
+        since the three were added together)."""
         return bool(self.block_flags & abi.VMITRACE_BLOCK_DIFFER_REVERSED or
                     any(e.indirect is not None or e.wait_if_cut for e in self.table))
 
     def for_older_host(self) -> "BreakpointRule":
-        """This rule for a host that refuses those (`uses_revision2`): the values of the
+        """This rule for a host that refuses those (`uses_later_flags`): the values of the
         reversed set always wait, and the table has no indirect entries (their hits wait
         instead) nor WAIT_IF_CUT ones."""
         half = abi.VMITRACE_MAX_BLOCK_VALUES
