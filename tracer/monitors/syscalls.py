@@ -218,6 +218,11 @@ def find_call_site(text: bytes, text_address: int, target: int) -> int | None:
     return None
 
 
+def exec_numbers(decoder: SyscallDecoder) -> list[int]:
+    """The numbers of execve and execveat in `decoder`'s ABI, in order."""
+    return sorted(nr for nr in (decoder.number(name) for name in EXECS) if nr is not None)
+
+
 class SyscallMonitor:
     def __init__(self, ctx: VmContext, decoder: SyscallDecoder,
                  ia32_decoder: SyscallDecoder | None = None) -> None:
@@ -279,7 +284,7 @@ class SyscallMonitor:
                 # pointer at sp + 8) on (`_after_exec`), unless they are longer than a
                 # capture holds; a failed one returns to the caller and waits (the rule's
                 # reversed set).
-                execs = self.exec_numbers()
+                execs = exec_numbers(self.decoder)
                 exit_table += tuple(CaptureTableEntry(nr, k.R_SP, VMITRACE_MAX_POINTER_CAPTURE,
                                                       indirect=8, wait_if_cut=True)
                                     for nr in execs)
@@ -322,15 +327,10 @@ class SyscallMonitor:
         it again.) Numbers with no entry in the table read nothing and run on."""
         abi = abi or self.x86_64
         decoder = abi.decoder
-        execs = {decoder.number(name) for name in EXECS}
+        execs = exec_numbers(decoder)
         return sorted(nr for nr in decoder.syscalls
                       if nr < VMITRACE_BLOCK_BITMAP_VALUES and nr not in abi.captured and
                       (decoder.reads_memory(nr) or nr in execs))
-
-    def exec_numbers(self) -> list[int]:
-        """The 64-bit numbers of execve and execveat, in order."""
-        numbers = {self.decoder.number(name) for name in EXECS}
-        return sorted(nr for nr in numbers if nr is not None)
 
     def _capture_tables(self, abi: Abi, entry_waits: list[int]
                         ) -> tuple[tuple[CaptureTableEntry, ...], tuple[CaptureTableEntry, ...]]:
@@ -582,7 +582,7 @@ class SyscallMonitor:
         ret = pt[k.R_AX]
         if call is None:  # filtered out; lifecycle and caches still follow it
             if pending.name in EXECS and ret == 0:
-                self._after_exec(cr3, task, None, None, event=event)
+                self._after_exec(event, cr3, task, None, None)
             elif pending.name in CHANGES_TASK:
                 ctx.tasks.forget(task)
             return
@@ -597,10 +597,10 @@ class SyscallMonitor:
         self._count_live_reads(mem, waited=event.blocking)
         info = pending.info
         if call.name in EXECS and call.ret == 0:
-            self._after_exec(cr3, task, call, partial(
+            self._after_exec(event, cr3, task, call, partial(
                 self._emit, abi, call, time_ns=pending.time_ns, vcpu=pending.vcpu,
                 user_ip=pending.user_ip, cr3=cr3, event_type="call", exit_vcpu=event.vcpu),
-                fallback_info=info, event=event)
+                fallback_info=info)
             return
         if call.name in CHANGES_TASK:
             ctx.tasks.forget(task)
@@ -679,9 +679,8 @@ class SyscallMonitor:
             syscall_nr=call.nr, args=list(call.raw_args), ret=call.ret, errno=call.errno,
             decoded_args=call.args, argv=call.argv, extra=extra or None, **call.typed)
 
-    def _after_exec(self, cr3: int, task: int, call: DecodedCall | None,
-                    emit_call: Callable[..., None] | None, fallback_info: Any = None,
-                    event: Any = None) -> None:
+    def _after_exec(self, event: Any, cr3: int, task: int, call: DecodedCall | None,
+                    emit_call: Callable[..., None] | None, fallback_info: Any = None) -> None:
         """A task replaced its image. What the new program may overwrite as soon as it runs,
         the filename, argv and envp at its new stack's top, is read from the host's copy of
         that stack where the exit `event` ran on (a read past it is counted), else before
@@ -693,7 +692,7 @@ class SyscallMonitor:
         now = ctx.clock()
         ctx.tasks.forget(task)
         stack = CapturedMemory(ctx.mem, event.pointer_captures) \
-            if event is not None and event.pointer_captures else None
+            if event.pointer_captures else None
         try:
             recovered = ctx.tasks.exec_strings(cr3, task, user=stack)
         except UnreadableMemory:
