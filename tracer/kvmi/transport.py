@@ -336,26 +336,30 @@ class Session:
     def _read_as_consumer(self, deadline: float | None) -> None:
         """next_event's thread owns reading: wait for data until ``deadline``, receive it."""
         try:
+            spin_end = 0.0
+            if self.spin_us:
+                spin_end = time.monotonic() + self.spin_us / 1e6
+            elif self._reply_spin_until:
+                spin_end, self._reply_spin_until = self._reply_spin_until, 0.0
+            # A busy-poll starts with poll(0): no recv that fails (an exception in Python)
+            # before it, on the path of every event a vCPU waits for.
+            recv, size = self._sock.recv, self._consumer_recv_size
             try:
-                data = self._sock.recv(self._consumer_recv_size, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                ready = False
-                if self.spin_us:
-                    ready = self._spin_for_input(time.monotonic() + self.spin_us / 1e6, deadline)
-                elif self._reply_spin_until:
-                    end, self._reply_spin_until = self._reply_spin_until, 0.0
-                    ready = self._spin_for_input(end, deadline)
-                if not ready:
-                    if deadline is None:
-                        wait_ms = -1
-                    else:
-                        wait_ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
-                    if not self._poll.poll(wait_ms):
-                        return
-                try:
-                    data = self._sock.recv(self._consumer_recv_size, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    return
+                if spin_end and self._spin_for_input(spin_end, deadline):
+                    data = recv(size, socket.MSG_DONTWAIT)
+                else:
+                    try:
+                        data = recv(size, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        if deadline is None:
+                            wait_ms = -1
+                        else:
+                            wait_ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
+                        if not self._poll.poll(wait_ms):
+                            return
+                        data = recv(size, socket.MSG_DONTWAIT)
+            except BlockingIOError:  # readiness that another reader's recv took
+                return
             self._receive(data, may_wait=False)
         except OSError as exc:
             if not self._closed:
