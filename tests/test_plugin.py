@@ -995,6 +995,27 @@ def test_pause_vcpu_yields_pause_event(lab):
         assert event.vcpu == vcpu
 
 
+def test_busy_vcpus_serve_commands_and_pauses(lab):
+    # Once every vCPU has started, a running vCPU looks for queued work only in the blocks
+    # holding swapgs, iret, sysret, sysexit or hlt. A guest busy in user space passes them
+    # at every timer interrupt, so it still answers GET_REGISTERS and pauses (in the
+    # kernel, at one of those blocks).
+    s = lab.session
+    loops = [lab.run_ok("(while :; do :; done) > /dev/null 2>&1 & echo $!")
+             for _ in range(lab.vcpus)]
+    try:
+        for vcpu in range(lab.vcpus):
+            for _ in range(20):
+                regs = s.get_registers(vcpu)
+                assert regs.mode == 8 and regs.regs.rip >= KERNEL_HALF
+            mark = lab.mark()
+            s.pause_vcpu(vcpu)
+            event = lab.wait_for(lambda e: e.event_id == abi.KVMI_EVENT_PAUSE_VCPU, mark)
+            assert event.vcpu == vcpu
+    finally:
+        lab.run_ok("kill " + " ".join(pid.strip() for pid in loops))
+
+
 def nonblocking_cr3_events(lab: Lab) -> list[Any]:
     """The CR3 events of running `ls /` with non-blocking delivery."""
     s = lab.session
