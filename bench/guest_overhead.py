@@ -100,13 +100,13 @@ class Responder:
         while True:
             try:
                 event = self.session.next_event(0.5)
-            except ConnectionClosed:
+                if event is None:
+                    continue
+                self.counts[event.name] = self.counts.get(event.name, 0) + 1
+                if event.blocking:
+                    self.session.reply(event)
+            except ConnectionClosed:  # the benchmark closed the session: done
                 return
-            if event is None:
-                continue
-            self.counts[event.name] = self.counts.get(event.name, 0) + 1
-            if event.blocking:
-                self.session.reply(event)
 
     def take_counts(self) -> dict[str, int]:
         counts, self.counts = self.counts, {}
