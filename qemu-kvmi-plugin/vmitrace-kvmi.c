@@ -1450,6 +1450,7 @@ static void end_attention_everywhere_once_all_started(void)
         }
     }
     if (__atomic_exchange_n(&attention_everywhere, false, __ATOMIC_ACQ_REL)) {
+        debug("every vCPU has started: only attention blocks check from now on");
         request_flush(); /* retranslate the blocks without their checks */
     }
 }

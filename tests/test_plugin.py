@@ -391,6 +391,44 @@ def test_breakpoint_on_kernel_function_fires_with_plausible_registers(lab):
             if e.arch.regs.rip in (target, nested)] == []
 
 
+def test_breakpoint_set_in_an_event_applies_when_its_vcpu_runs_on(lab):
+    # A breakpoint set while a vCPU waits in an event applies as soon as that vCPU runs on
+    # (the vCPU leaving the event issues the translation flush it needs): the very openat
+    # that hit do_sys_openat2 also hits do_filp_open, which it calls (translated before,
+    # without the breakpoint).
+    s = lab.session
+    syms = lab.symbols("do_sys_openat2", "do_filp_open")
+    target, nested = syms["do_sys_openat2"], syms["do_filp_open"]
+    outer: list[Any] = []
+
+    def set_nested(session: Session, event: Any) -> None:
+        if event.event_id == abi.KVMI_EVENT_BREAKPOINT and event.arch.regs.rip == target \
+                and not outer:
+            session.set_breakpoint(nested)
+            outer.append(event)
+        return None
+
+    for vcpu in range(lab.vcpus):
+        s.control_events(vcpu, abi.KVMI_EVENT_BREAKPOINT, True)
+    s.set_breakpoint(target)
+    lab.run_ok("cat /proc/version")  # runs do_filp_open after the flush for the target
+    lab.handler = set_nested
+    mark = lab.mark()
+    try:
+        lab.run_ok("cat /proc/version")
+        lab.wait_for(lambda e: bool(outer) and e.vcpu == outer[0].vcpu
+                     and e.arch.regs.rip == nested, mark)
+    finally:
+        lab.handler = None
+        s.clear_breakpoint(target)
+        s.clear_breakpoint(nested)
+    hits = [e for e in lab.since(mark, abi.KVMI_EVENT_BREAKPOINT) if e.vcpu == outer[0].vcpu]
+    following = hits[hits.index(outer[0]) + 1]
+    assert following.arch.regs.rip == nested
+    assert following.arch.sregs.cr3 == outer[0].arch.sregs.cr3
+    assert following.arch.regs.rsp >> 14 == outer[0].arch.regs.rsp >> 14  # same kernel stack
+
+
 def current_task_offset(lab: Lab) -> int:
     """Per-CPU offset of the current task pointer (6.12: first member of pcpu_hot)."""
     out = lab.run_ok("grep -E ' (current_task|pcpu_hot)$' /proc/kallsyms")
