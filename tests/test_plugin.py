@@ -1054,6 +1054,23 @@ def test_busy_vcpus_serve_commands_and_pauses(lab):
         lab.run_ok("kill " + " ".join(pid.strip() for pid in loops))
 
 
+def test_four_vcpus_are_each_held_at_boot_then_served_busy():
+    # The largest lab guest: every vCPU's first block is held for CREATE_VCPU (so each sees
+    # the kernel's LSTAR write), and once all have started each one still answers
+    # GET_REGISTERS and pauses while busy.
+    lab = Lab("6.1", 4)
+    try:
+        boot = lab.since(0)
+        created = sorted(e.vcpu for e in boot if e.event_id == abi.KVMI_EVENT_CREATE_VCPU)
+        assert created == [0, 1, 2, 3]
+        lstar = {e.vcpu for e in boot if e.event_id == abi.KVMI_EVENT_MSR and e.msr == MSR_LSTAR}
+        assert lstar == {0, 1, 2, 3}
+        test_busy_vcpus_serve_commands_and_pauses(lab)
+    finally:
+        lab.close()
+    assert not lab.handler_errors, lab.handler_errors
+
+
 def nonblocking_cr3_events(lab: Lab) -> list[Any]:
     """The CR3 events of running `ls /` with non-blocking delivery."""
     s = lab.session
