@@ -86,7 +86,8 @@ class Guest:
     ``plugin_options`` loads the vmitrace KVMI plugin with those key=value arguments, after
     ``ram``, ``name`` and ``uuid`` filled in from this guest; ``kvmi_socket=PATH`` is short for
     ``plugin_options={"socket": PATH}`` (the introspector's listening socket).
-    ``workload="steady"`` starts the workload driver at boot
+    ``max_vcpus`` leaves room for vCPUs added later (QMP ``device_add``; the guest then onlines
+    them through sysfs). ``workload="steady"`` starts the workload driver at boot
     (output in /tmp/workload.log), with ``workload_period_ms`` between rounds. The run
     directory (serial log, sockets) is removed by stop(); with ``log_dir`` the serial and QEMU
     logs are first copied there as ``<name>-serial.log`` and ``<name>-qemu.log``.
@@ -101,15 +102,18 @@ class Guest:
                  workload: str | None = None, workload_period_ms: int | None = None,
                  kaslr: bool = True, extra_cmdline: str = "", cpu: str = "qemu64",
                  boot_timeout: float = 180.0, plugin_path: Path | None = None,
-                 log_dir: Path | None = None) -> None:
+                 log_dir: Path | None = None, max_vcpus: int | None = None) -> None:
         if not 1 <= vcpus <= 4:
             raise ValueError(f"vcpus must be 1..4, not {vcpus}")
+        if max_vcpus is not None and not vcpus <= max_vcpus <= 4:
+            raise ValueError(f"max_vcpus must be {vcpus}..4, not {max_vcpus}")
         if not 64 <= memory_mb <= MAX_MEMORY_MB:
             raise ValueError(f"memory_mb must be 64..{MAX_MEMORY_MB}, not {memory_mb}")
         if workload not in (None, "none", "steady", "once"):
             raise ValueError(f"workload must be none, steady or once, not {workload!r}")
         self.kernel = kernel
         self.vcpus = vcpus
+        self.max_vcpus = max_vcpus
         self.memory_mb = memory_mb
         self.name = name or f"lab-{kernel}-{secrets.token_hex(3)}"
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,63}", self.name):
@@ -204,7 +208,8 @@ class Guest:
             QEMU, "-name", self.name, "-uuid", str(self.uuid),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-machine", "pc,memory-backend=ram", "-accel", accel, "-cpu", self.cpu,
-            "-smp", str(self.vcpus), "-m", mem,
+            "-smp", str(self.vcpus) + (f",maxcpus={self.max_vcpus}" if self.max_vcpus else ""),
+            "-m", mem,
             "-object", f"memory-backend-file,id=ram,size={mem},mem-path={self.ram_path},share=on",
             "-chardev", f"file,id=console,path={self.serial_log}", "-serial", "chardev:console",
             "-chardev", f"socket,id=control,path={self.control_socket},server=on,wait=off",

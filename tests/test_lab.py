@@ -68,6 +68,10 @@ def test_guest_arguments_are_checked():
     with pytest.raises(ValueError):
         Guest(vcpus=5)
     with pytest.raises(ValueError):
+        Guest(vcpus=2, max_vcpus=1)
+    with pytest.raises(ValueError):
+        Guest(vcpus=2, max_vcpus=5)
+    with pytest.raises(ValueError):
         Guest(memory_mb=4096)  # above 2 GiB guest-physical addresses stop matching file offsets
     with pytest.raises(ValueError):
         Guest(name="bad name")

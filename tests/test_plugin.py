@@ -62,7 +62,7 @@ Handler = Callable[[Session, Any], "int | None"]
 class Lab:
     """A booted guest whose plugin is connected to a Listener, with an event pump."""
 
-    def __init__(self, kernel: str, vcpus: int) -> None:
+    def __init__(self, kernel: str, vcpus: int, max_vcpus: int | None = None) -> None:
         self.dir = tempfile.mkdtemp(prefix="vmitrace-plugin-test-")
         self.socket_path = os.path.join(self.dir, "kvmi.sock")
         self.listener = Listener("unix:" + self.socket_path, secret=SECRET.encode())
@@ -74,7 +74,7 @@ class Lab:
         self.pump_thread: threading.Thread | None = None
         self.started_wall = time.time()
         self.guest = guestlab.Guest(
-            kernel, vcpus=vcpus,
+            kernel, vcpus=vcpus, max_vcpus=max_vcpus,
             # A reply timeout far beyond any test wait: a guest that resumes after an
             # introspector vanished did so because the plugin noticed, not by timing out.
             plugin_options={"socket": self.socket_path, "hold": True, "reconnect": True,
@@ -1065,6 +1065,28 @@ def test_four_vcpus_are_each_held_at_boot_then_served_busy():
         assert created == [0, 1, 2, 3]
         lstar = {e.vcpu for e in boot if e.event_id == abi.KVMI_EVENT_MSR and e.msr == MSR_LSTAR}
         assert lstar == {0, 1, 2, 3}
+        test_busy_vcpus_serve_commands_and_pauses(lab)
+    finally:
+        lab.close()
+    assert not lab.handler_errors, lab.handler_errors
+
+
+def test_a_vcpu_added_later_is_held_at_its_start_and_served():
+    # A vCPU plugged in while the guest runs makes every block check for queued work again
+    # until it has started: its first block sends CREATE_VCPU (and is held for the reply),
+    # and afterwards it answers GET_REGISTERS and pauses like the others.
+    lab = Lab("6.1", 1, max_vcpus=2)
+    try:
+        mark = lab.mark()
+        free = [cpu for cpu in lab.guest.qmp("query-hotpluggable-cpus") if "qom-path" not in cpu]
+        lab.guest.qmp("device_add", {"driver": free[0]["type"], "id": "vcpu1",
+                                     **free[0]["props"]})
+        lab.run_ok("echo 1 > /sys/devices/system/cpu/cpu1/online")
+        created = lab.wait_for(lambda e: e.event_id == abi.KVMI_EVENT_CREATE_VCPU, mark)
+        assert created.vcpu == 1
+        assert created.arch.mode == 2 and not created.arch.sregs.cr0 & 1  # its first block
+        assert lab.run_ok("nproc") == "2\n"
+        lab.vcpus = 2
         test_busy_vcpus_serve_commands_and_pauses(lab)
     finally:
         lab.close()
